@@ -1,0 +1,3 @@
+from megatron.model.gpt import GPTModel, build_model, num_parameters
+
+__all__ = ["GPTModel", "build_model", "num_parameters"]

@@ -1,0 +1,47 @@
+"""Cross entropy over vocabulary-parallel logits, without gathering the full vocabulary."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron.parallel.state import get_state
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int):
+        st = get_state()
+        logits = logits.float()
+        lmax = logits.max(dim=-1).values
+        if st.tp_size > 1:
+            dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=st.tp_group)
+        shifted = logits - lmax[..., None]
+        local = target - vocab_start
+        outside = (local < 0) | (local >= logits.shape[-1])
+        local = local.masked_fill(outside, 0)
+        target_logit = torch.gather(shifted, -1, local[..., None]).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if st.tp_size > 1:
+            both = torch.stack((target_logit, sum_exp))
+            dist.all_reduce(both, group=st.tp_group)
+            target_logit, sum_exp = both[0], both[1]
+        loss = torch.log(sum_exp) - target_logit
+        softmax = exp / sum_exp[..., None]
+        ctx.save_for_backward(softmax, local, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        onehot_rows = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local[..., None], -onehot_rows[..., None])
+        return grad * grad_loss[..., None], None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token loss; ``logits`` [..., V/tp] is this rank's shard, ``target`` holds global ids."""
+    st = get_state()
+    vocab_start = st.tp_rank * logits.shape[-1]
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start)
