@@ -1,0 +1,223 @@
+"""The training loop: setup (distributed, tokenizer, data, model, optimizer, resume), steps, eval, saves."""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.checkpointing import (CheckpointError, ensure_writable, load_checkpoint,
+                                    save_checkpoint)
+from megatron.config import Config, config_to_tree, validate_layout
+from megatron.data import DataError, build_dataset, build_train_valid_test_datasets
+from megatron.model import build_model, num_parameters
+from megatron.parallel import get_state, initialize_model_parallel
+from megatron.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.training.batches import collate, global_batch_indices, train_batches
+from megatron.training.distributed import device_for_rank, init_distributed, rank
+from megatron.training.lr_schedule import LRSchedule
+from megatron.training.metrics import MetricsLogger
+from megatron.training.optimizer import build_optimizer, clip_grad_norm_
+
+
+def check_data_prefix(prefix: str, key: str) -> None:
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise DataError(f"{key} '{prefix}': file '{prefix}{ext}' not found; expected an indexed "
+                            "dataset made by tools/preprocess_data.py")
+
+
+def allreduce_gradients(params: List[torch.nn.Parameter], group) -> None:
+    """Average gradients over the data-parallel group, as one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.world = init_distributed(cfg.parallel.distributed_backend)
+        self.dp_size = validate_layout(cfg, self.world)
+        if self.world > 1:
+            initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
+        self.state = get_state()
+        self.is_logger = rank() == self.world - 1 if self.state.pp_size > 1 else rank() == 0
+        self._print = log
+        self.device = device_for_rank()
+        torch.manual_seed(cfg.training.seed)
+        tr = cfg.training
+        self.micro, self.accum = tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps
+        self.global_batch = self.micro * self.accum * self.dp_size
+        self.iteration, self.consumed_samples = 0, 0
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                            cfg.parallel.model_parallel_size)
+        sep = cfg.attention.sepllm
+        self.separator_ids = (sep.separator_ids if sep.separator_ids is not None else
+                              self.tokenizer.separator_ids(sep.separator_tokens, sep.include_space_prefixed))
+        self.build_data()
+        if cfg.checkpoint.save:
+            ensure_writable(cfg.checkpoint.save)
+        self.model = build_model(cfg, self.vocab_size, self.separator_ids, self.tokenizer.eod_id).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = LRSchedule.from_config(cfg)
+        if cfg.checkpoint.load:
+            self.resume(cfg.checkpoint.load)
+        self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg))
+        self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
+                 f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
+                 f"{self.state.tp_size} pp={self.state.pp_size} dp={self.dp_size}, device {self.device}")
+
+    def log(self, msg: str) -> None:
+        if self.is_logger:
+            self._print(msg)
+
+    # ------------------------------------------------------------------ data
+    def build_data(self) -> None:
+        cfg, tr, d = self.cfg, self.cfg.training, self.cfg.data
+        seq = cfg.model.seq_length
+        n_train = tr.train_iters * self.global_batch
+        n_eval = max(1, tr.eval_iters) * self.global_batch
+        evals = (tr.train_iters // max(1, tr.eval_interval) + 1) * n_eval
+        if d.train_data_paths:
+            for i, p in enumerate(d.train_data_paths + (d.valid_data_paths or [])):
+                check_data_prefix(p, "train_data_paths" if i < len(d.train_data_paths) else "valid_data_paths")
+            self.train_ds = build_dataset(d.train_data_paths, d.train_data_weights, seq, tr.seed, n_train,
+                                          d.data_cache_dir)
+            self.valid_ds = (build_dataset(d.valid_data_paths, None, seq, tr.seed, evals, d.data_cache_dir)
+                             if d.valid_data_paths else None)
+        elif d.data_path:
+            check_data_prefix(d.data_path, "data_path")
+            self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
+                [d.data_path], None, d.split, seq, tr.seed, (n_train, evals, 0), d.data_cache_dir)
+        else:
+            raise DataError("no training data: set 'data_path' or 'train_data_paths'")
+        if self.train_ds is None:
+            raise DataError(f"split '{d.split}' leaves no training documents")
+
+    # ------------------------------------------------------------- resume
+    def resume(self, load: str) -> None:
+        finetune = self.cfg.checkpoint.finetune
+        manifest = load_checkpoint(load, self.model, None if finetune else self.optimizer,
+                                   weights_only=finetune)
+        if finetune:
+            self.log(f"finetune: loaded weights from {load}; optimizer, iteration and data position reset")
+            return
+        self.iteration = manifest["iteration"]
+        self.consumed_samples = manifest["trainer"]["consumed_samples"]
+        self.log(f"resumed from {load} at iteration {self.iteration} "
+                 f"({self.consumed_samples} samples consumed)")
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        path = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer,
+                               {"consumed_samples": self.consumed_samples}, config_to_tree(self.cfg),
+                               ck.keep_last_n_checkpoints)
+        self.log(f"saved checkpoint {path}")
+
+    # ---------------------------------------------------------------- step
+    def autocast(self):
+        if self.cfg.training.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
+        """Sum over micro-batches of (loss / accum) backward; returns the mean micro-batch loss."""
+        total = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            mb = mb.to(self.device)
+            with self.autocast():
+                loss = self.model(mb[:, :-1], mb[:, 1:])
+            (loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+        return total / len(micro_batches)
+
+    def train_step(self, micro_batches: List[torch.Tensor]) -> Dict[str, float]:
+        lr = self.schedule.lr_at(self.iteration + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(micro_batches)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.dp_size > 1:
+            allreduce_gradients(params, self.state.dp_group)
+            dist.all_reduce(loss, group=self.state.dp_group)
+            loss /= self.dp_size
+        grad_norm = clip_grad_norm_(params, self.cfg.training.clip_grad)
+        self.optimizer.step()
+        self.iteration += 1
+        self.consumed_samples += self.global_batch
+        return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.valid_ds is None or self.cfg.training.eval_iters < 1:
+            return None
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        n = 0
+        for it in range(self.cfg.training.eval_iters):
+            for idx in global_batch_indices(it * self.global_batch, self.global_batch, self.micro, self.accum,
+                                            self.dp_size, self.state.dp_rank, len(self.valid_ds)):
+                mb = collate(self.valid_ds, idx).to(self.device)
+                with self.autocast():
+                    total += self.model(mb[:, :-1], mb[:, 1:]).float()
+                n += 1
+        self.model.train()
+        loss = total / n
+        if self.dp_size > 1:
+            dist.all_reduce(loss, group=self.state.dp_group)
+            loss /= self.dp_size
+        return float(loss)
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> List[float]:
+        cfg = self.cfg
+        tr, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
+        batches = train_batches(self.train_ds, self.consumed_samples, self.micro, self.accum,
+                                self.dp_size, self.state.dp_rank)
+        tokens_per_iter = self.global_batch * cfg.model.seq_length
+        losses: List[float] = []
+        self.model.train()
+        window_start, window_iters = time.perf_counter(), 0
+        self.log(f"training iterations {self.iteration + 1}..{tr.train_iters}, global batch "
+                 f"{self.global_batch} x {cfg.model.seq_length} tokens")
+        while self.iteration < tr.train_iters:
+            stats = self.train_step(next(batches))
+            losses.append(stats["loss"])
+            window_iters += 1
+            if self.iteration % lg.log_interval == 0 or self.iteration == tr.train_iters:
+                elapsed = time.perf_counter() - window_start
+                stats["tokens_per_sec"] = tokens_per_iter * window_iters / elapsed
+                stats["iter_time"] = elapsed / window_iters
+                self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
+                         f"{stats['lr']:.3e} | grad_norm {stats['grad_norm']:.3f} | tokens/s "
+                         f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter")
+                self.metrics.log(self.iteration, stats)
+                window_start, window_iters = time.perf_counter(), 0
+            if tr.eval_interval and self.iteration % tr.eval_interval == 0:
+                val = self.evaluate()
+                if val is not None:
+                    self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | ppl {torch.tensor(val).exp():.2f}")
+                    self.metrics.log(self.iteration, {"loss": val}, prefix="valid")
+            if ck.save and ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0:
+                self.save()
+        if ck.save and not (ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0):
+            self.save()
+        self.metrics.close()
+        return losses
+
+
+USER_ERRORS = (DataError, CheckpointError)
