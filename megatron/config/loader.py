@@ -74,8 +74,8 @@ def merge_files(paths: List[str], log=print) -> Tuple[Dict[str, Any], Dict[str, 
     def merge_into(dst: Dict[str, Any], src: Dict[str, Any], prefix: str, path: str, deep: bool):
         for key, value in src.items():
             dotted = f"{prefix}{key}"
-            if deep and isinstance(value, dict) and isinstance(dst.get(key), dict):
-                merge_into(dst[key], value, dotted + ".", path, deep)
+            if deep and isinstance(value, dict) and isinstance(dst.get(key, {}), dict):
+                merge_into(dst.setdefault(key, {}), value, dotted + ".", path, deep)
                 continue
             if key in dst and dotted in source and dst[key] != value:
                 log(f"config: {dotted} = {value!r} from {path} overrides {dst[key]!r} from {source[dotted]}")

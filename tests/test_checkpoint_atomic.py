@@ -1,0 +1,93 @@
+import os
+
+import pytest
+import torch
+
+from megatron.checkpointing import CheckpointError, ensure_writable, load_checkpoint, save_checkpoint
+from megatron.checkpointing import checkpoint as ckpt_mod
+
+
+def make_model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(str(tmp_path), 7, model, opt, {"consumed_samples": 56}, {"num_layers": 1})
+    assert (tmp_path / "latest").read_text().strip() == "global_step7"
+    other = make_model(1)
+    other_opt = torch.optim.AdamW(other.parameters())
+    manifest = load_checkpoint(str(tmp_path), other, other_opt)
+    assert manifest["iteration"] == 7 and manifest["trainer"]["consumed_samples"] == 56
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(str(tmp_path), 1, model, opt, {"consumed_samples": 8}, {})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "global_step1").iterdir()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crashing_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # model shard written, then the process "dies" writing the optimizer
+            raise KeyboardInterrupt("simulated kill")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), 2, model, opt, {"consumed_samples": 16}, {})
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert (tmp_path / "latest").read_text().strip() == "global_step1"
+    assert not (tmp_path / "global_step2").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "global_step1").iterdir()} == before
+    fresh = make_model(5)
+    assert load_checkpoint(str(tmp_path), fresh, None)["iteration"] == 1
+    # the next save of the same step cleans the leftover temp dir and succeeds
+    save_checkpoint(str(tmp_path), 2, model, opt, {"consumed_samples": 16}, {})
+    assert (tmp_path / "latest").read_text().strip() == "global_step2"
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_keep_last_prunes(tmp_path):
+    model = make_model(0)
+    for it in (1, 2, 3):
+        save_checkpoint(str(tmp_path), it, model, None, {"consumed_samples": it}, {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("global_step*")) == ["global_step2", "global_step3"]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope"), make_model(0), None)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_checkpoint(str(tmp_path), make_model(0), None)
+    save_checkpoint(str(tmp_path), 1, make_model(0), None, {"consumed_samples": 0}, {})
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_checkpoint(str(tmp_path), torch.nn.Linear(4, 4), None)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_dir_non_root(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(CheckpointError, match="not writable"):
+        ensure_writable(str(ro / "sub"))
+
+
+def test_unwritable_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where a directory is needed: unwritable even for root
+    with pytest.raises(CheckpointError, match=r"checkpoint directory '.*file/ckpt' \(key 'save'\) is not writable"):
+        ensure_writable(str(blocker / "ckpt"))

@@ -1,0 +1,121 @@
+import textwrap
+
+import pytest
+
+from megatron.config import ConfigError, config_from_tree, config_to_tree, load_config, validate_layout
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_merge_left_to_right_reports_override(tmp_path):
+    a = write(tmp_path, "a.yml", """
+        num_layers: 2
+        hidden-size: 64
+        attention: {impl: reference, sepllm: {n_local: 16, n_init: 2}}
+        optimizer: {type: adam, params: {lr: 1.0e-3}}
+    """)
+    b = write(tmp_path, "b.yml", """
+        num_layers: 4
+        attention: {sepllm: {n_local: 32}}
+    """)
+    logs = []
+    cfg, source = load_config([a, b], log=logs.append)
+    assert cfg.model.num_layers == 4 and cfg.model.hidden_size == 64
+    # nested sections merge key by key: n_init from a, n_local from b
+    assert cfg.attention.sepllm.n_local == 32 and cfg.attention.sepllm.n_init == 2
+    assert cfg.attention.impl == "reference" and cfg.optimizer.params.lr == 1e-3
+    assert source["num_layers"] == b and source["hidden_size"] == a
+    assert any("num_layers" in m and b in m and a in m for m in logs)
+    assert any("attention.sepllm.n_local" in m for m in logs)
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    a = write(tmp_path, "a.yml", "num_layers: 2\n")
+    b = write(tmp_path, "b.yml", "hiden_size: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([a, b], log=lambda m: None)
+    assert str(e.value) == f"{b}: unknown key 'hiden_size'; did you mean 'hidden_size'?"
+
+
+def test_unknown_nested_key_suggests(tmp_path):
+    a = write(tmp_path, "a.yml", "attention: {sepllm: {n_locl: 3}}\n")
+    with pytest.raises(ConfigError, match=r"a.yml: unknown key 'attention.sepllm.n_locl'; did you mean 'n_local'"):
+        load_config([a], log=lambda m: None)
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("num_layers: two\n", "num_layers", "expected int"),
+    ("num_layers: 1.5\n", "num_layers", "expected int"),
+    ("norm: rmsnrm\n", "norm", "did you mean 'rmsnorm'"),
+    ("gpt_j_residual: 1\n", "gpt_j_residual", "expected bool"),
+    ("attention: {sepllm: {full_attention_layers: 0}}\n", "attention.sepllm.full_attention_layers", "a list of int"),
+])
+def test_type_errors_name_key_value_expected(tmp_path, text, key, expected):
+    a = write(tmp_path, "a.yml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config([a], log=lambda m: None)
+    assert f"'{key}'" in str(e.value) and expected in str(e.value) and "a.yml" in str(e.value)
+
+
+def test_range_errors():
+    with pytest.raises(ConfigError, match="divisible by num_attention_heads"):
+        config_from_tree({"hidden_size": 100, "num_attention_heads": 3})
+    with pytest.raises(ConfigError, match="rotary_pct"):
+        config_from_tree({"rotary_pct": 1.5})
+    with pytest.raises(ConfigError, match="n_local >= 1"):
+        config_from_tree({"attention": {"sepllm": {"n_local": 0}}})
+    with pytest.raises(ConfigError, match="full_attention_layers has 5"):
+        config_from_tree({"num_layers": 2, "attention": {"sepllm": {"full_attention_layers": [5]}}})
+    with pytest.raises(ConfigError, match="train_iters"):
+        config_from_tree({"train_iters": 0})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yml"):
+        load_config([str(tmp_path / "nope.yml")], log=lambda m: None)
+    bad = write(tmp_path, "bad.yml", "num_layers: [1, 2\nhidden_size: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yml: invalid YAML at line \d+"):
+        load_config([bad], log=lambda m: None)
+    lst = write(tmp_path, "list.yml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config([lst], log=lambda m: None)
+
+
+def test_pipe_parallel_zero_means_one_and_string_floats():
+    logs = []
+    cfg = config_from_tree({"pipe_parallel_size": 0, "optimizer": {"params": {"lr": "6e-4"}}})
+    assert cfg.parallel.pipe_parallel_size == 1
+    assert cfg.optimizer.params.lr == pytest.approx(6e-4)
+    del logs
+
+
+def test_round_trip_tree():
+    cfg = config_from_tree({"num_layers": 3, "attention": {"sepllm": {"layer_n_local": {0: 8}}}})
+    assert config_from_tree(config_to_tree(cfg)) == cfg
+
+
+def test_layout_validation():
+    cfg = config_from_tree({"num_attention_heads": 4, "hidden_size": 64, "num_layers": 3})
+    assert validate_layout(cfg, 4) == 4
+    cfg.parallel.model_parallel_size = 3
+    with pytest.raises(ConfigError, match="num_attention_heads 4 is not divisible by model_parallel_size 3"):
+        validate_layout(cfg, 3)
+    cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size = 1, 2
+    with pytest.raises(ConfigError, match="num_layers 3 is not divisible by pipe_parallel_size 2"):
+        validate_layout(cfg, 2)
+    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+        validate_layout(cfg, 3)
+    cfg.parallel.pipe_parallel_size = 1
+    cfg.training.train_batch_size = 7
+    with pytest.raises(ConfigError, match="train_batch_size 7"):
+        validate_layout(cfg, 2)
+
+
+def test_shipped_configs_load():
+    for paths in (["configs/tiny.yml"], ["configs/pythia/160M.yml", "configs/sepllm/n64_HT.yml"],
+                  ["configs/tiny.yml", "configs/sepllm/fixed_interval.yml"]):
+        load_config(paths, log=lambda m: None)
