@@ -48,7 +48,8 @@ class GPTModel(nn.Module):
                 max_pos = m.max_position_embeddings or m.seq_length
                 self.pos_embed = nn.Parameter(master_normal((max_pos, m.hidden_size), std, seed,
                                                                        "pos_embed.weight"))
-        self.layers = nn.ModuleList(TransformerLayer(cfg, i, self.rules[i]) for i in range(start, end))
+        # Keyed by global layer index: parameter names are the same under every pipeline split.
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, i, self.rules[i]) for i in range(start, end)})
         if post_process:
             self.final_norm = Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm)
             if m.no_weight_tying or not pre_process:
@@ -81,7 +82,7 @@ class GPTModel(nn.Module):
         return h
 
     def run_layers(self, hidden: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
-        for layer in self.layers:
+        for layer in self.layers.values():
             if self.cfg.model.checkpoint_activations and self.training:
                 hidden = torch.utils.checkpoint.checkpoint(layer, hidden, inp, use_reentrant=False)
             else:
