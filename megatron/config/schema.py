@@ -102,7 +102,7 @@ class TrainingConfig:
     min_lr: float = 0.0
     eval_interval: int = 100
     eval_iters: int = 10
-    deterministic: bool = True
+    exit_interval: Optional[int] = None  # stop (after saving) once iteration % exit_interval == 0
 
 
 @dataclass

@@ -194,6 +194,7 @@ class Trainer:
         window_start, window_iters = time.perf_counter(), 0
         self.log(f"training iterations {self.iteration + 1}..{tr.train_iters}, global batch "
                  f"{self.global_batch} x {cfg.model.seq_length} tokens")
+        start_iteration, saved = self.iteration, False
         while self.iteration < tr.train_iters:
             stats = self.train_step(next(batches))
             losses.append(stats["loss"])
@@ -212,10 +213,17 @@ class Trainer:
                 if val is not None:
                     self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | ppl {torch.tensor(val).exp():.2f}")
                     self.metrics.log(self.iteration, {"loss": val}, prefix="valid")
-            if ck.save and ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0:
+            saved = bool(ck.save and ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0)
+            if saved:
                 self.save()
-        if ck.save and not (ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0):
-            self.save()
+            if tr.exit_interval and self.iteration % tr.exit_interval == 0:
+                if ck.save and not saved:
+                    self.save()
+                self.log(f"exit_interval {tr.exit_interval} reached at iteration {self.iteration}")
+                break
+        else:
+            if ck.save and self.iteration > start_iteration and not saved:
+                self.save()
         self.metrics.close()
         return losses
 
