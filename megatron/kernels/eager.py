@@ -42,3 +42,8 @@ def rms_norm(x, weight, eps: float, residual: Optional[torch.Tensor] = None):
     xf = x.float()
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
     return out if residual is None else (out, x)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token loss [N] in fp32 (0 where the target is ``ignore_index``); logits [N, V]."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
