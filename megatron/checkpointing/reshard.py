@@ -1,0 +1,238 @@
+"""Merge a sharded checkpoint into one full state dict, and re-shard it for another TP x PP layout.
+
+Merging: parameter names are global (layers are keyed by global index), so pipeline stages merge
+by union; tensor-parallel shards concatenate along the ``tp_dim`` recorded in each
+``meta_tpXX_ppYY.json``. Column-parallel shards (QKV included, thanks to its per-KV-group layout)
+concatenate along dim 0 in rank order. With tied embeddings the last stage's ``lm_head.weight`` is a
+synchronised copy of ``embed.weight`` and is dropped.
+
+Re-sharding rebuilds every target stage's model on CPU (for its parameter names, order and
+``tp_dim``), slices the full tensors, and re-shards the AdamW state (``exp_avg``, ``exp_avg_sq``,
+``step``) the same way, so a run resumed at the new layout continues as the old one would have.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from megatron.checkpointing.checkpoint import (LATEST, MANIFEST, CheckpointError, atomic_write_text,
+                                               read_manifest, resolve_checkpoint_dir, shard_metadata,
+                                               shard_name, step_dir_name)
+
+TIED_COPY = "lm_head.weight"
+StateDict = Dict[str, torch.Tensor]
+
+
+def _meta(ckpt: Path, tp_rank: int, pp_rank: int) -> Dict[str, Dict[str, Any]]:
+    path = ckpt / f"meta_tp{tp_rank:02d}_pp{pp_rank:02d}.json"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{ckpt}' is missing {path.name}")
+    return json.loads(path.read_text())["params"]
+
+
+def _load(path: Path, weights_only: bool = True) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path.parent}' is missing shard {path.name}")
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def is_tied(manifest: Dict[str, Any]) -> bool:
+    return not manifest.get("config", {}).get("no_weight_tying", False)
+
+
+def optimizer_param_names(meta: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Names in the id order of ``build_optimizer``'s state dict: decayed (ndim >= 2) parameters
+    first, then the rest, each in ``named_parameters`` order (which the meta json preserves)."""
+    names = list(meta)
+    return ([n for n in names if len(meta[n]["shape"]) >= 2] +
+            [n for n in names if len(meta[n]["shape"]) < 2])
+
+
+def _named_optimizer_state(optim_sd: Dict[str, Any], meta: Dict[str, Dict[str, Any]],
+                           where: str) -> Dict[str, Dict[str, Any]]:
+    names = optimizer_param_names(meta)
+    ids = [i for g in optim_sd["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise CheckpointError(f"{where}: optimizer holds {len(ids)} parameters but the model shard "
+                              f"has {len(names)}; cannot map optimizer state to parameter names")
+    named = {}
+    for i, name in zip(ids, names):
+        st = optim_sd["state"].get(i)
+        if st is None:
+            continue
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.dim() > 0 and list(value.shape) != meta[name]["shape"]:
+                raise CheckpointError(f"{where}: optimizer state '{key}' of {name} has shape "
+                                      f"{list(value.shape)}, parameter has {meta[name]['shape']}")
+        named[name] = st
+    return named
+
+
+def _merge_tp(tensors: List[torch.Tensor], tp_dim: Optional[int]) -> torch.Tensor:
+    return tensors[0] if tp_dim is None or len(tensors) == 1 else torch.cat(tensors, dim=tp_dim)
+
+
+def _merge_state_entries(entries: List[Dict[str, Any]], tp_dim: Optional[int]) -> Dict[str, Any]:
+    out = {}
+    for key, value in entries[0].items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            out[key] = _merge_tp([e[key] for e in entries], tp_dim)
+        else:
+            out[key] = value  # scalar 'step': equal on every TP rank
+    return out
+
+
+def load_full_checkpoint(ckpt_dir: str, with_optimizer: bool = True
+                         ) -> Tuple[StateDict, Dict[str, Dict[str, Any]], Dict[str, Any], List[dict]]:
+    """(full model state, full optimizer state by parameter name, manifest, optimizer param-group
+    hyperparameters of the first shard). Optimizer parts are empty when not saved or not asked for."""
+    ckpt = resolve_checkpoint_dir(ckpt_dir)
+    manifest = read_manifest(ckpt)
+    tp, pp = manifest["layout"]["tp"], manifest["layout"]["pp"]
+    with_optimizer = with_optimizer and bool(manifest.get("has_optimizer"))
+    full: StateDict = {}
+    full_optim: Dict[str, Dict[str, Any]] = {}
+    groups: List[dict] = []
+    tied = is_tied(manifest)
+    for p in range(pp):
+        metas = [_meta(ckpt, t, p) for t in range(tp)]
+        shards = [_load(ckpt / shard_name("model", t, p)) for t in range(tp)]
+        optims = []
+        if with_optimizer:
+            for t in range(tp):
+                sd = _load(ckpt / shard_name("optim", t, p), weights_only=False)
+                if not groups:
+                    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+                optims.append(_named_optimizer_state(sd, metas[t], f"{ckpt}/{shard_name('optim', t, p)}"))
+        for name in shards[0]:
+            if tied and name == TIED_COPY:
+                continue
+            tp_dim = metas[0].get(name, {}).get("tp_dim")
+            if name in full:
+                raise CheckpointError(f"checkpoint '{ckpt}': parameter {name} appears in two pipeline stages")
+            full[name] = _merge_tp([s[name] for s in shards], tp_dim)
+            if optims and name in optims[0]:
+                full_optim[name] = _merge_state_entries([o[name] for o in optims], tp_dim)
+    return full, full_optim, manifest, groups
+
+
+def load_full_state_dict(ckpt_dir: str) -> Tuple[StateDict, Dict[str, Any]]:
+    """The unsharded model state dict (TP shards concatenated, PP stages merged) and the manifest."""
+    full, _, manifest, _ = load_full_checkpoint(ckpt_dir, with_optimizer=False)
+    return full, manifest
+
+
+def _slice(t: torch.Tensor, tp_dim: Optional[int], tp_rank: int, tp: int) -> torch.Tensor:
+    if tp_dim is None or tp == 1:
+        return t.clone()
+    if t.shape[tp_dim] % tp:
+        raise CheckpointError(f"dimension {tp_dim} of size {t.shape[tp_dim]} is not divisible by tp {tp}")
+    return t.chunk(tp, dim=tp_dim)[tp_rank].clone()
+
+
+def _full_name(name: str, tied: bool) -> str:
+    return "embed.weight" if tied and name == TIED_COPY else name
+
+
+def build_stage_model(cfg, vocab_size: int, tp: int, pp: int, tp_rank: int, pp_rank: int):
+    """This (tp_rank, pp_rank)'s model, built on CPU without process groups (names, order, tp_dim)."""
+    from megatron.model import build_model
+    from megatron.parallel.state import ParallelState, get_state, set_state
+
+    saved = get_state()
+    set_state(ParallelState(tp_size=tp, pp_size=pp, tp_rank=tp_rank, pp_rank=pp_rank))
+    try:
+        eod = 0 if cfg.attention.sepllm.separate_documents else None
+        return build_model(cfg, vocab_size, (), eod)
+    finally:
+        set_state(saved)
+
+
+def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: bool = False) -> Path:
+    """Write ``out_dir/global_stepN`` (and ``out_dir/latest``) for layout ``tp`` x ``pp``.
+
+    Model and AdamW state are re-sharded; ``weights_only=True`` (or a source saved without
+    optimizer) writes weights only, and the manifest's ``has_optimizer`` says so. Returns the step dir.
+    """
+    from megatron.config import ConfigError, config_from_tree, validate_layout
+
+    full, full_optim, manifest, groups = load_full_checkpoint(ckpt_dir, with_optimizer=not weights_only)
+    tree = dict(manifest["config"], model_parallel_size=tp, pipe_parallel_size=pp)
+    cfg = config_from_tree(tree)
+    try:
+        validate_layout(cfg, tp * pp)
+    except ConfigError as e:
+        if "train_batch_size" not in str(e):
+            raise
+    tied = is_tied(manifest)
+    vocab_size = full["embed.weight"].shape[0]
+    root = Path(out_dir)
+    iteration = manifest["iteration"]
+    tmp = root / f".tmp-{step_dir_name(iteration)}"
+    final = root / step_dir_name(iteration)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    used = set()
+    for p in range(pp):
+        for t in range(tp):
+            model = build_stage_model(cfg, vocab_size, tp, pp, t, p)
+            meta = shard_metadata(model)
+            shard = {}
+            for name, ref in model.state_dict().items():
+                src = _full_name(name, tied)
+                if src not in full:
+                    raise CheckpointError(f"source checkpoint has no parameter {src} needed by tp {t} pp {p}")
+                value = _slice(full[src], meta.get(name, {}).get("tp_dim"), t, tp)
+                if value.shape != ref.shape:
+                    raise CheckpointError(f"{name}: re-sharded shape {tuple(value.shape)} != model's "
+                                          f"{tuple(ref.shape)} at tp {t} pp {p}")
+                shard[name] = value
+                used.add(src)
+            torch.save(shard, tmp / shard_name("model", t, p))
+            atomic_write_text(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", json.dumps({"params": meta}))
+            if full_optim:
+                torch.save(_reshard_optimizer(model, cfg, meta, full_optim, groups, tied, t, tp),
+                           tmp / shard_name("optim", t, p))
+    unused = set(full) - used
+    if unused:
+        raise CheckpointError(f"parameters not placed in any target shard: {sorted(unused)[:5]}")
+    src_ckpt = resolve_checkpoint_dir(ckpt_dir)
+    old_world = manifest["layout"]["tp"] * manifest["layout"]["pp"] * manifest["layout"].get("dp", 1)
+    for r in range(min(old_world, tp * pp)):
+        rng = src_ckpt / f"rng_rank{r:05d}.pt"
+        if rng.is_file():
+            shutil.copy(rng, tmp / rng.name)
+    new_manifest = dict(manifest, config=tree, has_optimizer=bool(full_optim),
+                        layout={"tp": tp, "pp": pp, "dp": 1},
+                        resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
+    atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=1, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST, step_dir_name(iteration) + "\n")
+    return final
+
+
+def _reshard_optimizer(model, cfg, meta, full_optim, groups, tied: bool, tp_rank: int, tp: int) -> dict:
+    from megatron.training.optimizer import build_optimizer
+
+    sd = build_optimizer(model, cfg).state_dict()
+    if len(groups) == len(sd["param_groups"]):
+        for g, src in zip(sd["param_groups"], groups):
+            g.update(src)  # lr, betas, weight decay as they were when saved
+    names = optimizer_param_names(meta)
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    for i, name in zip(ids, names):
+        src = full_optim.get(_full_name(name, tied))
+        if src is None:
+            continue
+        tp_dim = meta[name]["tp_dim"]
+        sd["state"][i] = {k: (_slice(v, tp_dim, tp_rank, tp) if torch.is_tensor(v) and v.dim() > 0
+                              else (v.clone() if torch.is_tensor(v) else v)) for k, v in src.items()}
+    return sd

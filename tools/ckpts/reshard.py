@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Re-shard a checkpoint for another layout: ``tools/ckpts/reshard.py --load DIR --save DIR --tp N --pp M``.
+
+``--load`` is a save root (follows ``latest``) or a ``global_stepN`` directory; the result is written
+as ``SAVE/global_stepN`` plus ``SAVE/latest`` and can be resumed with ``load: SAVE`` at the new
+model_parallel_size / pipe_parallel_size. AdamW state is re-sharded too unless ``--weights-only``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="source checkpoint (save root or global_stepN dir)")
+    p.add_argument("--save", required=True, help="output save root")
+    p.add_argument("--tp", type=int, required=True, help="target model_parallel_size")
+    p.add_argument("--pp", type=int, default=1, help="target pipe_parallel_size")
+    p.add_argument("--weights-only", action="store_true", help="drop the optimizer state")
+    args = p.parse_args(argv)
+
+    from megatron.checkpointing import CheckpointError
+    from megatron.checkpointing.reshard import save_resharded
+    from megatron.config import ConfigError
+
+    if args.tp < 1 or args.pp < 1:
+        print("error: --tp and --pp must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        out = save_resharded(args.load, args.save, args.tp, args.pp, weights_only=args.weights_only)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (tp={args.tp}, pp={args.pp})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
