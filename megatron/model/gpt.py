@@ -24,7 +24,7 @@ from megatron.parallel.mappings import gather_from_tp
 class GPTModel(nn.Module):
     def __init__(self, cfg: Config, vocab_size: int, separator_ids: Sequence[int] = (),
                  eod_id: Optional[int] = None, pre_process: bool = True, post_process: bool = True,
-                 layer_range: Optional[Tuple[int, int]] = None):
+                 layer_range: Optional[Tuple[int, int]] = None, layer_ids: Optional[Sequence[int]] = None):
         super().__init__()
         m, sep = cfg.model, cfg.attention.sepllm
         self.cfg, self.vocab_size, self.eod_id = cfg, vocab_size, eod_id
@@ -40,6 +40,8 @@ class GPTModel(nn.Module):
                                                  sep.separate_documents)
         start, end = layer_range or (0, m.num_layers)
         self.layer_range = (start, end)
+        # layer_ids (interleaved pipeline: several non-adjacent chunks per rank) overrides layer_range.
+        ids = list(layer_ids) if layer_ids is not None else list(range(start, end))
         seed, std = cfg.training.seed, m.init_method_std
         self.rotary = RotaryEmbedding(rotary_dim(cfg), m.rotary_emb_base) if rotary_dim(cfg) else None
         if pre_process:
@@ -49,7 +51,7 @@ class GPTModel(nn.Module):
                 self.pos_embed = nn.Parameter(master_normal((max_pos, m.hidden_size), std, seed,
                                                                        "pos_embed.weight"))
         # Keyed by global layer index: parameter names are the same under every pipeline split.
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, i, self.rules[i]) for i in range(start, end)})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, i, self.rules[i]) for i in ids})
         if post_process:
             self.final_norm = Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm)
             if m.no_weight_tying or not pre_process:
@@ -57,6 +59,8 @@ class GPTModel(nn.Module):
                 # to the first stage's by the pipeline engine's embedding-group all-reduce).
                 key = "lm_head" if m.no_weight_tying else "embed"
                 self.lm_head = VocabParallelEmbedding(vocab_size, m.hidden_size, std, seed, key)
+                if not m.no_weight_tying:
+                    self.lm_head.weight.pipeline_duplicate = True  # grad norm counts embed.weight only
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -81,8 +85,10 @@ class GPTModel(nn.Module):
             h = h + self.pos_embed[pos]
         return h
 
-    def run_layers(self, hidden: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
-        for layer in self.layers.values():
+    def run_layers(self, hidden: torch.Tensor, inp: AttentionInputs,
+                   layer_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+        layers = self.layers.values() if layer_ids is None else [self.layers[str(i)] for i in layer_ids]
+        for layer in layers:
             if self.cfg.model.checkpoint_activations and self.training:
                 hidden = torch.utils.checkpoint.checkpoint(layer, hidden, inp, use_reentrant=False)
             else:
@@ -124,9 +130,12 @@ def num_parameters(model: nn.Module) -> int:
 
 def build_model(cfg: Config, vocab_size: int, separator_ids: Sequence[int] = (),
                 eod_id: Optional[int] = None) -> GPTModel:
-    """The model (or this rank's pipeline stage) for the current parallel state."""
+    """The model (or this rank's pipeline stage) for the current parallel state. With
+    ``virtual_pipe_stages`` v > 1 a rank holds v chunks: chunk c is pipeline stage c * pp + pp_rank."""
     st = get_state()
-    per_stage = cfg.model.num_layers // st.pp_size
-    start = st.pp_rank * per_stage
+    chunks = cfg.parallel.virtual_pipe_stages if st.pp_size > 1 else 1
+    per_chunk = cfg.model.num_layers // (st.pp_size * chunks)
+    ids = [i for c in range(chunks) for i in range((c * st.pp_size + st.pp_rank) * per_chunk,
+                                                   (c * st.pp_size + st.pp_rank + 1) * per_chunk)]
     return GPTModel(cfg, vocab_size, separator_ids, eod_id, pre_process=st.is_first_stage,
-                    post_process=st.is_last_stage, layer_range=(start, start + per_stage))
+                    post_process=st.is_last_stage, layer_range=(ids[0], ids[-1] + 1), layer_ids=ids)

@@ -24,6 +24,7 @@ def master_normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
 def mark_tensor_parallel(param: nn.Parameter, dim: int) -> None:
     """Record that ``param`` is a TP shard split along ``dim`` (grad-norm, checkpoint merge)."""
     param.tensor_parallel_dim = dim
+    param.tensor_model_parallel = True  # DeepSpeed's spelling (ZeRO grad norm counts shards on every rank)
 
 
 def tp_shard(t: torch.Tensor, dim: int) -> torch.Tensor:

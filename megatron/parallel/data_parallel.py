@@ -1,0 +1,47 @@
+"""Gradient synchronisation outside the tensor-parallel layers: data-parallel averaging (DDP
+semantics, one flat buffer) and the tied-embedding all-reduce between first and last pipeline stage."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.parallel.state import get_state
+
+
+def allreduce_gradients(params: List[torch.nn.Parameter], group) -> None:
+    """Average gradients over the data-parallel group, as one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def tied_embedding_weight(model: torch.nn.Module) -> Optional[torch.nn.Parameter]:
+    """This stage's copy of a weight tied across the first and last pipeline stage, if any."""
+    st = get_state()
+    if st.pp_size == 1 or model.cfg.model.no_weight_tying:
+        return None
+    if st.is_first_stage:
+        return model.embed.weight
+    if st.is_last_stage:
+        return model.lm_head.weight
+    return None
+
+
+def allreduce_tied_embedding_grads(model: torch.nn.Module) -> None:
+    """Sum the input-embedding and LM-head gradients of a tied embedding split over two stages,
+    so both copies take the same optimizer step and stay equal."""
+    weight = tied_embedding_weight(model)
+    if weight is None:
+        return
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=get_state().embedding_group)
