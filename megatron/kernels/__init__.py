@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from megatron.kernels import eager
-from megatron.kernels.dispatch import use_fused
+from megatron.kernels.dispatch import use_fused, use_fused_norm
 
 __all__ = ["apply_rotary_qk", "layer_norm", "rms_norm", "fused_cross_entropy"]
 
@@ -37,9 +37,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                residual: Optional[torch.Tensor] = None, *, fused: Optional[bool] = None) -> NormOut:
     """LayerNorm over the last dim in fp32, output in x's dtype.
 
-    With ``residual``: returns (layer_norm(x + residual), x + residual).
+    With ``residual``: returns (layer_norm(x + residual), x + residual). Auto mode uses eager for
+    rows wider than ``dispatch.NORM_MAX_FUSED_COLUMNS``.
     """
-    if use_fused(x, fused, "layer_norm"):
+    if use_fused_norm(x, fused, "layer_norm"):
         from megatron.kernels.triton_norm import norm
         return norm(x, weight, bias, eps, residual, rms=False)
     return eager.layer_norm(x, weight, bias, eps, residual)
@@ -48,7 +49,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None, *,
              fused: Optional[bool] = None) -> NormOut:
     """RMSNorm over the last dim in fp32, output in x's dtype; with ``residual`` as for layer_norm."""
-    if use_fused(x, fused, "rms_norm"):
+    if use_fused_norm(x, fused, "rms_norm"):
         from megatron.kernels.triton_norm import norm
         return norm(x, weight, None, eps, residual, rms=True)
     return eager.rms_norm(x, weight, eps, residual)

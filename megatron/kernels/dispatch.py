@@ -11,6 +11,11 @@ from typing import Optional
 
 import torch
 
+# The norm kernels hold a row in registers; past 8192 columns their backward (row plus dW/dB
+# accumulators) spills heavily on sm_90 (see megatron/kernels/aot_check.py), so auto mode sends
+# wider rows to eager.
+NORM_MAX_FUSED_COLUMNS = 8192
+
 
 def interpret_enabled() -> bool:
     """True when Triton's CPU interpreter is switched on (it must be set before Triton is imported)."""
@@ -50,3 +55,9 @@ def use_fused(tensor: torch.Tensor, fused: Optional[bool], op: str) -> bool:
     if not triton_importable():
         raise RuntimeError(f"{op}: fused=True but triton cannot be imported")
     return True
+
+
+def use_fused_norm(x: torch.Tensor, fused: Optional[bool], op: str) -> bool:
+    if not use_fused(x, fused, op):
+        return False
+    return fused is True or x.shape[-1] <= NORM_MAX_FUSED_COLUMNS
