@@ -8,10 +8,16 @@ to the longest row). Because they are sorted by position, the specials visible t
 query ``i`` are a prefix of the compact set, so over a block of queries the special part
 is block-triangular: query block ``[a, b)`` only needs compact keys ``[lo, hi)``.
 
-Each query block therefore attends to ``[compact[lo:hi] ; x[a0:b]]`` with a small
-additive mask, through PyTorch's fused CPU flash-attention kernel (which returns the
-log-sum-exp). The custom autograd Function saves only q, k, v, the outputs and the
-log-sum-exps and recomputes key blocks and masks in backward, accumulating dk/dv into
+Per query block two fused CPU flash-attention calls (PyTorch's kernel, which also returns
+the log-sum-exp) cover it:
+  * *prefix*: compact specials ``[full_lo, full_hi)`` seen by every query of the block --
+    no mask at all, and the keys are a view (no copy);
+  * *near*: the remaining specials of ``[lo, hi)`` (the block's diagonal) and the local keys
+    ``x[a0:b]``, with a small additive mask.
+The two partial results are merged through their log-sum-exps. The backward of attention
+over a union of key sets only needs the merged output and log-sum-exp, so each part's
+backward is one fused call too. The custom autograd Function saves q, k, v, the merged
+outputs and log-sum-exps and recomputes keys and masks, accumulating dk/dv into
 preallocated buffers. GQA is handled by folding the query heads of a group into the
 query-row dimension, so K/V are never repeated. Nothing of size L x L is built.
 """
@@ -31,13 +37,29 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 @dataclass
 class QueryBlock:
-    """One block of queries ``[start, end)`` and the keys it needs."""
+    """One block of queries ``[start, end)`` and the keys it needs.
+
+    Compact specials ``[special_lo, special_hi)`` may be visible to some query of the block;
+    ``[full_lo, full_hi)`` (inside it, possibly empty) are visible to all of them.
+    """
 
     start: int
     end: int
-    special_lo: int  # compact specials [special_lo, special_hi)
+    special_lo: int
     special_hi: int
+    full_lo: int
+    full_hi: int
     local_start: int  # original keys [local_start, end)
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.full_hi > self.full_lo
+
+    def near_special_ranges(self) -> List[Tuple[int, int]]:
+        """Compact-special ranges handled by the masked (near) part."""
+        if not self.has_prefix:
+            return [(self.special_lo, self.special_hi)] if self.special_hi > self.special_lo else []
+        return [(a, b) for a, b in ((self.special_lo, self.full_lo), (self.full_hi, self.special_hi)) if b > a]
 
 
 @dataclass
@@ -95,43 +117,56 @@ def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tens
     special_doc = docs.gather(1, idx) if docs is not None else None
 
     starts = torch.arange(0, L, block, device=dev)
-    ends = torch.clamp(starts + block, max=L)
-    csum = torch.cumsum(special.long(), dim=1)  # csum[:, t] = #specials at positions <= t
-    zero = torch.zeros(B, 1, dtype=csum.dtype, device=dev)
-    csum0 = torch.cat([zero, csum], dim=1)  # csum0[:, t + 1] = #specials at positions <= t
-    # Last query of the block sees specials at positions <= end - 1 - w.
-    hi = csum0[:, (ends - w).clamp(min=0)].amax(dim=0)
+    lasts = torch.clamp(starts + block, max=L) - 1
+    csum0 = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev),
+                       torch.cumsum(special.long(), dim=1)], dim=1)  # csum0[:, t + 1] = #specials <= t
+    # Query i sees the specials at positions <= i - w: compact slots below c(i) = csum0[i - w + 1].
+    hi = csum0[:, (lasts - w + 1).clamp(min=0)].amax(dim=0)
+    full_hi = csum0[:, (starts - w + 1).clamp(min=0)].amin(dim=0)
     lo = torch.zeros_like(hi)
+    full_lo = torch.zeros_like(hi)
     local_start = (starts - w + 1).clamp(min=0)
-    if docs is not None and _is_nondecreasing(docs):
-        # Documents are contiguous: nothing before the first query's document start is visible.
-        doc_start = torch.arange(L, device=dev) - positions_in_document(docs)  # [B, L]
-        first_start = doc_start[:, starts]  # [B, nblocks]
-        lo = csum0.gather(1, first_start).amin(dim=0)
-        local_start = torch.maximum(local_start, first_start.amin(dim=0))
+    if docs is not None:
+        if _is_nondecreasing(docs):
+            # Contiguous documents: a query sees nothing before its document's start.
+            doc_start = torch.arange(L, device=dev) - positions_in_document(docs)  # [B, L]
+            lo = csum0.gather(1, doc_start[:, starts]).amin(dim=0)
+            full_lo = csum0.gather(1, doc_start[:, lasts]).amax(dim=0)
+            local_start = torch.maximum(local_start, doc_start[:, starts].amin(dim=0))
+        else:
+            full_hi = full_lo  # ids repeat: leave every special to the masked part
     hi = torch.maximum(hi, lo)
-    blocks = [QueryBlock(a, b, sl, sh, ls) for a, b, sl, sh, ls in
-              zip(starts.tolist(), ends.tolist(), lo.tolist(), hi.tolist(), local_start.tolist())]
+    full_lo = torch.clamp(full_lo, min=lo)
+    full_hi = torch.minimum(full_hi, hi)
+    empty = full_hi <= full_lo
+    full_lo = torch.where(empty, hi, full_lo)
+    full_hi = torch.where(empty, hi, full_hi)
+    blocks = [QueryBlock(a, z + 1, *rest) for a, z, *rest in
+              zip(starts.tolist(), lasts.tolist(), lo.tolist(), hi.tolist(), full_lo.tolist(),
+                  full_hi.tolist(), local_start.tolist())]
     return CompactPlan(idx, pos, special_doc, docs, blocks, w, L)
 
 
-def block_mask(plan: CompactPlan, blk: QueryBlock, dtype: torch.dtype, group: int) -> torch.Tensor:
-    """Additive mask [B, 1, group * rows, keys] for one query block (0 = attend, -inf = not)."""
+def near_mask(plan: CompactPlan, blk: QueryBlock, dtype: torch.dtype, group: int) -> torch.Tensor:
+    """Additive mask [B, 1, group * rows, keys] of the near part (0 = attend, -inf = not)."""
     dev = plan.special_pos.device
     w = plan.n_local
     q_pos = torch.arange(blk.start, blk.end, device=dev)
     k_pos = torch.arange(blk.local_start, blk.end, device=dev)
-    s_pos = plan.special_pos[:, blk.special_lo:blk.special_hi]
-    see_special = s_pos[:, None, :] <= (q_pos - w)[None, :, None]  # [B, rows, ns]
     dist = q_pos[:, None] - k_pos[None, :]
-    see_local = ((dist >= 0) & (dist < w))[None].expand(s_pos.shape[0], -1, -1)  # [B, rows, nl]
+    see_local = ((dist >= 0) & (dist < w))[None]  # [1, rows, nl]
     if plan.doc_ids is not None:
         q_doc = plan.doc_ids[:, blk.start:blk.end, None]
-        see_special = see_special & (plan.special_doc[:, None, blk.special_lo:blk.special_hi] == q_doc)
         see_local = see_local & (plan.doc_ids[:, None, blk.local_start:blk.end] == q_doc)
-    keep = torch.cat([see_special, see_local], dim=-1)
-    mask = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))
-    mask = mask[:, None]
+    parts = []
+    for a, b in blk.near_special_ranges():
+        see = plan.special_pos[:, None, a:b] <= (q_pos - w)[None, :, None]  # [B, rows, ns]
+        if plan.doc_ids is not None:
+            see = see & (plan.special_doc[:, None, a:b] == q_doc)
+        parts.append(see)
+    B = plan.special_pos.shape[0]
+    keep = torch.cat(parts + [see_local.expand(B, -1, -1)], dim=-1) if parts else see_local
+    mask = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))[:, None]
     if group > 1:
         mask = mask.repeat(1, 1, group, 1)  # rows are (head-in-group, query)
     return mask
@@ -154,15 +189,22 @@ def _unfold_group(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(B, Hkv * group, GR // group, D)
 
 
-def _block_keys(k: torch.Tensor, k_special: torch.Tensor, blk: QueryBlock) -> torch.Tensor:
-    ks = k_special[:, :, blk.special_lo:blk.special_hi]
-    kl = k[:, :, blk.local_start:blk.end]
-    return torch.cat([ks, kl], dim=2) if ks.shape[2] else kl
+def _near_keys(x: torch.Tensor, x_special: torch.Tensor, blk: QueryBlock) -> torch.Tensor:
+    pieces = [x_special[:, :, a:b] for a, b in blk.near_special_ranges()]
+    local = x[:, :, blk.local_start:blk.end]
+    return torch.cat(pieces + [local], dim=2) if pieces else local
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     B, H, _, D = x.shape
     return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
+
+
+def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
+    """Softmax over the union of two disjoint key sets from the two partial results."""
+    lse = torch.logaddexp(lse1, lse2)
+    out = o1.float() * torch.exp(lse1 - lse)[..., None] + o2.float() * torch.exp(lse2 - lse)[..., None]
+    return out.to(o1.dtype), lse
 
 
 class CompactSepAttention(torch.autograd.Function):
@@ -175,10 +217,13 @@ class CompactSepAttention(torch.autograd.Function):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         outs, lses = [], []
         for blk in plan.blocks:
-            mask = block_mask(plan, blk, q.dtype, group)
             q_blk = _fold_group(q, group, blk.start, blk.end)
-            o, lse = _flash_fwd(q_blk, _block_keys(k, k_special, blk), _block_keys(v, v_special, blk),
-                                0.0, False, attn_mask=mask, scale=scale)
+            o, lse = _flash_fwd(q_blk, _near_keys(k, k_special, blk), _near_keys(v, v_special, blk),
+                                0.0, False, attn_mask=near_mask(plan, blk, q.dtype, group), scale=scale)
+            if blk.has_prefix:
+                o_pre, lse_pre = _flash_fwd(q_blk, k_special[:, :, blk.full_lo:blk.full_hi],
+                                            v_special[:, :, blk.full_lo:blk.full_hi], 0.0, False, scale=scale)
+                o, lse = _merge(o_pre, lse_pre, o, lse)
             out[:, :, blk.start:blk.end] = _unfold_group(o, group)
             outs.append(o)
             lses.append(lse)
@@ -199,20 +244,28 @@ class CompactSepAttention(torch.autograd.Function):
         dk_special = torch.zeros_like(k_special)
         dv_special = torch.zeros_like(v_special)
         for blk, o, lse in zip(plan.blocks, ctx.outs, ctx.lses):
-            mask = block_mask(plan, blk, q.dtype, group)
-            g = _fold_group(grad_out, group, blk.start, blk.end)
-            dq_b, dk_b, dv_b = _flash_bwd(g.reshape(o.shape), _fold_group(q, group, blk.start, blk.end),
-                                          _block_keys(k, k_special, blk), _block_keys(v, v_special, blk),
-                                          o, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
+            g = _fold_group(grad_out, group, blk.start, blk.end).reshape(o.shape)
+            q_blk = _fold_group(q, group, blk.start, blk.end)
+            dq_b, dk_b, dv_b = _flash_bwd(g, q_blk, _near_keys(k, k_special, blk), _near_keys(v, v_special, blk),
+                                          o, lse, 0.0, False, attn_mask=near_mask(plan, blk, q.dtype, group),
+                                          scale=ctx.scale)
+            offset = 0
+            for a, b in blk.near_special_ranges():
+                dk_special[:, :, a:b] += dk_b[:, :, offset:offset + b - a]
+                dv_special[:, :, a:b] += dv_b[:, :, offset:offset + b - a]
+                offset += b - a
+            dk[:, :, blk.local_start:blk.end] += dk_b[:, :, offset:]
+            dv[:, :, blk.local_start:blk.end] += dv_b[:, :, offset:]
+            if blk.has_prefix:
+                dq_pre, dk_pre, dv_pre = _flash_bwd(g, q_blk, k_special[:, :, blk.full_lo:blk.full_hi],
+                                                    v_special[:, :, blk.full_lo:blk.full_hi], o, lse, 0.0,
+                                                    False, scale=ctx.scale)
+                dq_b = dq_b + dq_pre
+                dk_special[:, :, blk.full_lo:blk.full_hi] += dk_pre
+                dv_special[:, :, blk.full_lo:blk.full_hi] += dv_pre
             dq[:, :, blk.start:blk.end] = _unfold_group(dq_b, group)
-            ns = blk.special_hi - blk.special_lo
-            if ns:
-                dk_special[:, :, blk.special_lo:blk.special_hi] += dk_b[:, :, :ns]
-                dv_special[:, :, blk.special_lo:blk.special_hi] += dv_b[:, :, :ns]
-            dk[:, :, blk.local_start:blk.end] += dk_b[:, :, ns:]
-            dv[:, :, blk.local_start:blk.end] += dv_b[:, :, ns:]
         if dk_special.shape[2]:
-            # Padded slots carry zero gradient (fully masked), so scattering them is harmless.
+            # Padded slots carry zero gradient (always masked), so scattering them is harmless.
             index = plan.special_idx[:, None, :, None].expand_as(dk_special)
             dk.scatter_add_(2, index, dk_special)
             dv.scatter_add_(2, index, dv_special)
