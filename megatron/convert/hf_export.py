@@ -1,0 +1,126 @@
+"""Our checkpoint (any TP/PP layout, merged on the fly) -> an HF model directory.
+
+Writes config.json (with the SepLLM settings as an extra "sepllm" key, for streaming and
+training-free inference), model.safetensors, generation_config.json and the tokenizer files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from megatron.checkpointing.checkpoint import CheckpointError, read_manifest, resolve_checkpoint_dir
+from megatron.checkpointing.reshard import load_full_state_dict
+from megatron.config import Config, config_from_tree
+from megatron.config.loader import ConfigError
+from megatron.convert.common import (DTYPES, ConversionError, TensorSource, prepare_output_dir, write_json,
+                                     write_safetensors)
+from megatron.convert.families import family_for_model
+from megatron.convert.tokenizer_files import (copy_tokenizer_files, resolved_separator_ids,
+                                              special_token_ids, tokenizer_vocab_size)
+
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    architecture: str
+    vocab_size: int
+    files: Tuple[str, ...]
+
+
+def load_merged_state(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
+    """The unsplit model state dict of a checkpoint, whatever TP/PP layout it was saved with."""
+    try:
+        state, _ = load_full_state_dict(str(ckpt_dir))
+    except (CheckpointError, KeyError, json.JSONDecodeError) as e:
+        raise ConversionError(f"checkpoint '{ckpt_dir}' could not be merged: {e}") from None
+    return state
+
+
+def sepllm_settings(cfg: Config) -> Dict[str, Any]:
+    """What streaming / training-free inference needs to reproduce the training-time attention."""
+    settings = dataclasses.asdict(cfg.attention.sepllm)
+    settings["layer_n_local"] = {str(k): v for k, v in settings["layer_n_local"].items()}  # JSON keys
+    settings["separator_ids"] = resolved_separator_ids(cfg)
+    settings["attention_impl"] = cfg.attention.impl
+    return settings
+
+
+def real_vocab_size(requested: Optional[int], manifest: Dict[str, Any], cfg: Config, padded: int,
+                    log: Callable[[str], None]) -> int:
+    """The unpadded vocab: --vocab-size, else the import record, else the tokenizer, else padded."""
+    source = (manifest.get("trainer") or {}).get("source") or {}
+    for value, what in ((requested, "--vocab-size"), (source.get("vocab_size"), "the import record"),
+                        (tokenizer_vocab_size(cfg.data), f"the tokenizer '{cfg.data.vocab_file}'")):
+        if value is not None:
+            if not 0 < int(value) <= padded:
+                raise ConversionError(f"vocab size {value} from {what} does not fit the checkpoint's "
+                                      f"{padded} embedding rows")
+            return int(value)
+    log(f"warning: no tokenizer found; exporting all {padded} (padded) vocab rows; pass --vocab-size")
+    return padded
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConversionError(f"output directory '{out}' is not empty; pass --force to overwrite")
+
+
+def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size: Optional[int] = None,
+              dtype: str = "auto", tokenizer_dir: Optional[str] = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> ExportResult:
+    out = Path(output_dir)
+    check_output_dir(out, force)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
+    try:
+        ckpt_dir = resolve_checkpoint_dir(checkpoint)
+    except CheckpointError as e:
+        raise ConversionError(str(e).replace(" (key 'load')", "")) from None
+    manifest = read_manifest(ckpt_dir)
+    try:
+        cfg = config_from_tree(manifest["config"])
+    except (ConfigError, KeyError) as e:
+        raise ConversionError(f"'{ckpt_dir}/manifest.json' holds no valid config: {e}") from None
+    family = family_for_model(cfg)
+    family.check_exportable(cfg)
+
+    state = load_merged_state(ckpt_dir)
+    if "embed.weight" not in state:
+        raise ConversionError(f"checkpoint '{ckpt_dir}' has no 'embed.weight'")
+    padded = state["embed.weight"].shape[0]
+    if not cfg.model.no_weight_tying:
+        state.pop("lm_head.weight", None)  # the last pipeline stage's copy of the tied embedding
+    vocab = real_vocab_size(vocab_size, manifest, cfg, padded, log)
+    if dtype != "auto":
+        state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in state.items()}
+    source = TensorSource(state, origin=f"checkpoint '{ckpt_dir}'",
+                          shape_hint=f"the config in '{ckpt_dir / 'manifest.json'}'")
+    hf_state = family.to_hf(source, cfg, vocab, padded, progress=progress)
+
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else (
+        Path(cfg.data.vocab_file).parent if cfg.data.vocab_file else None)
+    if tok_src is not None and not tok_src.is_dir():
+        log(f"warning: tokenizer directory '{tok_src}' not found; no tokenizer files exported")
+        tok_src = None
+    special = special_token_ids(tok_src) if tok_src else {}
+    weight_dtype = next(iter(hf_state.values())).dtype
+    config = {**family.hf_config(cfg, vocab), **special,
+              "torch_dtype": TORCH_DTYPE_NAMES.get(weight_dtype, "float32"), "sepllm": sepllm_settings(cfg)}
+
+    prepare_output_dir(out, force)
+    write_safetensors(hf_state, out / "model.safetensors")
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", {"_from_model_config": True, **special})
+    files = ["config.json", "model.safetensors", "generation_config.json"]
+    if tok_src is not None:
+        files += copy_tokenizer_files(tok_src, out)
+    log(f"exported {family.architecture} ({cfg.model.num_layers} layers, vocab {vocab}) from {ckpt_dir} "
+        f"to {out}: {', '.join(files)}")
+    return ExportResult(out, family.architecture, vocab, tuple(files))

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Export our checkpoint (any TP/PP layout) as an HF model directory.
+
+    python tools/ckpts/convert_to_hf.py --input checkpoints/finetune --output hf/sepllm-pythia \
+        [--force] [--vocab-size 50277] [--dtype bf16]
+
+--input is a save root (follows ``latest``) or a global_stepN directory. The architecture follows
+the model config: GPTNeoXForCausalLM (layernorm + rotary), LlamaForCausalLM (rmsnorm + swiglu),
+GPT2LMHeadModel (learned positions). SepLLM settings go into config.json under "sepllm".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron.checkpointing import CheckpointError  # noqa: E402
+from megatron.convert import ConversionError, export_hf  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="checkpoint root or global_stepN directory")
+    p.add_argument("--output", required=True, help="HF model directory to write")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--vocab-size", type=int, help="real (unpadded) vocab size; default: from the tokenizer")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weight dtype (auto: as stored in the checkpoint)")
+    p.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: next to vocab_file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
+                  progress=not args.quiet)
+    except (ConversionError, CheckpointError) as e:
+        print(f"convert_to_hf: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
