@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from megatron.checkpointing.reshard import build_stage_model, load_full_checkpoi
 from megatron.config import config_from_tree, config_to_tree
 from megatron.training.optimizer import build_optimizer
 
+RESHARD = Path(__file__).resolve().parents[1] / "tools" / "ckpts" / "reshard.py"
 VOCAB = 64
 
 
@@ -79,7 +81,7 @@ def test_merge_equals_unsharded(reference, tmp_path, tp, pp):
 def test_reshard_cli_round_trip(reference, tmp_path):
     cfg, full_sd, full_state, grads = reference
     write_sharded(cfg, tmp_path / "tp2pp2", 2, 2, grads)
-    tool = [sys.executable, "tools/ckpts/reshard.py"]
+    tool = [sys.executable, str(RESHARD)]
     for src, dst, tp, pp in (("tp2pp2", "tp1pp4", 1, 4), ("tp1pp4", "tp2pp1", 2, 1), ("tp2pp1", "tp1", 1, 1)):
         out = subprocess.run(tool + ["--load", str(tmp_path / src), "--save", str(tmp_path / dst),
                                      "--tp", str(tp), "--pp", str(pp)], capture_output=True, text=True)
@@ -99,6 +101,6 @@ def test_reshard_cli_round_trip(reference, tmp_path):
 def test_reshard_rejects_bad_layout(reference, tmp_path):
     cfg, _, _, grads = reference
     write_sharded(cfg, tmp_path / "ck", 2, 1, grads)
-    out = subprocess.run([sys.executable, "tools/ckpts/reshard.py", "--load", str(tmp_path / "ck"), "--save",
+    out = subprocess.run([sys.executable, str(RESHARD), "--load", str(tmp_path / "ck"), "--save",
                           str(tmp_path / "o"), "--tp", "4"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "num_kv_heads" in out.stderr
