@@ -89,10 +89,6 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> Tuple[tor
             y[:, group + 1].reshape(num_kv_heads * d, *rest))
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """Pad an embedding/head [V, H] with zero rows up to ``rows`` (the padded vocab size)."""
     if t.shape[0] == rows:

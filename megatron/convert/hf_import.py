@@ -18,12 +18,12 @@ import yaml
 from megatron.checkpointing import CheckpointError, save_checkpoint
 from megatron.config import Config, config_from_tree, config_to_tree, validate_layout
 from megatron.config.loader import ConfigError
-from megatron.convert.common import (DTYPES, ConversionError, TensorSource, read_hf_weights, read_json,
-                                     round_up)
+from megatron.convert.common import DTYPES, ConversionError, TensorSource, read_hf_weights, read_json
 from megatron.convert.families import GPT2Family, family_from_hf_config, strip_gpt2_prefix
 from megatron.convert.tokenizer_files import copy_tokenizer_files, tokenizer_data_keys, tokenizer_vocab_size
 from megatron.model import GPTModel
 from megatron.parallel.state import ParallelState, get_state, set_state
+from megatron.tokenizer import padded_vocab_size
 
 DEFAULT_MAX_SEQ_LENGTH = 2048
 
@@ -128,7 +128,7 @@ def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: 
     tree = build_config_tree(family.model_keys(hf), seq_length, divisible_by, tp, pp, data_keys)
     cfg = checked_config(tree, tp, pp)  # fail on config problems before reading gigabytes of weights
     vocab_size = int(hf["vocab_size"])
-    padded = round_up(vocab_size, divisible_by * tp)
+    padded = padded_vocab_size(vocab_size, divisible_by, tp)
 
     tensors = read_hf_weights(src_dir)
     if isinstance(family, GPT2Family):
@@ -146,9 +146,9 @@ def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: 
     if not data_keys:
         log(f"warning: no tokenizer files in '{src_dir}'; set vocab_file in the YAML before training")
     tok_vocab = tokenizer_vocab_size(cfg.data) if data_keys else None
-    if tok_vocab is not None and round_up(tok_vocab, divisible_by * tp) != padded:
+    if tok_vocab is not None and padded_vocab_size(tok_vocab, divisible_by, tp) != padded:
         log(f"warning: the tokenizer has {tok_vocab} tokens, which pads to "
-            f"{round_up(tok_vocab, divisible_by * tp)} rows, but the model's vocab_size {vocab_size} pads to "
+            f"{padded_vocab_size(tok_vocab, divisible_by, tp)} rows, but the model's vocab_size {vocab_size} pads to "
             f"{padded}; training would build a different embedding size. Pick "
             "--make-vocab-size-divisible-by so both pad to the same size.")
 

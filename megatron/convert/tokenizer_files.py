@@ -7,6 +7,8 @@ from typing import Any, Dict, List, Optional
 
 from megatron.config.schema import Config, DataConfig
 from megatron.convert.common import read_json
+from megatron.data import DataError
+from megatron.tokenizer import Tokenizer, build_tokenizer
 
 # Tokenizer files copied between an HF directory and our tokenizer directory, when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -69,31 +71,20 @@ def tokenizer_data_keys(files_dir: Path, target_dir: Path) -> Dict[str, str]:
     return {}
 
 
-def _project_tokenizer(data: DataConfig) -> Optional[Any]:
-    """Our tokenizer (megatron.tokenizer) for the config's files, or None where it cannot be built."""
+def project_tokenizer(data: DataConfig) -> Optional[Tokenizer]:
+    """Our tokenizer for the config's files, or None where they are absent or unreadable."""
     if not data.vocab_file or not Path(data.vocab_file).is_file():
         return None
     try:
-        from megatron.tokenizer import build_tokenizer
         return build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
-    except Exception:  # module not there yet, or files it cannot read: callers fall back
+    except DataError:
         return None
 
 
 def tokenizer_vocab_size(data: DataConfig) -> Optional[int]:
     """The unpadded vocabulary size the trainer pads, from the tokenizer files of the config."""
-    tok = _project_tokenizer(data)
-    if tok is not None:
-        return int(tok.vocab_size)
-    path = Path(data.vocab_file) if data.vocab_file else None
-    if path is None or not path.is_file():
-        return None
-    if data.tokenizer_type == "HFTokenizer":
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-    if data.tokenizer_type == "GPT2BPETokenizer":
-        return len(read_json(path))
-    return None
+    tok = project_tokenizer(data)
+    return None if tok is None else int(tok.vocab_size)
 
 
 def resolved_separator_ids(cfg: Config) -> Optional[List[int]]:
@@ -101,7 +92,7 @@ def resolved_separator_ids(cfg: Config) -> Optional[List[int]]:
     sep = cfg.attention.sepllm
     if sep.separator_ids is not None:
         return sorted(set(sep.separator_ids))
-    tok = _project_tokenizer(cfg.data)
-    if tok is None or not hasattr(tok, "separator_ids"):
+    tok = project_tokenizer(cfg.data)
+    if tok is None:
         return None
     return sorted(set(int(i) for i in tok.separator_ids(sep.separator_tokens, sep.include_space_prefixed)))
