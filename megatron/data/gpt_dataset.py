@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -106,10 +107,9 @@ def build_shuffle_idx(num_samples: int, total_samples: int, rng: np.random.Rando
 
 
 def _dist():
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    if "torch" not in sys.modules:  # nothing can have initialized torch.distributed; skip the slow import
         return None
+    import torch.distributed as dist
     return dist if dist.is_available() and dist.is_initialized() else None
 
 

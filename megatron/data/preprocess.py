@@ -1,0 +1,200 @@
+"""Tokenizing documents into an indexed dataset, in order, with N worker processes (tools/preprocess_data.py).
+
+The main process reads raw items and writes the output; workers decode, parse JSON and tokenize. Results
+are consumed in submission order, so the output is identical for any worker count.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from megatron.data.corpus_reader import Item, expand_inputs, is_jsonl, item_text, read_items
+from megatron.data.errors import DataError
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype, check_vocab_fits
+from megatron.tokenizer import Tokenizer, build_tokenizer
+
+BATCH_BYTES = 1 << 20
+BATCH_ITEMS = 512
+DTYPES = {"uint16": np.uint16, "int32": np.int32, "int64": np.int64}
+
+
+def batches(paths: List[str], input_format: str, split_lines: bool) -> Iterator[List[Item]]:
+    batch: List[Item] = []
+    size = 0
+    for path in paths:
+        for item in read_items(path, is_jsonl(path, input_format), split_lines):
+            batch.append(item)
+            size += len(item[2])
+            if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------- tokenizing (workers)
+_worker_state: dict = {}
+
+
+def init_worker(tokenizer_type: str, vocab_file: str, merge_file: Optional[str], json_key: str,
+                append_eod: bool, dtype_name: str) -> None:
+    tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
+    _worker_state.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod,
+                         dtype=np.dtype(dtype_name))
+
+
+def tokenize_batch(batch: List[Item]) -> List[Tuple[str, int, Optional[bytes], Optional[str]]]:
+    """Per item: (path, line, token bytes or None, error or None). Empty texts give b"" (skipped)."""
+    st = _worker_state
+    tokenizer: Tokenizer = st["tokenizer"]
+    texts, keep, out = [], [], []
+    for item in batch:
+        text, error = item_text(item, st["json_key"])
+        out.append([item[0], item[1], None, error])
+        if text is not None:
+            if text.strip():
+                texts.append(text)
+                keep.append(len(out) - 1)
+            else:
+                out[-1][2] = b""
+    for slot, ids in zip(keep, tokenizer.encode_batch(texts)):
+        if st["append_eod"]:
+            ids = list(ids) + [tokenizer.eod_id]
+        out[slot][2] = np.asarray(ids, dtype=st["dtype"]).tobytes()
+    return [tuple(o) for o in out]
+
+
+# ----------------------------------------------------------------------------- main loop
+@dataclass
+class PreprocessOptions:
+    input: List[str]
+    output_prefix: str
+    vocab_file: str
+    tokenizer_type: str = "HFTokenizer"
+    merge_file: Optional[str] = None
+    json_key: str = "text"
+    input_format: str = "auto"
+    split_lines: bool = False
+    append_eod: bool = True
+    dtype: str = "auto"
+    workers: int = 1
+    skip_bad_lines: bool = False
+    quiet: bool = False
+
+    @property
+    def output_dataset(self) -> str:
+        return f"{self.output_prefix}_{self.json_key}_document"
+
+
+@dataclass
+class PreprocessStats:
+    output: str = ""
+    dtype: str = ""
+    docs: int = 0
+    tokens: int = 0
+    bad_lines: int = 0
+    empty_docs: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / max(self.seconds, 1e-9)
+
+
+def location(path: str, line_no: int) -> str:
+    return f"{path}:{line_no}" if line_no else path
+
+
+def results_in_order(workers: int, all_batches: Iterator[List[Item]], init_args: tuple) -> Iterator[list]:
+    if workers <= 1:
+        init_worker(*init_args)
+        for batch in all_batches:
+            yield tokenize_batch(batch)
+        return
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+        pending: deque = deque()
+        for batch in all_batches:
+            pending.append(pool.apply_async(tokenize_batch, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_results(results: list, builder: IndexedDatasetBuilder, stats: PreprocessStats, skip_bad_lines: bool,
+                  dtype: np.dtype) -> None:
+    for path, line_no, payload, error in results:
+        if error is not None:
+            if not skip_bad_lines:
+                raise DataError(f"{location(path, line_no)}: {error} (use --skip-bad-lines to skip such lines)")
+            stats.bad_lines += 1
+            if stats.bad_lines <= 5:
+                print(f"skipped {location(path, line_no)}: {error}", file=sys.stderr)
+        elif not payload:
+            stats.empty_docs += 1
+        else:
+            tokens = np.frombuffer(payload, dtype=dtype)
+            builder.add_document(tokens)
+            stats.docs += 1
+            stats.tokens += len(tokens)
+
+
+def make_progress(quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(unit="doc", unit_scale=True, mininterval=1.0, file=sys.stderr, desc="tokenizing")
+
+
+def preprocess(opts: PreprocessOptions) -> PreprocessStats:
+    """Tokenize ``opts.input`` into ``opts.output_dataset``.bin/.idx; DataError on bad input."""
+    # Workers tokenize single-threaded: HF's own thread pool would fight the worker processes for cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if opts.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {opts.workers}")
+    paths = expand_inputs(opts.input)
+    tokenizer = build_tokenizer(opts.tokenizer_type, opts.vocab_file, opts.merge_file)
+    dtype = np.dtype(best_fitting_dtype(tokenizer.vocab_size) if opts.dtype == "auto" else DTYPES[opts.dtype])
+    check_vocab_fits(tokenizer.vocab_size, dtype)
+    init_args = (opts.tokenizer_type, opts.vocab_file, opts.merge_file, opts.json_key, opts.append_eod, dtype.name)
+    stats = PreprocessStats(output=opts.output_dataset, dtype=dtype.name)
+    start = time.perf_counter()
+    progress = make_progress(opts.quiet)
+    try:
+        with IndexedDatasetBuilder(opts.output_dataset, dtype) as builder:
+            ordered = results_in_order(opts.workers, batches(paths, opts.input_format, opts.split_lines),
+                                       init_args)
+            with closing(ordered):  # shuts the worker pool down on errors too
+                for results in ordered:
+                    write_results(results, builder, stats, opts.skip_bad_lines, dtype)
+                    if progress is not None:
+                        stats.seconds = time.perf_counter() - start
+                        progress.update(len(results))
+                        progress.set_postfix_str(f"{stats.tokens_per_s:,.0f} tokens/s", refresh=False)
+            if stats.docs == 0:
+                raise DataError(f"no documents with text in {', '.join(paths[:3])}"
+                                f"{' ...' if len(paths) > 3 else ''}; nothing written")
+    finally:
+        if progress is not None:
+            progress.close()
+    stats.seconds = time.perf_counter() - start
+    if not opts.quiet:
+        print(f"wrote {stats.output}.bin/.idx: {stats.docs:,} documents, {stats.tokens:,} tokens, dtype "
+              f"{stats.dtype} (vocab {tokenizer.vocab_size:,}, eod {tokenizer.eod_id} "
+              f"{'appended' if opts.append_eod else 'not appended'})")
+        print(f"skipped {stats.bad_lines:,} bad lines, {stats.empty_docs:,} empty documents; "
+              f"{stats.seconds:.1f} s, {stats.docs_per_s:,.0f} docs/s, {stats.tokens_per_s:,.0f} tokens/s "
+              f"with {opts.workers} worker(s)")
+    return stats
