@@ -108,7 +108,7 @@ def write_yaml(path: Path, tree: Dict[str, Any], hf_dir: Path, architecture: str
               "# Combine with a fine-tune overlay, e.g.\n"
               f"#   python deepy.py train.py {path} configs/finetune_example.yml\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None))
+    path.write_text(header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=False))
 
 
 def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: int = 1, pp: int = 1,
