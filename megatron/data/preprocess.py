@@ -155,7 +155,7 @@ def make_progress(quiet: bool):
     if quiet:
         return None
     from tqdm import tqdm
-    return tqdm(unit="doc", unit_scale=True, mininterval=1.0, file=sys.stderr, desc="tokenizing")
+    return tqdm(unit="doc", unit_scale=True, mininterval=1.0, delay=1.0, file=sys.stderr, desc="tokenizing")
 
 
 def preprocess(opts: PreprocessOptions) -> PreprocessStats:
