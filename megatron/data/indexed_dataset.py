@@ -163,6 +163,11 @@ class MMapIndexedDataset:
     def num_tokens(self) -> int:
         return int(self.sizes.astype(np.int64).sum())
 
+    @property
+    def token_array(self) -> np.ndarray:
+        """Every token of the dataset, memory-mapped, in file order."""
+        return self._data
+
     def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``idx`` (to its end when length is None)."""
         size = int(self.sizes[idx])
