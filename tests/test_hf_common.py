@@ -112,7 +112,8 @@ def test_fuse_split_qkv_inverse_and_group_layout(heads: int, kv: int):
     rows: List[torch.Tensor] = list(fused.view(kv, group + 2, d, hidden))
     for g, block in enumerate(rows):  # KV group g: its query heads, then its k and v
         assert torch.equal(block[:group].reshape(-1, hidden), q[g * group * d:(g + 1) * group * d])
-        assert torch.equal(block[group], k[g * d:(g + 1) * d]) and torch.equal(block[group + 1], v[g * d:(g + 1) * d])
+        assert torch.equal(block[group], k[g * d:(g + 1) * d])
+        assert torch.equal(block[group + 1], v[g * d:(g + 1) * d])
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads, kv), (q, k, v)))
 
 

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from megatron.config import config_to_tree, config_from_tree
+from conftest import run_cli
 from megatron.checkpointing import save_checkpoint
+from megatron.config import config_from_tree, config_to_tree
 from megatron.convert import ConversionError, export_hf, import_hf
 from megatron.model import GPTModel
 from test_hf_common import safetensors_state, save_hf, tiny_llama, tiny_neox
-from conftest import run_cli
 
 
 def quiet(_: str) -> None:
@@ -51,7 +52,6 @@ def test_config_disagreeing_with_weights_names_tensor_and_shapes(neox_dir, tmp_p
 
 def test_missing_and_unexpected_tensors(neox_dir, tmp_path):
     state = safetensors_state(neox_dir)
-    from safetensors.torch import save_file
     save_file({k: v for k, v in state.items() if k != "embed_out.weight"}, str(neox_dir / "model.safetensors"))
     with pytest.raises(ConversionError, match="tensor 'embed_out.weight' is missing"):
         do_import(neox_dir, tmp_path / "ckpt")
@@ -63,7 +63,6 @@ def test_missing_and_unexpected_tensors(neox_dir, tmp_path):
 def test_missing_shard_of_a_sharded_checkpoint(neox_dir, tmp_path):
     state = safetensors_state(neox_dir)
     (neox_dir / "model.safetensors").unlink()
-    from safetensors.torch import save_file
     names = sorted(state)
     shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
     save_file({k: state[k] for k in shards["model-00001-of-00002.safetensors"]},
@@ -122,7 +121,8 @@ def our_checkpoint(tmp_path: Path, **model_keys) -> Path:
 
 def test_export_refuses_models_no_hf_class_expresses(tmp_path):
     ckpt = our_checkpoint(tmp_path, norm="rmsnorm", activation="gelu")
-    with pytest.raises(ConversionError, match="no HF architecture matches pos_emb=rotary, norm=rmsnorm, activation=gelu"):
+    with pytest.raises(ConversionError, match="no HF architecture matches pos_emb=rotary, norm=rmsnorm, "
+                                              "activation=gelu"):
         export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
     ckpt = our_checkpoint(tmp_path, num_kv_heads=2)
     with pytest.raises(ConversionError, match="GPTNeoXForCausalLM has no grouped-query attention"):
@@ -142,7 +142,8 @@ def test_export_missing_model_shard_and_missing_checkpoint(neox_dir, tmp_path):
 
 def test_clis_print_one_line_and_exit_2(neox_dir, tmp_path):
     edit_config(neox_dir, architectures=["FalconForCausalLM"], model_type="falcon")
-    res = run_cli(["tools/ckpts/convert_from_hf.py", "--input", str(neox_dir), "--save", str(tmp_path / "c"), "--quiet"])
+    res = run_cli(["tools/ckpts/convert_from_hf.py", "--input", str(neox_dir), "--save", str(tmp_path / "c"),
+                   "--quiet"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
         "convert_from_hf: error: config.json: unsupported architecture FalconForCausalLM; supported: "

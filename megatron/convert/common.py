@@ -79,7 +79,8 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(qkv: torch.Tensor, num_heads: int,
+              num_kv_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of ``fuse_qkv``."""
     group = num_heads // num_kv_heads
     rest = qkv.shape[1:]

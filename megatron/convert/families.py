@@ -376,7 +376,8 @@ class GPT2Family(Family):
     def check_exportable(self, cfg: Config) -> None:
         super().check_exportable(cfg)
         m = cfg.model
-        if m.norm != "layernorm" or m.gpt_j_residual or m.activation == "swiglu" or cfg.num_kv_heads != m.num_attention_heads:
+        gqa = cfg.num_kv_heads != m.num_attention_heads
+        if m.norm != "layernorm" or m.gpt_j_residual or m.activation == "swiglu" or gqa:
             raise ConversionError("GPT2LMHeadModel needs layernorm, sequential residual, a non-gated MLP "
                                   "and no grouped-query attention")
 

@@ -148,8 +148,8 @@ def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: 
     tok_vocab = tokenizer_vocab_size(cfg.data) if data_keys else None
     if tok_vocab is not None and padded_vocab_size(tok_vocab, divisible_by, tp) != padded:
         log(f"warning: the tokenizer has {tok_vocab} tokens, which pads to "
-            f"{padded_vocab_size(tok_vocab, divisible_by, tp)} rows, but the model's vocab_size {vocab_size} pads to "
-            f"{padded}; training would build a different embedding size. Pick "
+            f"{padded_vocab_size(tok_vocab, divisible_by, tp)} rows, but the model's vocab_size {vocab_size} "
+            f"pads to {padded}; training would build a different embedding size. Pick "
             "--make-vocab-size-divisible-by so both pad to the same size.")
 
     model = model_with_weights(cfg, padded, weights)
