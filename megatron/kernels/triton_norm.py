@@ -10,6 +10,7 @@ summed by torch (a [programs, N] buffer, small next to the activations).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -102,10 +103,15 @@ def num_warps_for(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def backward_programs(device: torch.device, rows: int) -> int:
-    """Programs for the weight-grad reduction: a few waves over the SMs, fewer in the interpreter."""
+    """Programs for the weight-grad reduction: 4 per SM, 4 in all in the interpreter (CPU)."""
     if device.type == "cuda":
-        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        cap = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         cap = 4
     return max(1, min(rows, cap))
