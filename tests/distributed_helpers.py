@@ -72,17 +72,17 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
     global_batch = micro * accum * st.dp_size
     model = build_model(cfg, VOCAB, SEPARATORS, None)
     optimizer = build_optimizer(model, cfg)
-    engine = build_engine(cfg, model, optimizer, torch.device("cpu"))
     schedule = LRSchedule.from_config(cfg)
-    start = 0
-    if load:
+    start, manifest = 0, None
+    if load:  # weights before the engine (ZeRO copies them), optimizer state after
         manifest = load_checkpoint(load, model, None)
-        if manifest.get("has_optimizer"):
-            from megatron.checkpointing.checkpoint import resolve_checkpoint_dir, shard_name
-
-            path = resolve_checkpoint_dir(load) / shard_name("optim", st.tp_rank, st.pp_rank)
-            engine.load_optimizer_state(torch.load(path, weights_only=False))
         start = manifest["iteration"]
+    engine = build_engine(cfg, model, optimizer, torch.device("cpu"))
+    if manifest is not None and manifest.get("has_optimizer"):
+        from megatron.checkpointing.checkpoint import resolve_checkpoint_dir, shard_name
+
+        path = resolve_checkpoint_dir(load) / shard_name("optim", st.tp_rank, st.pp_rank)
+        engine.load_optimizer_state(torch.load(path, weights_only=False))
     samples = synthetic_samples(global_batch * steps, cfg.model.seq_length, seed=5)
     losses: List[float] = []
     grads: Dict[str, torch.Tensor] = {}

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.parallel import get_state
+from megatron.parallel.layout import zero_stage
 from megatron.parallel.data_parallel import allreduce_gradients, allreduce_tied_embedding_grads
 from megatron.training.optimizer import clip_grad_norm_
 from megatron.training.pipeline import pipeline_runner
@@ -86,10 +87,6 @@ def average_over_dp(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, group=st.dp_group)
         value /= st.dp_size
     return value
-
-
-def zero_stage(cfg) -> int:
-    return int((cfg.parallel.zero_optimization or {}).get("stage", 0) or 0)
 
 
 def build_engine(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,

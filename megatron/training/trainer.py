@@ -20,7 +20,10 @@ from megatron.training.batches import collate, global_batch_indices, train_batch
 from megatron.training.distributed import device_for_rank, init_distributed, rank
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
-from megatron.training.optimizer import build_optimizer, clip_grad_norm_
+from megatron.parallel.data_parallel import allreduce_gradients  # noqa: F401 (moved; re-exported)
+from megatron.parallel.layout import check_parallel_config, zero_stage
+from megatron.training.optimizer import build_optimizer
+from megatron.training.parallel_engine import build_engine
 
 
 def check_data_prefix(prefix: str, key: str) -> None:
@@ -30,23 +33,10 @@ def check_data_prefix(prefix: str, key: str) -> None:
                             "dataset made by tools/preprocess_data.py")
 
 
-def allreduce_gradients(params: List[torch.nn.Parameter], group) -> None:
-    """Average gradients over the data-parallel group, as one flat buffer."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.cfg = cfg
+        check_parallel_config(cfg)  # pipeline / ZeRO settings, before any process group starts
         self.world = init_distributed(cfg.parallel.distributed_backend)
         self.dp_size = validate_layout(cfg, self.world)
         if self.world > 1:
@@ -75,6 +65,13 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg)
         if cfg.checkpoint.load:
             self.resume(cfg.checkpoint.load)
+        # Data/pipeline/ZeRO step logic (megatron/training/parallel_engine.py); built after the weights
+        # are loaded because ZeRO copies them into its partitions.
+        self.engine = build_engine(cfg, self.model, self.optimizer, self.device, self.autocast)
+        if cfg.checkpoint.load and not cfg.checkpoint.finetune and zero_stage(cfg) > 0:
+            from megatron.training.zero import load_zero_optimizer_state
+
+            load_zero_optimizer_state(self.engine, cfg.checkpoint.load)
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg))
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
@@ -110,8 +107,8 @@ class Trainer:
     # ------------------------------------------------------------- resume
     def resume(self, load: str) -> None:
         finetune = self.cfg.checkpoint.finetune
-        manifest = load_checkpoint(load, self.model, None if finetune else self.optimizer,
-                                   weights_only=finetune)
+        optimizer = None if finetune or zero_stage(self.cfg) > 0 else self.optimizer
+        manifest = load_checkpoint(load, self.model, optimizer, weights_only=finetune)
         if finetune:
             self.log(f"finetune: loaded weights from {load}; optimizer, iteration and data position reset")
             return
@@ -122,7 +119,7 @@ class Trainer:
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
-        path = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer,
+        path = save_checkpoint(ck.save, self.iteration, self.model, self.engine.checkpoint_optimizer(),
                                {"consumed_samples": self.consumed_samples}, config_to_tree(self.cfg),
                                ck.keep_last_n_checkpoints)
         self.log(f"saved checkpoint {path}")
@@ -134,32 +131,16 @@ class Trainer:
         return contextlib.nullcontext()
 
     def forward_backward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
-        """Sum over micro-batches of (loss / accum) backward; returns the mean micro-batch loss."""
-        total = torch.zeros((), device=self.device)
-        for mb in micro_batches:
-            mb = mb.to(self.device)
-            with self.autocast():
-                loss = self.model(mb[:, :-1], mb[:, 1:])
-            (loss / len(micro_batches)).backward()
-            total += loss.detach().float()
-        return total / len(micro_batches)
+        """Sum over micro-batches of (loss / accum) backward; returns the mean micro-batch loss.
+        Pipelined runs go through the pipeline schedule (micro-batches = accumulation steps)."""
+        return self.engine.forward_backward(micro_batches)
 
     def train_step(self, micro_batches: List[torch.Tensor]) -> Dict[str, float]:
         lr = self.schedule.lr_at(self.iteration + 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_backward(micro_batches)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.dp_size > 1:
-            allreduce_gradients(params, self.state.dp_group)
-            dist.all_reduce(loss, group=self.state.dp_group)
-            loss /= self.dp_size
-        grad_norm = clip_grad_norm_(params, self.cfg.training.clip_grad)
-        self.optimizer.step()
+        stats = self.engine.train_step(micro_batches, lr)  # DP/TP/PP reduction, clipping, step
         self.iteration += 1
         self.consumed_samples += self.global_batch
-        return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm}
+        return stats
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -169,12 +150,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         n = 0
         for it in range(self.cfg.training.eval_iters):
-            for idx in global_batch_indices(it * self.global_batch, self.global_batch, self.micro, self.accum,
-                                            self.dp_size, self.state.dp_rank, len(self.valid_ds)):
-                mb = collate(self.valid_ds, idx).to(self.device)
-                with self.autocast():
-                    total += self.model(mb[:, :-1], mb[:, 1:]).float()
-                n += 1
+            micro_batches = [collate(self.valid_ds, idx) for idx in global_batch_indices(
+                it * self.global_batch, self.global_batch, self.micro, self.accum, self.dp_size,
+                self.state.dp_rank, len(self.valid_ds))]
+            total += self.engine.eval_loss(micro_batches)  # pipelined: loss from the last stage
+            n += 1
         self.model.train()
         loss = total / n
         if self.dp_size > 1:
