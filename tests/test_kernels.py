@@ -312,7 +312,33 @@ def interpreter_checks() -> Dict[str, str]:
         assert all(cls is not None for cls in (RotaryQK, FusedNorm, FusedCrossEntropy))
 
     record("dispatch_paths", paths)
+    record("model_integration", model_fused_equals_eager)
     return results
+
+
+def model_fused_equals_eager() -> None:
+    """A tiny GPT with fused_rope / fused_layernorm on gives the eager model's loss and grads."""
+    from megatron.config import config_from_tree
+    from megatron.model import GPTModel
+
+    families = (dict(norm="layernorm", rotary_pct=0.25, gpt_j_residual=True),
+                dict(norm="rmsnorm", rotary_pct=1.0, num_kv_heads=2, rotary_interleaved=True))
+    tokens = torch.randint(1, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+    for family in families:
+        runs = []
+        for fused in (False, True):
+            tree = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16, fused_rope=fused,
+                        fused_layernorm=fused, attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 4}},
+                        **family)
+            torch.manual_seed(0)
+            model = GPTModel(config_from_tree(tree), 64, [5, 6], eod_id=0)
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+        (loss_e, grads_e), (loss_f, grads_f) = runs
+        torch.testing.assert_close(loss_f, loss_e, atol=1e-6, rtol=1e-6)
+        for g_f, g_e in zip(grads_f, grads_e):
+            torch.testing.assert_close(g_f, g_e, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +348,7 @@ def interpreter_results() -> Dict[str, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["rotary", "norm", "cross_entropy", "dispatch_paths"])
+@pytest.mark.parametrize("kernel", ["rotary", "norm", "cross_entropy", "dispatch_paths", "model_integration"])
 def test_triton_kernel_in_interpreter_matches_fp64(interpreter_results, kernel):
     mine = {k: v for k, v in interpreter_results.items() if k.startswith(kernel)}
     assert mine, interpreter_results
