@@ -150,12 +150,11 @@ def test_positions_used_for_rotary(pos_shift):
         logits = engine.step(t)
         kept = engine.cache.kept_positions()
         n = len(kept)
-        if pos_shift:
-            assert engine.last_key_positions.tolist() == list(range(n))
-            assert engine.last_query_positions.tolist() == [n - 1]
+        if pos_shift:  # every key (the query's own at n - 1) is rotated by its place in the cache
+            assert engine.cache.kept_rotary_positions() == list(range(n))
             ref = full_logits(model, tokens[kept])[-1]
         else:
-            assert engine.last_key_positions.tolist() == kept
+            assert engine.cache.kept_rotary_positions() == kept
             ref = full_logits(model, tokens[kept], positions=torch.tensor([kept]))[-1]
         assert torch.allclose(logits, ref, atol=1e-5), i
     assert engine.cache.compressions > 0

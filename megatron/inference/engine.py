@@ -45,6 +45,10 @@ class StreamingEngine:
         self.dtype = model.output_weight.dtype
         ids = model.separator_ids if separator_ids is None else torch.tensor(list(separator_ids), dtype=torch.long)
         self.separator_ids = ids.to(self.device)
+        # Lookup table id -> is separator: one gather per step instead of torch.isin.
+        self.separator_table = torch.zeros(max(model.vocab_size, int(ids.max()) + 1 if ids.numel() else 0),
+                                           dtype=torch.bool, device=self.device)
+        self.separator_table[self.separator_ids] = True
         self.layer_ids = [int(k) for k in model.layers.keys()]
         self.rules: Dict[int, SepRule] = {i: model.rules[i] for i in self.layer_ids}
         if cache.decode_mask == "rule" and model.base_rule.separate_documents:
@@ -60,14 +64,12 @@ class StreamingEngine:
         self.kv_heads, self.head_dim = first.kv_local, first.d
         self.rotary_dim, self.interleaved = first.rotary_dim, first.interleaved
         self._rope_table: Optional[tuple] = None
-        self.last_key_positions: Optional[torch.Tensor] = None  # rotary positions of the last forward
-        self.last_query_positions: Optional[torch.Tensor] = None
         self.reset()
 
     def reset(self) -> None:
         """Forget the stream: a fresh, empty cache."""
         self.cache = StreamingKVCache(self.config, self.layer_ids, self.kv_heads, self.head_dim,
-                                      self.dtype, self.device)
+                                      self.dtype, self.device, rotary=bool(self.rotary_dim))
         self.stream_position = 0
 
     # ------------------------------------------------------------------ public API
@@ -104,16 +106,17 @@ class StreamingEngine:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(hidden).float()
 
-    def _rotary(self, positions: torch.Tensor):
-        return self.model.rotary(positions[None])
-
-    def _shifted_rotary(self, length: int):
-        """cos/sin for places 0..length-1, from a table that grows on demand."""
-        if self._rope_table is None or self._rope_table[0].shape[1] < length:
-            size = max(length, self.config.cache_size if self.config.policy != "full" else 1024)
-            self._rope_table = self._rotary(torch.arange(size, device=self.device))
+    def _rope(self, positions: torch.Tensor):
+        """cos/sin [1, len, rotary_dim // 2] for positions; places under positional shift come from a
+        table (they never exceed the cache size), stream positions are computed."""
+        if not self.config.enable_pos_shift:
+            return self.model.rotary(positions[None])
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if self._rope_table is None or self._rope_table[0].shape[1] < top:
+            size = max(top, self.config.cache_size if self.config.policy != "full" else 2 * top)
+            self._rope_table = self.model.rotary(torch.arange(size, device=self.device)[None])
         cos, sin = self._rope_table
-        return cos[:, :length], sin[:, :length]
+        return cos[:, positions], sin[:, positions]
 
     def _key_flags(self, rule: SepRule, key_pos: torch.Tensor, key_sep: torch.Tensor) -> torch.Tensor:
         if rule.mode == "streamingllm":
@@ -122,17 +125,21 @@ class StreamingEngine:
             return key_pos % rule.interval == rule.interval - 1
         return key_sep
 
-    def _masks(self, q_pos: torch.Tensor, key_pos: torch.Tensor, key_sep: torch.Tensor
-               ) -> Dict[SepRule, Optional[torch.Tensor]]:
+    def _masks(self, q_pos: torch.Tensor, n: int, new_is_sep: torch.Tensor) -> Dict[SepRule, Optional[torch.Tensor]]:
         """Boolean attention mask [L, n + L] per distinct layer rule (None = attend to all)."""
+        rule_layers = self.config.decode_mask == "rule" and any(not r.is_full for r in self.rules.values())
+        if q_pos.numel() == 1 and not rule_layers:
+            return {rule: None for rule in set(self.rules.values())}
+        key_pos = torch.cat([self.cache.positions[:n], q_pos])
+        key_sep = torch.cat([self.cache.is_sep[:n], new_is_sep])
         causal = None if q_pos.numel() == 1 else key_pos[None, :] <= q_pos[:, None]
         masks: Dict[SepRule, Optional[torch.Tensor]] = {}
         for rule in set(self.rules.values()):
             if self.config.decode_mask == "cache" or rule.is_full:
                 masks[rule] = causal
             else:
-                masks[rule] = visible(q_pos[:, None], key_pos[None, :], self._key_flags(rule, key_pos, key_sep)[None, :],
-                                      rule.n_init, rule.n_local)
+                flags = self._key_flags(rule, key_pos, key_sep)
+                masks[rule] = visible(q_pos[:, None], key_pos[None, :], flags[None, :], rule.n_init, rule.n_local)
         return masks
 
     def _forward_piece(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -142,34 +149,36 @@ class StreamingEngine:
         n = cache.length
         stream_pos = torch.arange(self.stream_position, self.stream_position + L, device=self.device)
         places = torch.arange(n, n + L, device=self.device)
-        is_sep = torch.isin(tokens, self.separator_ids)
+        is_sep = self.separator_table[tokens]
         embed_pos = places if cfg.enable_pos_shift else stream_pos
         if self.max_learned_position is not None and int(embed_pos[-1]) >= self.max_learned_position:
             raise InferenceError(f"position {int(embed_pos[-1])} is beyond the {self.max_learned_position} learned "
                                  "positions of this model; enable positional shift with a bounded cache")
         hidden = self.model.embed_tokens(tokens[None], embed_pos[None])
+        masks = self._masks(stream_pos, n, is_sep)
 
-        key_pos = torch.cat([cache.positions[:n], stream_pos])
-        key_sep = torch.cat([cache.is_sep[:n], is_sep])
-        masks = self._masks(stream_pos, key_pos, key_sep)
-        cos_k = sin_k = cos_q = sin_q = None
+        rope_new = rope_stale = rotary_positions = None
+        stale = cache.rotated_valid
         if self.rotary_dim:
-            rope_pos = torch.arange(n + L, device=self.device) if cfg.enable_pos_shift else key_pos
-            if cfg.enable_pos_shift:
-                cos_k, sin_k = self._shifted_rotary(n + L)
-            else:
-                cos_k, sin_k = self._rotary(key_pos)
-            cos_q, sin_q = cos_k[:, n:], sin_k[:, n:]
-            self.last_key_positions, self.last_query_positions = rope_pos, rope_pos[n:]
+            # Entries [stale, n) moved since they were rotated (eviction under positional shift).
+            old_pos = torch.arange(stale, n, device=self.device) if cfg.enable_pos_shift else cache.positions[stale:n]
+            rotary_positions = torch.cat([old_pos, embed_pos])
+            rope_new = self._rope(embed_pos)
+            rope_stale = self._rope(old_pos) if stale < n else None
 
         for layer_id in self.layer_ids:
             layer = self.model.layers[str(layer_id)]
             att = layer.attention
             q, k, v = att.project_qkv(layer.input_norm(hidden))
-            keys, values = cache.write(layer_id, k, v)
+            k_rot = None
             if self.rotary_dim:
-                q = rotate(q, cos_q, sin_q, self.rotary_dim, self.interleaved)
-                keys = rotate(keys, cos_k, sin_k, self.rotary_dim, self.interleaved)
+                q = rotate(q, *rope_new, self.rotary_dim, self.interleaved)
+                k_rot = rotate(k, *rope_new, self.rotary_dim, self.interleaved)
+                if rope_stale is not None:
+                    cache.rerotate(layer_id, stale,
+                                   lambda raw: rotate(raw, *rope_stale, self.rotary_dim, self.interleaved))
+            cache.write(layer_id, k, v, k_rot)
+            keys, values = cache.attention_kv(layer_id, n + L)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                                  attn_mask=masks[self.rules[layer_id]],
                                                  enable_gqa=att.group > 1)
@@ -179,6 +188,6 @@ class StreamingEngine:
             else:
                 hidden = hidden + attn
                 hidden = hidden + layer.mlp(layer.post_attention_norm(hidden))
-        cache.commit(tokens, stream_pos, is_sep)
+        cache.commit(tokens, stream_pos, is_sep, rotary_positions)
         self.stream_position += L
         return hidden

@@ -18,12 +18,16 @@ are kept alongside, so the engine can rotate keys by stream position or by place
 (positional shift) and apply the Sep-Attention rule inside the cache. All layers share one
 eviction decision (it depends on token ids only), so the bookkeeping exists once.
 
+With rotary, a second key buffer holds the rotated keys, and ``rotary_positions`` the position each
+was rotated with. Places only change when entries are evicted, so under positional shift only the
+entries that moved are re-rotated (once per compression for SepLLM, not once per step).
+
 Batch size is 1: each stream compresses at its own moments, which a padded batch cannot share.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -80,13 +84,17 @@ class StreamingKVCache:
     """Preallocated per-layer K/V buffers [1, capacity, Hkv, D] plus shared per-entry bookkeeping."""
 
     def __init__(self, config: CacheConfig, layer_ids: Iterable[int], kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", rotary: bool = True):
         self.config = config
+        self.rotary = rotary
         self.kv_heads, self.head_dim, self.dtype, self.device = kv_heads, head_dim, dtype, torch.device(device)
         self.layer_ids = list(layer_ids)
         self.capacity = 0 if config.policy == "full" else config.cache_size
-        self.keys: Dict[int, torch.Tensor] = {}
+        self.keys: Dict[int, torch.Tensor] = {}  # unrotated
         self.values: Dict[int, torch.Tensor] = {}
+        self.rotated_keys: Dict[int, torch.Tensor] = {}  # only with rotary
+        self.rotary_positions = torch.empty(0, dtype=torch.long, device=self.device)
+        self.rotated_valid = 0  # entries [0, rotated_valid) are rotated with their current rotary position
         self.positions = torch.empty(0, dtype=torch.long, device=self.device)
         self.token_ids = torch.empty(0, dtype=torch.long, device=self.device)
         self.is_sep = torch.empty(0, dtype=torch.bool, device=self.device)
@@ -108,7 +116,7 @@ class StreamingKVCache:
                 new[:n] = old[:n]
             return new
 
-        for store in (self.keys, self.values):
+        for store in self._stores():
             for layer in self.layer_ids:
                 buf = torch.empty((1, capacity, self.kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
                 if n:
@@ -117,7 +125,11 @@ class StreamingKVCache:
         self.positions = regrow(self.positions, (capacity,), torch.long)
         self.token_ids = regrow(self.token_ids, (capacity,), torch.long)
         self.is_sep = regrow(self.is_sep, (capacity,), torch.bool)
+        self.rotary_positions = regrow(self.rotary_positions, (capacity,), torch.long)
         self.capacity = capacity
+
+    def _stores(self):
+        return (self.keys, self.values, self.rotated_keys) if self.rotary else (self.keys, self.values)
 
     def nbytes(self) -> int:
         """Bytes of the K/V entries currently held (all layers)."""
@@ -125,7 +137,7 @@ class StreamingKVCache:
         return per_entry * self.length * len(self.layer_ids)
 
     def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
+        return sum(t.numel() * t.element_size() for store in self._stores() for t in store.values())
 
     # ------------------------------------------------------------------ eviction
     def make_room(self, n_new: int) -> None:
@@ -146,9 +158,9 @@ class StreamingKVCache:
             recent = cfg.cache_size - a - n_new
             keep = torch.cat([torch.arange(a), torch.arange(self.length - recent, self.length)])
             self.sep_end = a
+            self._retain(keep.to(self.device), drop=(a, self.length - recent))
         else:
-            keep = self._sepllm_keep()
-        self._retain(keep.to(self.device))
+            self._retain(self._sepllm_keep().to(self.device))
 
     def _sepllm_keep(self) -> torch.Tensor:
         cfg = self.config
@@ -165,38 +177,73 @@ class StreamingKVCache:
         self.compressions += 1
         return torch.cat([torch.arange(sep_start), seps, torch.arange(past_end, self.length)])
 
-    def _retain(self, keep: torch.Tensor) -> None:
+    def _retain(self, keep: torch.Tensor, drop: Optional[Tuple[int, int]] = None) -> None:
+        """Keep entries ``keep`` (ascending) at the front. ``drop=(start, end)`` says keep is everything
+        but that one range: then a slice move replaces the (slower) gather."""
         n = len(keep)
-        for store in (self.keys, self.values):
-            for layer, buf in store.items():
-                buf[:, :n] = buf[:, keep]  # advanced indexing copies first, so the overlap is safe
-        for name in ("positions", "token_ids", "is_sep"):
-            buf = getattr(self, name)
-            buf[:n] = buf[keep]
+        if drop is not None:
+            start, end = drop
+            for store in self._stores():
+                for buf in store.values():
+                    buf[:, start:n] = buf[:, end:self.length].clone()
+            for name in ("positions", "token_ids", "is_sep", "rotary_positions"):
+                buf = getattr(self, name)
+                buf[start:n] = buf[end:self.length].clone()
+        else:
+            for store in self._stores():
+                for buf in store.values():
+                    buf[:, :n] = buf[:, keep]  # advanced indexing copies first, so the overlap is safe
+            for name in ("positions", "token_ids", "is_sep", "rotary_positions"):
+                buf = getattr(self, name)
+                buf[:n] = buf[keep]
+        if self.config.enable_pos_shift:  # an entry that moved has a new place: its rotation is stale
+            moved = (keep != torch.arange(n, device=keep.device)).nonzero()
+            self.rotated_valid = min(self.rotated_valid, int(moved[0]) if len(moved) else n)
+        else:
+            self.rotated_valid = min(self.rotated_valid, n)
         self.evicted += self.length - n
         self.length = n
 
     # ------------------------------------------------------------------ appending
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-        """Store this layer's new keys/values [1, L, Hkv, D] (unrotated) after the cached ones and
-        return views of all of them [1, length + L, Hkv, D]. ``commit`` must follow after every layer."""
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+              k_new_rotated: Optional[torch.Tensor] = None) -> None:
+        """Store this layer's new keys (unrotated, and rotated when the model has rotary) and values
+        [1, L, Hkv, D] after the cached ones. ``commit`` must follow after every layer."""
         end = self.length + k_new.shape[1]
         self.keys[layer][:, self.length:end] = k_new
         self.values[layer][:, self.length:end] = v_new
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        if self.rotary:
+            self.rotated_keys[layer][:, self.length:end] = k_new_rotated
 
-    def commit(self, token_ids: torch.Tensor, positions: torch.Tensor, is_sep: torch.Tensor) -> None:
-        """Record the bookkeeping of the L entries every layer has just written (1-D tensors)."""
+    def rerotate(self, layer: int, start: int, rotate_fn) -> None:
+        """Refresh the rotated keys of entries [start, length) with ``rotate_fn(raw keys)``."""
+        self.rotated_keys[layer][:, start:self.length] = rotate_fn(self.keys[layer][:, start:self.length])
+
+    def attention_kv(self, layer: int, end: int):
+        """Keys as attention uses them (rotated when the model has rotary) and values, [1, end, Hkv, D]."""
+        keys = self.rotated_keys[layer] if self.rotary else self.keys[layer]
+        return keys[:, :end], self.values[layer][:, :end]
+
+    def commit(self, token_ids: torch.Tensor, positions: torch.Tensor, is_sep: torch.Tensor,
+               rotary_positions: Optional[torch.Tensor] = None) -> None:
+        """Record the bookkeeping of the L entries every layer has just written (1-D tensors);
+        ``rotary_positions`` covers the re-rotated entries too: [rotated_valid, length + L)."""
         end = self.length + token_ids.numel()
         self.token_ids[self.length:end] = token_ids
         self.positions[self.length:end] = positions
         self.is_sep[self.length:end] = is_sep
+        if rotary_positions is not None:
+            self.rotary_positions[self.rotated_valid:end] = rotary_positions
+        self.rotated_valid = end
         if self.sep_end < min(self.config.init_cache_size, end):
             self.sep_end = min(self.config.init_cache_size, end)
         self.length = end
         self.tokens_seen += token_ids.numel()
 
     # ------------------------------------------------------------------ inspection
+    def kept_rotary_positions(self) -> List[int]:
+        return self.rotary_positions[: self.length].tolist()
+
     def kept_positions(self) -> List[int]:
         return self.positions[: self.length].tolist()
 
