@@ -153,6 +153,7 @@ def comm_seconds() -> float:
 
 def _worker(rank: int, world: int, port: int, tp: int, pp: int, out_dir: str, kwargs: Dict[str, Any]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     if kwargs.get("timing"):
