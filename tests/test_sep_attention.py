@@ -55,9 +55,11 @@ def reference_fp64(q, k, v, grad, is_sep, rule, doc_ids=None):
                           q.double(), k.double(), v.double(), grad.double())
 
 
-def check_compact(q, k, v, grad, is_sep, rule, doc_ids=None, block: int = 32,
+def check_compact(q, k, v, grad, is_sep, rule, doc_ids=None, blocks=(64, 16),
                   rtol: float = FP32_RTOL):
-    got = run_with_grads(lambda a, b, c: compact_attention(a, b, c, is_sep, rule, doc_ids, block=block),
+    """``blocks`` = (prefix_block, near_block), small so short tests cross many blocks."""
+    got = run_with_grads(lambda a, b, c: compact_attention(a, b, c, is_sep, rule, doc_ids, prefix_block=blocks[0],
+                                                           near_block=blocks[1]),
                          q, k, v, grad)
     want = reference_fp64(q, k, v, grad, is_sep, rule, doc_ids)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -82,15 +84,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("blocks", [(64, 16), (32, 32), (256, 64)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_compact_matches_reference(case: str, block: int):
+def test_compact_matches_reference(case: str, blocks):
     B, Hq, Hkv, L, D, density, n_init, n_local, doc_len = CASES[case]
     q, k, v, grad = make_inputs(B, Hq, Hkv, L, D)
     is_sep = random_separators(B, L, density)
     docs = random_documents(B, L, doc_len) if doc_len else None
     rule = SepRule("sepllm", n_init, n_local, separate_documents=docs is not None)
-    check_compact(q, k, v, grad, is_sep, rule, docs, block=block)
+    check_compact(q, k, v, grad, is_sep, rule, docs, blocks=blocks)
 
 
 @pytest.mark.parametrize("mode", ["sepllm", "streamingllm", "fixed_interval", "full"])
@@ -133,28 +135,40 @@ def test_compact_non_contiguous_inputs_like_the_model():
 
 
 def test_compact_plan_is_block_triangular():
-    """Each query block only touches the compact specials it can see, never the whole set."""
+    """Each query block touches only the compact specials it can see, never the whole set."""
     L, w = 1024, 64
     is_sep = random_separators(1, L, 0.12)
-    plan = build_plan(is_sep, SepRule("sepllm", 3, w), block=128)
+    plan = build_plan(is_sep, SepRule("sepllm", 3, w), prefix_block=256, near_block=64)
     special = is_sep[0].clone()
     special[:3] = True
-    for blk in plan.blocks:
-        assert blk.special_lo == 0
-        assert blk.special_hi == int(special[:max(0, blk.end - w)].sum())
-        assert blk.local_start == max(0, blk.start - w + 1)
-    assert plan.blocks[-1].special_hi < plan.special_idx.shape[1]
+
+    def seen_by(i: int) -> int:  # compact slots visible to query i are [0, seen_by(i))
+        return int(special[:max(0, i - w + 1)].sum())
+
+    for pre, nears in plan.groups:
+        assert (pre.lo, pre.hi) == (0, seen_by(pre.start))
+        assert [n.start for n in nears] == list(range(pre.start, pre.end, 64))
+        for blk in nears:
+            covered = sorted(s for a, b in blk.special_ranges for s in range(a, b))
+            assert covered == list(range(pre.hi, seen_by(blk.end - 1)))  # only the block's diagonal
+            assert blk.local_start == max(0, blk.start - w + 1)
+    assert seen_by(L - 1) < plan.special_idx.shape[1]
 
 
 def test_compact_plan_skips_earlier_documents():
     L = 512
     docs = torch.arange(L)[None] // 128
     is_sep = random_separators(1, L, 0.2)
-    plan = build_plan(is_sep, SepRule("sepllm", 3, 16, separate_documents=True), docs, block=128)
+    plan = build_plan(is_sep, SepRule("sepllm", 3, 16, separate_documents=True), docs,
+                      prefix_block=128, near_block=32)
     special = is_sep[0] | (torch.arange(L) % 128 < 3)
-    for blk in plan.blocks:
-        assert blk.local_start == blk.start  # the band never reaches back into the previous document
-        assert blk.special_lo == int(special[:blk.start].sum())
+    for pre, nears in plan.groups:
+        before_doc = int(special[:pre.start].sum())
+        # The first query of each block starts a document: it sees no special older than its window.
+        assert pre.empty and pre.lo == before_doc
+        for blk in nears:
+            assert blk.local_start >= pre.start  # the band never reaches into the previous document
+            assert all(a >= before_doc for a, _ in blk.special_ranges)
 
 
 # --- dispatch ---------------------------------------------------------------------------------

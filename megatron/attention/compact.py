@@ -8,18 +8,22 @@ to the longest row). Because they are sorted by position, the specials visible t
 query ``i`` are a prefix of the compact set, so over a block of queries the special part
 is block-triangular: query block ``[a, b)`` only needs compact keys ``[lo, hi)``.
 
-Per query block two fused CPU flash-attention calls (PyTorch's kernel, which also returns
-the log-sum-exp) cover it:
-  * *prefix*: compact specials ``[full_lo, full_hi)`` seen by every query of the block --
-    no mask at all, and the keys are a view (no copy);
-  * *near*: the remaining specials of ``[lo, hi)`` (the block's diagonal) and the local keys
-    ``x[a0:b]``, with a small additive mask.
-The two partial results are merged through their log-sum-exps. The backward of attention
-over a union of key sets only needs the merged output and log-sum-exp, so each part's
-backward is one fused call too. The custom autograd Function saves q, k, v, the merged
-outputs and log-sum-exps and recomputes keys and masks, accumulating dk/dv into
-preallocated buffers. GQA is handled by folding the query heads of a group into the
-query-row dimension, so K/V are never repeated. Nothing of size L x L is built.
+Queries are processed in *prefix blocks* (``prefix_block`` rows), each split into *near
+blocks* (``near_block`` rows), with PyTorch's fused CPU flash-attention kernel (which also
+returns the log-sum-exp):
+  * prefix: per prefix block, the compact specials that every query of the block sees --
+    one call with no mask at all, keys are a view (no copy);
+  * near: per near block, the rest of its specials (the block's diagonal) and its local
+    band ``x[a0:b]``, with a small additive mask.
+The partial results are merged through their log-sum-exps. The backward of attention over
+a union of key sets needs only the merged output and log-sum-exp, so each part's backward
+is one fused call too. The custom autograd Function saves q, k, v, the output and the
+log-sum-exp, recomputes key blocks and masks, and accumulates dk/dv into preallocated
+buffers. GQA is handled by folding the query heads of a group into the query rows, so K/V
+are never repeated. Nothing of size L x L is built.
+
+Block sizes: the CPU kernel is much more efficient on long query blocks (prefix), while
+the local band wastes ``(near_block - 1) / n_local`` of its work (near), hence two sizes.
 """
 from __future__ import annotations
 
@@ -30,36 +34,39 @@ import torch
 
 from megatron.attention.sepllm_rule import SepRule, positions_in_document
 
-DEFAULT_BLOCK = 128
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-@dataclass
-class QueryBlock:
-    """One block of queries ``[start, end)`` and the keys it needs.
+def default_blocks(seq_len: int) -> Tuple[int, int]:
+    """(prefix_block, near_block): among 128-512 / 64-128 the best (within noise) on CPU at
+    n_local 64, 2k-8k; the prefix never needs to be longer than the sequence."""
+    return min(256, max(64, 1 << (seq_len - 1).bit_length())), 64
 
-    Compact specials ``[special_lo, special_hi)`` may be visible to some query of the block;
-    ``[full_lo, full_hi)`` (inside it, possibly empty) are visible to all of them.
-    """
+
+@dataclass
+class PrefixBlock:
+    """Queries ``[start, end)``; all of them see compact specials ``[lo, hi)`` (may be empty)."""
 
     start: int
     end: int
-    special_lo: int
-    special_hi: int
-    full_lo: int
-    full_hi: int
-    local_start: int  # original keys [local_start, end)
+    lo: int
+    hi: int
 
     @property
-    def has_prefix(self) -> bool:
-        return self.full_hi > self.full_lo
+    def empty(self) -> bool:
+        return self.hi <= self.lo
 
-    def near_special_ranges(self) -> List[Tuple[int, int]]:
-        """Compact-special ranges handled by the masked (near) part."""
-        if not self.has_prefix:
-            return [(self.special_lo, self.special_hi)] if self.special_hi > self.special_lo else []
-        return [(a, b) for a, b in ((self.special_lo, self.full_lo), (self.full_hi, self.special_hi)) if b > a]
+
+@dataclass
+class NearBlock:
+    """Queries ``[start, end)``: compact specials in ``special_ranges`` (outside the enclosing
+    prefix block's range) and original keys ``[local_start, end)``, masked."""
+
+    start: int
+    end: int
+    special_ranges: List[Tuple[int, int]]
+    local_start: int
 
 
 @dataclass
@@ -70,7 +77,7 @@ class CompactPlan:
     special_pos: torch.Tensor  # [B, S] long, position for masking; padded slots = a position never visible
     special_doc: Optional[torch.Tensor]  # [B, S] document id of each special (None without documents)
     doc_ids: Optional[torch.Tensor]  # [B, L] (None without documents)
-    blocks: List[QueryBlock]
+    groups: List[Tuple[PrefixBlock, List[NearBlock]]]
     n_local: int
     seq_len: int
 
@@ -107,48 +114,69 @@ def _is_nondecreasing(x: torch.Tensor) -> bool:
 
 
 def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
-               block: int = DEFAULT_BLOCK) -> CompactPlan:
+               prefix_block: Optional[int] = None, near_block: Optional[int] = None) -> CompactPlan:
     B, L = is_sep.shape
+    default_prefix, default_near = default_blocks(L)
+    prefix_block = prefix_block or default_prefix
+    near_block = min(near_block or default_near, prefix_block)
+    if prefix_block % near_block:
+        raise ValueError(f"prefix_block {prefix_block} must be a multiple of near_block {near_block}")
     dev = is_sep.device
     w = rule.n_local
     docs = doc_ids if (rule.separate_documents and doc_ids is not None) else None
+    contiguous_docs = docs is None or _is_nondecreasing(docs)
     special = special_flags(is_sep, rule, docs)
     idx, pos = gather_specials(special, never_visible=L + w)
     special_doc = docs.gather(1, idx) if docs is not None else None
-
-    starts = torch.arange(0, L, block, device=dev)
-    lasts = torch.clamp(starts + block, max=L) - 1
     csum0 = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev),
                        torch.cumsum(special.long(), dim=1)], dim=1)  # csum0[:, t + 1] = #specials <= t
-    # Query i sees the specials at positions <= i - w: compact slots below c(i) = csum0[i - w + 1].
-    hi = csum0[:, (lasts - w + 1).clamp(min=0)].amax(dim=0)
-    full_hi = csum0[:, (starts - w + 1).clamp(min=0)].amin(dim=0)
-    lo = torch.zeros_like(hi)
-    full_lo = torch.zeros_like(hi)
-    local_start = (starts - w + 1).clamp(min=0)
-    if docs is not None:
-        if _is_nondecreasing(docs):
-            # Contiguous documents: a query sees nothing before its document's start.
-            doc_start = torch.arange(L, device=dev) - positions_in_document(docs)  # [B, L]
-            lo = csum0.gather(1, doc_start[:, starts]).amin(dim=0)
-            full_lo = csum0.gather(1, doc_start[:, lasts]).amax(dim=0)
-            local_start = torch.maximum(local_start, doc_start[:, starts].amin(dim=0))
-        else:
-            full_hi = full_lo  # ids repeat: leave every special to the masked part
-    hi = torch.maximum(hi, lo)
-    full_lo = torch.clamp(full_lo, min=lo)
-    full_hi = torch.minimum(full_hi, hi)
-    empty = full_hi <= full_lo
-    full_lo = torch.where(empty, hi, full_lo)
-    full_hi = torch.where(empty, hi, full_hi)
-    blocks = [QueryBlock(a, z + 1, *rest) for a, z, *rest in
-              zip(starts.tolist(), lasts.tolist(), lo.tolist(), hi.tolist(), full_lo.tolist(),
-                  full_hi.tolist(), local_start.tolist())]
-    return CompactPlan(idx, pos, special_doc, docs, blocks, w, L)
+
+    def visible_count(t: torch.Tensor) -> torch.Tensor:
+        """[B, n]: query t sees the compact slots below this (specials at positions <= t - w)."""
+        return csum0[:, (t - w + 1).clamp(min=0)]
+
+    doc_start = (torch.arange(L, device=dev) - positions_in_document(docs)) if docs is not None else None
+
+    def doc_floor(t: torch.Tensor) -> torch.Tensor:
+        """[B, n]: with contiguous documents, slots below this precede query t's document."""
+        if docs is None or not contiguous_docs:
+            return torch.zeros(B, t.numel(), dtype=torch.long, device=dev)
+        return csum0.gather(1, doc_start[:, t])
+
+    # Prefix: the specials every query of the block sees, in every batch row (and document).
+    p_start = torch.arange(0, L, prefix_block, device=dev)
+    p_last = torch.clamp(p_start + prefix_block, max=L) - 1
+    f_lo = doc_floor(p_last).amax(dim=0)
+    f_hi = visible_count(p_start).amin(dim=0)
+    if not contiguous_docs:
+        f_hi = f_lo  # repeated document ids: leave every special to the masked near part
+    f_hi = torch.maximum(f_hi, f_lo)
+
+    # Near: whatever the enclosing prefix leaves out of [lo, hi), plus the local band.
+    n_start = torch.arange(0, L, near_block, device=dev)
+    n_last = torch.clamp(n_start + near_block, max=L) - 1
+    parent = n_start // prefix_block
+    lo = doc_floor(n_start).amin(dim=0)
+    hi = torch.maximum(visible_count(n_last).amax(dim=0), lo)
+    below_end = torch.minimum(hi, f_lo[parent]).clamp(min=lo)  # [lo, below_end)
+    above_start = torch.maximum(f_hi[parent], lo)  # [above_start, hi)
+    local_start = (n_start - w + 1).clamp(min=0)
+    if docs is not None and contiguous_docs:
+        local_start = torch.maximum(local_start, doc_start[:, n_start].amin(dim=0))
+
+    groups: List[Tuple[PrefixBlock, List[NearBlock]]] = [
+        (PrefixBlock(a, z + 1, fl, fh), []) for a, z, fl, fh in
+        zip(p_start.tolist(), p_last.tolist(), f_lo.tolist(), f_hi.tolist())]
+    for a, z, par, l0, l1, h0, h1, ls in zip(n_start.tolist(), n_last.tolist(), parent.tolist(), lo.tolist(),
+                                             below_end.tolist(), above_start.tolist(), hi.tolist(),
+                                             local_start.tolist()):
+        ranges = [(x, y) for x, y in ((l0, l1), (h0, h1)) if y > x]
+        groups[par][1].append(NearBlock(a, z + 1, ranges, ls))
+    return CompactPlan(idx, pos, special_doc, docs, groups, w, L)
 
 
-def near_mask(plan: CompactPlan, blk: QueryBlock, dtype: torch.dtype, group: int) -> torch.Tensor:
-    """Additive mask [B, 1, group * rows, keys] of the near part (0 = attend, -inf = not)."""
+def near_mask(plan: CompactPlan, blk: NearBlock, dtype: torch.dtype, group: int) -> torch.Tensor:
+    """Additive mask [B, 1, group * rows, keys] of a near block (0 = attend, -inf = not)."""
     dev = plan.special_pos.device
     w = plan.n_local
     q_pos = torch.arange(blk.start, blk.end, device=dev)
@@ -159,7 +187,7 @@ def near_mask(plan: CompactPlan, blk: QueryBlock, dtype: torch.dtype, group: int
         q_doc = plan.doc_ids[:, blk.start:blk.end, None]
         see_local = see_local & (plan.doc_ids[:, None, blk.local_start:blk.end] == q_doc)
     parts = []
-    for a, b in blk.near_special_ranges():
+    for a, b in blk.special_ranges:
         see = plan.special_pos[:, None, a:b] <= (q_pos - w)[None, :, None]  # [B, rows, ns]
         if plan.doc_ids is not None:
             see = see & (plan.special_doc[:, None, a:b] == q_doc)
@@ -172,25 +200,28 @@ def near_mask(plan: CompactPlan, blk: QueryBlock, dtype: torch.dtype, group: int
     return mask
 
 
-def _fold_group(x: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:
-    """Query rows of a block [B, Hq, L, D] -> [B, Hkv, group * rows, D]."""
-    B, Hq, _, D = x.shape
+def _fold(x: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:
+    """Query rows of a block [B, Hq, L(, D)] -> [B, Hkv, group * rows(, D)] (a view when group == 1)."""
     blk = x[:, :, start:end]
+    return blk if group == 1 else blk.reshape(x.shape[0], x.shape[1] // group, -1, *x.shape[3:])
+
+
+def _unfold(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, Hkv, group * rows(, D)] -> [B, Hq, rows(, D)]."""
+    return x if group == 1 else x.reshape(x.shape[0], x.shape[1] * group, -1, *x.shape[3:])
+
+
+def _sub_rows(x: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of a folded block [B, Hkv, group * rows(, D)], folded again."""
     if group == 1:
-        return blk
-    return blk.reshape(B, Hq // group, group * (end - start), D)
+        return x[:, :, start:end]
+    B, Hkv = x.shape[:2]
+    rows = x.view(B, Hkv, group, -1, *x.shape[3:])[:, :, :, start:end]
+    return rows.reshape(B, Hkv, -1, *x.shape[3:])
 
 
-def _unfold_group(x: torch.Tensor, group: int) -> torch.Tensor:
-    """[B, Hkv, group * rows, D] -> [B, Hkv * group, rows, D]."""
-    if group == 1:
-        return x
-    B, Hkv, GR, D = x.shape
-    return x.reshape(B, Hkv * group, GR // group, D)
-
-
-def _near_keys(x: torch.Tensor, x_special: torch.Tensor, blk: QueryBlock) -> torch.Tensor:
-    pieces = [x_special[:, :, a:b] for a, b in blk.near_special_ranges()]
+def _near_keys(x: torch.Tensor, x_special: torch.Tensor, blk: NearBlock) -> torch.Tensor:
+    pieces = [x_special[:, :, a:b] for a, b in blk.special_ranges]
     local = x[:, :, blk.local_start:blk.end]
     return torch.cat(pieces + [local], dim=2) if pieces else local
 
@@ -215,76 +246,83 @@ class CompactSepAttention(torch.autograd.Function):
         k_special = _gather_rows(k, plan.special_idx)
         v_special = _gather_rows(v, plan.special_idx)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        outs, lses = [], []
-        for blk in plan.blocks:
-            q_blk = _fold_group(q, group, blk.start, blk.end)
-            o, lse = _flash_fwd(q_blk, _near_keys(k, k_special, blk), _near_keys(v, v_special, blk),
-                                0.0, False, attn_mask=near_mask(plan, blk, q.dtype, group), scale=scale)
-            if blk.has_prefix:
-                o_pre, lse_pre = _flash_fwd(q_blk, k_special[:, :, blk.full_lo:blk.full_hi],
-                                            v_special[:, :, blk.full_lo:blk.full_hi], 0.0, False, scale=scale)
-                o, lse = _merge(o_pre, lse_pre, o, lse)
-            out[:, :, blk.start:blk.end] = _unfold_group(o, group)
-            outs.append(o)
-            lses.append(lse)
-        ctx.save_for_backward(q, k, v)
-        ctx.outs, ctx.lses, ctx.plan, ctx.scale = outs, lses, plan, scale
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        for pre, nears in plan.groups:
+            if not pre.empty:
+                o_pre, lse_pre = _flash_fwd(_fold(q, group, pre.start, pre.end), k_special[:, :, pre.lo:pre.hi],
+                                            v_special[:, :, pre.lo:pre.hi], 0.0, False, scale=scale)
+            for blk in nears:
+                o, l_blk = _flash_fwd(_fold(q, group, blk.start, blk.end), _near_keys(k, k_special, blk),
+                                      _near_keys(v, v_special, blk), 0.0, False,
+                                      attn_mask=near_mask(plan, blk, q.dtype, group), scale=scale)
+                if not pre.empty:
+                    r0, r1 = blk.start - pre.start, blk.end - pre.start
+                    o, l_blk = _merge(_sub_rows(o_pre, group, r0, r1), _sub_rows(lse_pre, group, r0, r1), o, l_blk)
+                out[:, :, blk.start:blk.end] = _unfold(o, group)
+                lse[:, :, blk.start:blk.end] = _unfold(l_blk, group)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         plan: CompactPlan = ctx.plan
         group = q.shape[1] // k.shape[1]
         k_special = _gather_rows(k, plan.special_idx)
         v_special = _gather_rows(v, plan.special_idx)
+        grad_out = grad_out.contiguous()
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
         dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
         dk_special = torch.zeros_like(k_special)
         dv_special = torch.zeros_like(v_special)
-        for blk, o, lse in zip(plan.blocks, ctx.outs, ctx.lses):
-            g = _fold_group(grad_out, group, blk.start, blk.end).reshape(o.shape)
-            q_blk = _fold_group(q, group, blk.start, blk.end)
-            dq_b, dk_b, dv_b = _flash_bwd(g, q_blk, _near_keys(k, k_special, blk), _near_keys(v, v_special, blk),
-                                          o, lse, 0.0, False, attn_mask=near_mask(plan, blk, q.dtype, group),
-                                          scale=ctx.scale)
-            offset = 0
-            for a, b in blk.near_special_ranges():
-                dk_special[:, :, a:b] += dk_b[:, :, offset:offset + b - a]
-                dv_special[:, :, a:b] += dv_b[:, :, offset:offset + b - a]
-                offset += b - a
-            dk[:, :, blk.local_start:blk.end] += dk_b[:, :, offset:]
-            dv[:, :, blk.local_start:blk.end] += dv_b[:, :, offset:]
-            if blk.has_prefix:
-                dq_pre, dk_pre, dv_pre = _flash_bwd(g, q_blk, k_special[:, :, blk.full_lo:blk.full_hi],
-                                                    v_special[:, :, blk.full_lo:blk.full_hi], o, lse, 0.0,
-                                                    False, scale=ctx.scale)
-                dq_b = dq_b + dq_pre
-                dk_special[:, :, blk.full_lo:blk.full_hi] += dk_pre
-                dv_special[:, :, blk.full_lo:blk.full_hi] += dv_pre
-            dq[:, :, blk.start:blk.end] = _unfold_group(dq_b, group)
+        for pre, nears in plan.groups:
+            for blk in nears:
+                a, b = blk.start, blk.end
+                dq_b, dk_b, dv_b = _flash_bwd(
+                    _fold(grad_out, group, a, b), _fold(q, group, a, b), _near_keys(k, k_special, blk),
+                    _near_keys(v, v_special, blk), _fold(out, group, a, b), _fold(lse, group, a, b), 0.0, False,
+                    attn_mask=near_mask(plan, blk, q.dtype, group), scale=ctx.scale)
+                dq[:, :, a:b] = _unfold(dq_b, group)
+                offset = 0
+                for x, y in blk.special_ranges:
+                    dk_special[:, :, x:y] += dk_b[:, :, offset:offset + y - x]
+                    dv_special[:, :, x:y] += dv_b[:, :, offset:offset + y - x]
+                    offset += y - x
+                dk[:, :, blk.local_start:b] += dk_b[:, :, offset:]
+                dv[:, :, blk.local_start:b] += dv_b[:, :, offset:]
+            if not pre.empty:
+                a, b = pre.start, pre.end
+                dq_p, dk_p, dv_p = _flash_bwd(
+                    _fold(grad_out, group, a, b), _fold(q, group, a, b), k_special[:, :, pre.lo:pre.hi],
+                    v_special[:, :, pre.lo:pre.hi], _fold(out, group, a, b), _fold(lse, group, a, b), 0.0, False,
+                    scale=ctx.scale)
+                dq[:, :, a:b] += _unfold(dq_p, group)
+                dk_special[:, :, pre.lo:pre.hi] += dk_p
+                dv_special[:, :, pre.lo:pre.hi] += dv_p
         if dk_special.shape[2]:
-            # Padded slots carry zero gradient (always masked), so scattering them is harmless.
+            # Padded slots carry zero gradient (never attended), so scattering them is harmless.
             index = plan.special_idx[:, None, :, None].expand_as(dk_special)
             dk.scatter_add_(2, index, dk_special)
             dv.scatter_add_(2, index, dv_special)
-        ctx.outs = ctx.lses = None
         return dq, dk, dv, None, None
 
 
 def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tensor,
                       rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
-                      scale: Optional[float] = None, block: int = DEFAULT_BLOCK,
-                      plan: Optional[CompactPlan] = None) -> torch.Tensor:
+                      scale: Optional[float] = None, plan: Optional[CompactPlan] = None,
+                      prefix_block: Optional[int] = None, near_block: Optional[int] = None) -> torch.Tensor:
     """Sep-Attention, q [B, Hq, L, D], k/v [B, Hkv, L, D], is_sep [B, L] -> [B, Hq, L, D].
 
     ``plan`` may be passed in to share it between layers with the same rule and inputs.
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    if q.shape[2] == 0:
+        return q.new_zeros(q.shape)
     if plan is None:
-        plan = build_plan(is_sep, rule, doc_ids, block)
+        plan = build_plan(is_sep, rule, doc_ids, prefix_block, near_block)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return CompactSepAttention.apply(q, k, v, plan, scale)
