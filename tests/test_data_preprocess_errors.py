@@ -111,3 +111,17 @@ def test_invalid_utf8_and_corrupt_gzip(tmp_path):
     gz.write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(DataError, match=r"cannot read '.*broken\.jsonl\.gz'"):
         preprocess(opts(gz, tmp_path))
+    import gzip
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b'{"text": "a"}\n' * 2000)[:-30] + b"\xff" * 30)
+    with pytest.raises(DataError, match=r"cannot read '.*cut\.jsonl\.gz'"):
+        preprocess(opts(cut, tmp_path))
+    import zstandard
+    frame = zstandard.ZstdCompressor().compress(b'{"text": "abc def"}\n' * 5000)
+    zst = tmp_path / "broken.jsonl.zst"
+    zst.write_bytes(frame[:12] + bytes(b ^ 0x5A for b in frame[12:40]) + frame[40:])
+    with pytest.raises(DataError, match=r"cannot read '.*broken\.jsonl\.zst'"):
+        preprocess(opts(zst, tmp_path))
+    zst.write_bytes(frame + frame[: len(frame) // 2])  # a second frame cut short
+    with pytest.raises(DataError, match=r"broken\.jsonl\.zst ends in the middle of a zstd frame"):
+        preprocess(opts(zst, tmp_path))

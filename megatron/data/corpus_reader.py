@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
@@ -51,9 +52,58 @@ def open_binary(path: str) -> BinaryIO:
     if suffix == ".gz":
         return gzip.open(path, "rb")
     if suffix in (".zst", ".zstd"):
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(ZstdFrames(path), buffer_size=1 << 20)
     return open(path, "rb")
+
+
+class ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a (multi-frame) .zst file. Unlike zstandard's stream_reader, a file that ends
+    inside a frame (an interrupted download) is an error rather than silently shorter data."""
+
+    def __init__(self, path: str):
+        import zstandard
+        self._path = path
+        self._raw = open(path, "rb")
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new_frame()
+        self._in_frame = False
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError(f"{self._path} ends in the middle of a zstd frame (truncated)")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._frame.decompress(chunk)
+                chunk = b""
+                if self._frame.eof:
+                    chunk, self._frame, self._in_frame = self._frame.unused_data, self._new_frame(), False
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def read_errors() -> Tuple[type, ...]:
+    """Exceptions that mean an unreadable or corrupt (possibly compressed) input file."""
+    errors: Tuple[type, ...] = (OSError, EOFError, zlib.error)
+    try:
+        import zstandard
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
 
 
 def read_items(path: str, jsonl: bool, split_lines: bool) -> Iterator[Item]:
@@ -70,12 +120,8 @@ def read_items(path: str, jsonl: bool, split_lines: bool) -> Iterator[Item]:
                 if content.strip():
                     yielded = True
                     yield path, 0, content, False
-    except (OSError, EOFError) as e:  # includes gzip/zstd corruption
+    except read_errors() as e:
         raise DataError(f"cannot read '{path}': {e}") from None
-    except Exception as e:
-        if type(e).__name__ == "ZstdError":
-            raise DataError(f"cannot read '{path}': {e}") from None
-        raise
     if not yielded:
         raise DataError(f"input file '{path}' is empty; expected "
                         f"{'JSON lines' if jsonl else 'text'} with at least one document")
