@@ -134,3 +134,14 @@ def test_argument_errors(corpus, tmp_path):
         build_dataset([], None, 8, 1, 10)
     with pytest.raises(DataError, match=r"missing\.idx' not found"):
         build_train_valid_test_datasets([str(tmp_path / "missing")], None, "1,0,0", 8, 1, (1, 0, 0))
+
+
+def test_partial_last_epoch_is_shuffled_separately(corpus, tmp_path):
+    tokens = MMapIndexedDataset(corpus).num_tokens
+    one_epoch = (tokens - 1) // 16
+    ds = build_dataset([corpus], None, 16, seed=9, num_samples=one_epoch + 2, cache_dir=str(tmp_path / "c"))
+    assert sorted(ds.doc_idx[:100].tolist()) == list(range(100))  # epoch 1 alone, then epoch 2 alone
+    assert sorted(ds.doc_idx[100:].tolist()) == list(range(100))
+    assert set(ds.shuffle_idx[:one_epoch].tolist()) == set(range(one_epoch))
+    mixed = build_dataset([corpus], None, 16, seed=9, num_samples=2 * one_epoch - 1, cache_dir=str(tmp_path / "c"))
+    assert sorted(mixed.doc_idx[:100].tolist()) != list(range(100))  # a mostly used last epoch is mixed in

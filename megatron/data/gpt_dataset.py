@@ -188,7 +188,7 @@ class GPTDataset:
         if epochs > 1:
             from_earlier = ((epochs - 1) * self.tokens_per_epoch - 1) // self.seq_length
             per_epoch = (self.tokens_per_epoch - 1) // self.seq_length
-            separate_last = (num_samples - from_earlier) < LAST_EPOCH_SEPARATE_BELOW * per_epoch
+            separate_last = (num_samples - from_earlier) < int(LAST_EPOCH_SEPARATE_BELOW * per_epoch)
         rng = np.random.RandomState(self.seed)
         doc_idx = build_doc_idx(self.documents, epochs, rng, separate_last)
         sample_idx = build_sample_idx(self.indexed.sizes, doc_idx, self.seq_length, epochs,
