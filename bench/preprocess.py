@@ -23,7 +23,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
