@@ -54,6 +54,7 @@ def synthetic_samples(n: int, seq: int, seed: int = 0) -> torch.Tensor:
 def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None, save_at: Optional[int] = None,
                  save_dir: Optional[str] = None, load: Optional[str] = None, eval_batches: int = 0,
                  timing: bool = False) -> Dict[str, Any]:
+    # timing: only read by the spawned worker (installs the collective timer before the group starts)
     """Train in this process under the current parallel state. Returns losses (per iteration, from
     the start of the run), step-1 gradients by name, eval losses, and timings."""
     from megatron.checkpointing import load_checkpoint, save_checkpoint
@@ -87,13 +88,15 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
     losses: List[float] = []
     grads: Dict[str, torch.Tensor] = {}
     step_times: List[float] = []
+    step_comm: List[float] = []
     model.train()
     for it in range(start, steps):
         idx = global_batch_indices(it * global_batch, global_batch, micro, accum, st.dp_size, st.dp_rank,
                                    len(samples))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), comm_seconds()
         stats = engine.train_step([samples[i] for i in idx], schedule.lr_at(it + 1))
         step_times.append(time.perf_counter() - t0)
+        step_comm.append(comm_seconds() - c0)
         losses.append(stats["loss"])
         if it == start:
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -111,9 +114,8 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
             loss /= st.dp_size
         evals.append(float(loss))
     tp_dims = {n: getattr(p, "tensor_parallel_dim", None) for n, p in model.named_parameters()}
-    return {"losses": losses, "grads": grads, "tp_dims": tp_dims, "evals": evals, "step_times": step_times,
-            "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank,
-            "comm": comm_seconds() if timing else 0.0}
+    return {"losses": losses, "grads": grads, "tp_dims": tp_dims, "evals": evals, "step_times": step_times, "step_comm": step_comm,
+            "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank}
 
 
 _COMM = {"seconds": 0.0}
@@ -135,16 +137,11 @@ def install_comm_timer() -> None:
 
     for name in names:
         setattr(dist, name, timed(getattr(dist, name)))
-    real_batch = dist.batch_isend_irecv
+    # Pipeline point-to-point: the schedules post isend/irecv and block in this helper (the time
+    # includes waiting for the neighbour stage, i.e. the pipeline bubble).
+    from torch.distributed.pipelining import schedules
 
-    def batch_isend_irecv(ops):
-        works = real_batch(ops)
-        for w in works:
-            real_wait = w.wait
-            w.wait = timed(real_wait)
-        return works
-
-    dist.batch_isend_irecv = batch_isend_irecv
+    schedules._wait_batch_p2p = timed(schedules._wait_batch_p2p)
 
 
 def comm_seconds() -> float:
