@@ -114,3 +114,17 @@ def test_build_tokenizer_errors(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"\x00\x01garbage")
     with pytest.raises(DataError, match="sentencepiece model .* could not be loaded"):
         build_tokenizer("SPMTokenizer", str(tmp_path / "junk.model"))
+
+
+def test_added_literal_tokens_count_as_separators(tmp_path):
+    """GPT-NeoX-20B adds runs of spaces as plain (non byte-level) added tokens; they must be found too."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(SAMPLE / "tokenizer.json"))
+    tok.add_tokens(["  \t", ";;"])
+    tok.save(str(tmp_path / "added.json"))
+    loaded = build_tokenizer("HFTokenizer", str(tmp_path / "added.json"))
+    new_ids = {loaded.encode("  \t")[0], loaded.encode(";;")[0]}
+    assert all(i >= 4096 for i in new_ids)
+    found = loaded.separator_ids(["\t", ";;"], include_space_prefixed=False)
+    assert loaded.encode(";;")[0] in found and loaded.encode("  \t")[0] not in found
+    assert loaded.encode("  \t")[0] in loaded.separator_ids([" \t"])  # ' ' + ' \t'

@@ -146,13 +146,19 @@ class HFTokenizer(Tokenizer):
         return False
 
     def token_texts(self) -> Dict[int, str]:
-        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        added = list(self._tok.get_added_tokens_decoder().values())
+        specials = {t.content for t in added if t.special}
+        # Added tokens (GPT-NeoX's runs of spaces, for example) hold literal text, not byte-level symbols.
+        literal = {t.content for t in added if not t.special}
         byte_level = self._is_byte_level()
         texts = {}
         for token, idx in self._tok.get_vocab(with_added_tokens=True).items():
             if token in specials:
                 continue
-            text = byte_level_token_text(token) if byte_level else piece_text(token)
+            if token in literal:
+                text = token
+            else:
+                text = byte_level_token_text(token) if byte_level else piece_text(token)
             if text:
                 texts[idx] = text
         return texts
