@@ -1,8 +1,6 @@
 """FlexAttention over the compact layout: forward vs reference (eager on CPU) and tile structure."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from megatron.attention.sepllm_rule import SepRule, dense_mask
 from test_sep_attention import (CASES, FP32_RTOL, make_inputs, random_documents, random_separators,
                                 rel_err)
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def case_inputs(case: str):

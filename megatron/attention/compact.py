@@ -319,6 +319,8 @@ def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep:
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    if q.device.type != "cpu":
+        raise ValueError("attention.impl 'compact' uses PyTorch's CPU flash kernel; use 'flex' on CUDA")
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
     if plan is None:

@@ -32,9 +32,10 @@ def _round_up(x: int, m: int) -> int:
 
 
 def special_capacity(num_specials: int, seq_len: int, block: int = FLEX_BLOCK) -> int:
-    """Padded size of the special part: bucketed (multiples of ~L/8) so compiled kernels see
-    few distinct shapes as the separator count changes from batch to batch."""
-    bucket = max(block, _round_up(max(seq_len // 8, 1), block))
+    """Padded size of the special part, bucketed to multiples of ~L/4 so the compiled kernel
+    sees at most 4 shapes per length as the separator count changes from batch to batch
+    (below torch.compile's recompile limit). Padding tiles are dead: they cost memory only."""
+    bucket = max(block, _round_up(max(seq_len // 4, 1), block))
     return _round_up(max(num_specials, 1), bucket)
 
 

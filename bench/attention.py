@@ -1,0 +1,230 @@
+"""Sep-Attention benchmark: dense causal vs Sep-Attention fast path vs the dense-mask reference.
+
+    python bench/attention.py                       # CPU: sdpa, compact, reference at 1k-8k
+    python bench/attention.py --device cuda --seqs 4096,8192,16384,32768   # sdpa, flash, flex, ...
+
+Per sequence length it prints forward and forward+backward times (median of ``--repeats``,
+impls interleaved within each repeat so machine noise hits them alike), the useful FLOPs
+(attended q-k pairs only: 4*D per pair forward, 3x that for forward+backward) and the achieved
+FLOP rate, all as ratios against dense causal attention measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron.attention import attend, kv_kept_per_query  # noqa: E402
+from megatron.attention.sepllm_rule import SepRule  # noqa: E402
+
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seqs", default=None, help="comma-separated lengths (default 1k-8k cpu, 4k-32k cuda)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads (default = heads)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--n-init", type=int, default=3)
+    p.add_argument("--n-local", type=int, default=64)
+    p.add_argument("--density", type=float, default=0.12, help="separator density of the random layout")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json: take the separator layout from --text")
+    p.add_argument("--text", default=None,
+                   help="text (or .jsonl with 'text' fields) tokenized for a real separator layout, "
+                        "e.g. --tokenizer data/sample/tokenizer.json --text data/sample/corpus.jsonl")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default fp32 on cpu, bf16 on cuda")
+    p.add_argument("--impls", default=None,
+                   help="comma list (default cpu: sdpa,compact,reference; cuda: sdpa,flash,flex,reference)")
+    p.add_argument("--ref-max-seq", type=int, default=None,
+                   help="skip the dense-mask reference above this length (default 8192)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu = process CPU time: steadier on a shared machine, meaningful with --threads 1")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.seqs = [int(s) for s in (args.seqs or ("4096,8192,16384,32768" if cuda else
+                                                "1024,2048,4096,8192")).split(",")]
+    args.impls = (args.impls or ("sdpa,flash,flex,reference" if cuda else "sdpa,compact,reference")).split(",")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.kv_heads = args.kv_heads or args.heads
+    args.ref_max_seq = args.ref_max_seq or 8192
+    return args
+
+
+def separator_layout(args: argparse.Namespace, L: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, L] bool separator flags: from real text when given, else random at ``--density``."""
+    if not (args.tokenizer and args.text):
+        return torch.rand(args.batch, L, generator=generator) < args.density
+    import json
+
+    from megatron.config.schema import SepLLMConfig
+    from megatron.tokenizer.tokenizer import HFTokenizer
+    tok = HFTokenizer.from_file(args.tokenizer)
+    cfg = SepLLMConfig()
+    sep_ids = torch.tensor(tok.separator_ids(cfg.separator_tokens, cfg.include_space_prefixed))
+    with open(args.text, encoding="utf-8") as f:
+        text = ("\n".join(json.loads(line)["text"] for line in f if line.strip())
+                if args.text.endswith(".jsonl") else f.read())
+    ids = torch.tensor(tok.encode(text))
+    need = args.batch * L
+    ids = ids.repeat(need // max(ids.numel(), 1) + 1)[:need].view(args.batch, L)
+    return torch.isin(ids, sep_ids)
+
+
+def make_impl(name: str, rule: SepRule) -> Callable:
+    if name == "flex_plain":
+        return flex_over_original_layout(rule)
+    impl = name
+
+    def run(q, k, v, is_sep):
+        return attend(q, k, v, is_sep, rule, impl=impl)
+    return run
+
+
+def flex_over_original_layout(rule: SepRule) -> Callable:
+    """What the SepLLM reference does on GPU: FlexAttention over the original key order, the
+    BlockMask made by evaluating the rule on all L x L pairs (create_block_mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v, is_sep):
+        sep = is_sep
+
+        def mask_mod(b, h, qi, kj):
+            return (kj <= qi) & ((kj < rule.n_init) | sep[b, kj] | (qi - kj < rule.n_local))
+        bm = create_block_mask(mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device,
+                               _compile=True)
+        return compiled(q, k, v, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1])
+    return run
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable, q, k, v, is_sep, grad, device: str, backward: bool,
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+    sync(device)
+    t0 = clock()
+    if backward:
+        fn(*leaves, is_sep).backward(grad)
+    else:
+        with torch.no_grad():
+            fn(*leaves, is_sep)
+    sync(device)
+    return clock() - t0
+
+
+def bench_length(args: argparse.Namespace, L: int, rule: SepRule) -> Dict[str, Dict[str, float]]:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    g = torch.Generator().manual_seed(L)
+    shape_q = (args.batch, args.heads, L, args.dim)
+    shape_kv = (args.batch, args.kv_heads, L, args.dim)
+    q, k, v, grad = (torch.randn(s, generator=g).to(args.device, dtype)
+                     for s in (shape_q, shape_kv, shape_kv, shape_q))
+    is_sep = separator_layout(args, L, g).to(args.device)
+    impls = [n for n in args.impls if not (n == "reference" and L > args.ref_max_seq)]
+    fns = {n: make_impl(n, rule) for n in impls}
+    usable: Dict[str, Callable] = {}
+    for name, fn in fns.items():  # warm-up (compiles, allocator) and availability check
+        try:
+            for backward in ([False] if args.no_backward else [False, True]):
+                time_once(fn, q, k, v, is_sep, grad, args.device, backward)
+            usable[name] = fn
+        except (RuntimeError, NotImplementedError) as err:
+            print(f"  [{name} skipped at L={L}: {str(err).splitlines()[0][:100]}]", flush=True)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    samples: Dict[str, Dict[str, List[float]]] = {n: {"fwd": [], "fwdbwd": []} for n in usable}
+    for _ in range(args.repeats):
+        for name, fn in usable.items():
+            samples[name]["fwd"].append(time_once(fn, q, k, v, is_sep, grad, args.device, False, clock))
+            if not args.no_backward:
+                samples[name]["fwdbwd"].append(time_once(fn, q, k, v, is_sep, grad, args.device, True, clock))
+    result = {n: {m: statistics.median(ts) for m, ts in s.items() if ts} for n, s in samples.items()}
+    pairs_sep = float(kv_kept_per_query(is_sep.cpu(), rule).sum()) / args.batch
+    result["_pairs"] = {"sep": pairs_sep, "causal": L * (L + 1) / 2}
+    return result
+
+
+def useful_flops(pairs: float, args: argparse.Namespace, backward: bool) -> float:
+    fwd = 4.0 * pairs * args.dim * args.heads * args.batch
+    return 3.0 * fwd if backward else fwd
+
+
+def report(args: argparse.Namespace, L: int, res: Dict[str, Dict[str, float]]) -> List[str]:
+    pairs = res["_pairs"]
+    dense = "flash" if "flash" in res else "sdpa"
+    rows = []
+    for name in [n for n in args.impls if n in res]:
+        sep_like = name not in ("sdpa", "flash")
+        p = pairs["sep"] if sep_like else pairs["causal"]
+        cells = [f"{L}", name]
+        for mode, backward in (("fwd", False), ("fwdbwd", True)):
+            if mode not in res[name]:
+                cells += ["-", "-", "-"]
+                continue
+            t, t_dense = res[name][mode], res.get(dense, {}).get(mode)
+            rate = useful_flops(p, args, backward) / t
+            dense_rate = useful_flops(pairs["causal"], args, backward) / t_dense if t_dense else None
+            cells += [f"{t * 1e3:.1f}", f"{t_dense / t:.2f}x" if t_dense else "-",
+                      f"{rate / 1e9:.1f} ({rate / dense_rate:.2f})" if dense_rate else f"{rate / 1e9:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rule = SepRule("sepllm", args.n_init, args.n_local)
+    if args.device == "cuda" and args.clock == "cpu":
+        raise SystemExit("--clock cpu is for CPU runs")
+    dev = (torch.cuda.get_device_name() if args.device == "cuda" else
+           f"CPU, {torch.get_num_threads()} threads, {args.clock} clock")
+    print(f"# Sep-Attention bench: {dev}, torch {torch.__version__}, {args.dtype}, B={args.batch} "
+          f"Hq={args.heads} Hkv={args.kv_heads} D={args.dim} n_init={args.n_init} n_local={args.n_local} "
+          f"separators={f'text ({args.text})' if args.text else f'random {args.density}'}, "
+          f"median of {args.repeats}")
+    print("# speedup = dense causal time / this time; GFLOP/s counts attended q-k pairs only "
+          "(ratio to the dense baseline's rate in brackets)")
+    summary, table, vs_ref = [], [], []
+    for L in args.seqs:
+        res = bench_length(args, L, rule)
+        pairs = res["_pairs"]
+        summary.append(f"| {L} | {100 * pairs['sep'] / pairs['causal']:.1f}% | "
+                       f"{pairs['causal'] / pairs['sep']:.2f}x |")
+        rows = report(args, L, res)
+        print("\n".join(rows), flush=True)
+        table += rows
+        ref = res.get("reference", {})
+        for fast in (n for n in ("compact", "flex") if n in res and ref):
+            vs_ref.append(f"| {L} | {fast} | " + " | ".join(
+                f"{ref[m] / res[fast][m]:.2f}x" if m in ref and m in res[fast] else "-"
+                for m in ("fwd", "fwdbwd")) + " |")
+    print("\n| L | attended pairs / causal pairs | causal FLOPs / Sep FLOPs |\n|---|---|---|")
+    print("\n".join(summary))
+    print("\n| L | impl | fwd ms | fwd speedup | fwd GFLOP/s | fwd+bwd ms | fwd+bwd speedup | "
+          "fwd+bwd GFLOP/s |\n|---|---|---|---|---|---|---|---|")
+    print("\n".join(table))
+    if vs_ref:
+        print("\n| L | fast impl | fwd speedup vs dense-mask reference | fwd+bwd speedup vs reference |"
+              "\n|---|---|---|---|")
+        print("\n".join(vs_ref))
+
+
+if __name__ == "__main__":
+    main()
