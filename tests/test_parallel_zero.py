@@ -46,3 +46,23 @@ def test_zero2_checkpoint_resumes_with_zero(zero_checkpoint):
 def test_tp2_zero1_dp2_matches_single_rank(reference):
     tree = model_tree(model_parallel_size=2, gradient_accumulation_steps=2, zero_optimization={"stage": 1})
     assert close(run_layout(tree, 4)[0]["losses"], reference["losses"])
+
+
+def test_zero2_trainer_through_deepy_matches_single_process(tiny_dataset, tmp_path):
+    import json
+
+    from conftest import free_port, run_cli, tiny_config_tree, write_config
+
+    kw = dict(train_iters=4, eval_interval=2, eval_iters=1)
+    one = tiny_config_tree(tiny_dataset, log_dir=str(tmp_path / "one"), train_micro_batch_size_per_gpu=2, **kw)
+    zero = tiny_config_tree(tiny_dataset, log_dir=str(tmp_path / "z"), train_micro_batch_size_per_gpu=1,
+                            zero_optimization={"stage": 2}, save=str(tmp_path / "ck"), **kw)
+    assert run_cli(["train.py", write_config(tmp_path / "one.yml", one)]).returncode == 0
+    out = run_cli(["deepy.py", "--num-procs", "2", "--master-port", str(free_port()), "train.py",
+                   write_config(tmp_path / "z.yml", zero)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = [[(k, v) for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) for k, v in r.items()
+                if k.endswith("/loss")] for d in ("one", "z")]
+    assert [k for k, _ in metrics[0]] == [k for k, _ in metrics[1]] and len(metrics[0]) == 6
+    assert max(abs(a[1] - b[1]) for a, b in zip(*metrics)) < TOL
+    assert (tmp_path / "ck" / "global_step4" / "optim_tp00_pp00.pt").is_file()
