@@ -6,7 +6,7 @@ A tiny random-init GPT-NeoX-style model reads a random token stream (about one s
 until --max-tokens or its time budget; every --report-every tokens it records tokens/s of the
 interval, RSS now and the peak, and KV entries held and attended on average vs full attention.
 
-    python bench/streaming.py --max-tokens 1000000 --budget-s 420 --full-budget-s 60
+    python bench/streaming.py --max-tokens 1000000 --budgets sepllm=450,streamingllm=90,full=60
 
 Prints a markdown table (paste into bench/RESULTS.md) and writes --out (CSV per policy + JSON).
 """
@@ -53,7 +53,7 @@ def run_policy(policy: str, args: argparse.Namespace) -> List[dict]:
     model = GPTModel(config_from_tree(MODEL), VOCAB, SEPARATORS)
     cache = CacheConfig(policy, args.a, args.s, args.w, args.c)
     engine = StreamingEngine(model, cache)
-    budget = args.full_budget_s if policy == "full" else args.budget_s
+    budget = parse_budgets(args.budgets).get(policy)
     reset_peak_rss()
 
     def show(r) -> None:
@@ -65,6 +65,10 @@ def run_policy(policy: str, args: argparse.Namespace) -> List[dict]:
                               budget, show)
     write_csv(reports, os.path.join(args.out, f"{policy}.csv"))
     return [asdict(r) for r in reports]
+
+
+def parse_budgets(text: str) -> Dict[str, float]:
+    return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
 
 
 def markdown(results: Dict[str, List[dict]], marks: List[int]) -> str:
@@ -85,8 +89,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--policies", default="sepllm,streamingllm,full")
     p.add_argument("--max-tokens", type=int, default=1_000_000)
     p.add_argument("--report-every", type=int, default=10_000)
-    p.add_argument("--budget-s", type=float, default=420.0, help="time budget per bounded policy")
-    p.add_argument("--full-budget-s", type=float, default=60.0, help="time budget of the full-cache run")
+    p.add_argument("--budgets", default="sepllm=450,streamingllm=90,full=60",
+                   help="seconds per policy (each stops at the first report past its budget)")
+    p.add_argument("--table-only", action="store_true", help="print the table from the JSON files in --out")
     p.add_argument("--a", type=int, default=4)
     p.add_argument("--s", type=int, default=64)
     p.add_argument("--w", type=int, default=256)
@@ -102,8 +107,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     results = {}
     for policy in args.policies.split(","):
-        cmd = [sys.executable, __file__, "--child", policy] + [a for a in (argv or sys.argv[1:])]
-        subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        if not args.table_only:
+            cmd = [sys.executable, __file__, "--child", policy] + [a for a in (argv or sys.argv[1:])]
+            subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         results[policy] = json.loads(Path(args.out, f"{policy}.json").read_text())
     marks = [10_000, 100_000] + [k * 100_000 for k in range(2, 11)]
     print(f"model: {MODEL['num_layers']} layers, hidden {MODEL['hidden_size']}, vocab {VOCAB}; cache a{args.a} "

@@ -191,6 +191,19 @@ def test_rule_decoding_equals_sep_attention_forward(family, cache_size, chunk):
     assert (engine.cache.compressions > 0) == (cache_size < 64)
 
 
+def test_fixed_interval_model_keeps_every_interval_th_position():
+    """FixLLM: the cache's 'separators' are every interval-th position, matching the model's rule."""
+    model = build(mode="fixed_interval", interval=5)
+    tokens = stream(64, 0)
+    cfg = CacheConfig("sepllm", 2, 14, 3, 24, enable_pos_shift=False, decode_mask="rule")
+    engine = StreamingEngine(model, cfg)
+    assert torch.allclose(decode_all(engine, tokens), full_logits(model, tokens), atol=1e-5)
+    assert engine.cache.compressions > 0
+    regions = engine.cache.region_sizes()
+    seps = engine.cache.kept_positions()[2:2 + regions["separators"]]
+    assert seps and all(p % 5 == 4 for p in seps)
+
+
 def test_rule_decoding_needs_local_window_of_n_local_minus_one():
     model = build(mode="sepllm", n_init=2, n_local=4)
     tokens = stream(64, 6)

@@ -68,6 +68,12 @@ def test_bad_cache_budget(kwargs, match):
         CacheConfig(**kwargs)
 
 
+def test_streamingllm_budget_ignores_local_size():
+    assert CacheConfig("streamingllm", 4, 0, 256, 100).max_new_per_forward == 96
+    with pytest.raises(InferenceError, match="init_cache_size < cache_size"):
+        CacheConfig("streamingllm", 8, 0, 0, 8)
+
+
 def test_empty_prompt_and_oversized_chunk():
     tree = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=64)
     engine = StreamingEngine(GPTModel(config_from_tree(tree), 64, [5]), CacheConfig("sepllm", 2, 2, 4, 10))

@@ -40,7 +40,6 @@ class StreamingEngine:
             raise InferenceError("streaming inference needs the whole model (one pipeline stage)")
         self.model = model.eval()
         self.config = cache
-        m = model.cfg.model
         self.device = model.output_weight.device
         self.dtype = model.output_weight.dtype
         ids = model.separator_ids if separator_ids is None else torch.tensor(list(separator_ids), dtype=torch.long)
@@ -49,6 +48,9 @@ class StreamingEngine:
         self.separator_table = torch.zeros(max(model.vocab_size, int(ids.max()) + 1 if ids.numel() else 0),
                                            dtype=torch.bool, device=self.device)
         self.separator_table[self.separator_ids] = True
+        # A FixLLM model (fixed_interval) keeps every interval-th position instead of separator ids.
+        self.fixed_interval = (model.base_rule.interval if model.base_rule.mode == "fixed_interval"
+                               and separator_ids is None else None)
         self.layer_ids = [int(k) for k in model.layers.keys()]
         self.rules: Dict[int, SepRule] = {i: model.rules[i] for i in self.layer_ids}
         if cache.decode_mask == "rule" and model.base_rule.separate_documents:
@@ -149,7 +151,10 @@ class StreamingEngine:
         n = cache.length
         stream_pos = torch.arange(self.stream_position, self.stream_position + L, device=self.device)
         places = torch.arange(n, n + L, device=self.device)
-        is_sep = self.separator_table[tokens]
+        if self.fixed_interval:
+            is_sep = stream_pos % self.fixed_interval == self.fixed_interval - 1
+        else:
+            is_sep = self.separator_table[tokens]
         embed_pos = places if cfg.enable_pos_shift else stream_pos
         if self.max_learned_position is not None and int(embed_pos[-1]) >= self.max_learned_position:
             raise InferenceError(f"position {int(embed_pos[-1])} is beyond the {self.max_learned_position} learned "

@@ -60,15 +60,17 @@ class CacheConfig:
                                  f"sep_cache_size={s}, local_size={w}, cache_size={c}")
         if self.policy == "full":
             return
+        if self.policy == "streamingllm":  # keeps the initial a + the most recent c - a; local_size unused
+            if a >= c:
+                raise InferenceError(f"StreamingLLM cache needs init_cache_size < cache_size; got {a} >= {c}")
+            return
         if c < a + w:
             raise InferenceError(f"cache_size {c} is smaller than init_cache_size + local_size = {a} + {w} = "
                                  f"{a + w}; raise cache_size or shrink the windows")
-        if self.policy == "sepllm" and a + s + w >= c:
+        if a + s + w >= c:
             raise InferenceError(f"SepLLM cache needs init_cache_size + sep_cache_size + local_size < cache_size; "
                                  f"got {a} + {s} + {w} = {a + s + w} >= {c} (no room for new tokens after "
                                  "compression)")
-        if self.policy == "streamingllm" and a >= c:
-            raise InferenceError(f"StreamingLLM cache needs init_cache_size < cache_size; got {a} >= {c}")
 
     @property
     def max_new_per_forward(self) -> Optional[int]:
