@@ -118,6 +118,7 @@ def sync(device: str) -> None:
 def time_once(fn: Callable, q, k, v, is_sep, grad, device: str, backward: bool,
               clock: Callable[[], float] = time.perf_counter) -> float:
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+    is_sep = is_sep.clone()  # a fresh tensor: per-call setup (plans, masks) is timed, as for 1 layer
     sync(device)
     t0 = clock()
     if backward:

@@ -171,6 +171,24 @@ def test_compact_plan_skips_earlier_documents():
             assert all(a >= before_doc for a, _ in blk.special_ranges)
 
 
+def test_plan_is_reused_for_the_same_flags_and_rebuilt_when_they_change():
+    from megatron.attention import compact as compact_mod
+    q, k, v, _ = make_inputs(1, 2, 2, 64, 8)
+    is_sep = random_separators(1, 64, 0.2)
+    rule = SepRule("sepllm", 3, 8)
+    compact_attention(q, k, v, is_sep, rule)
+    first = compact_mod._PLANS._value
+    compact_attention(q, k, v, is_sep, rule)  # the next layer, same flags
+    assert compact_mod._PLANS._value is first
+    is_sep[0, 10] = ~is_sep[0, 10]  # changed in place: must not reuse
+    got = compact_attention(q, k, v, is_sep, rule)
+    second = compact_mod._PLANS._value
+    assert second is not first
+    assert rel_err(got, reference_attention(q, k, v, is_sep, rule)) <= FP32_RTOL
+    compact_attention(q, k, v, is_sep.clone(), rule)  # equal values, another tensor: rebuilt
+    assert compact_mod._PLANS._value is not second
+
+
 # --- dispatch ---------------------------------------------------------------------------------
 
 def test_auto_uses_compact_on_cpu_and_full_layers_go_dense(monkeypatch):

@@ -27,7 +27,7 @@ the local band wastes ``(near_block - 1) / n_local`` of its work (near), hence t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
@@ -63,10 +63,15 @@ class NearBlock:
     """Queries ``[start, end)``: compact specials in ``special_ranges`` (outside the enclosing
     prefix block's range) and original keys ``[local_start, end)``, masked."""
 
+    index: int  # row of ``CompactPlan.near_keep``
     start: int
     end: int
     special_ranges: List[Tuple[int, int]]
     local_start: int
+
+    @property
+    def num_keys(self) -> int:
+        return sum(b - a for a, b in self.special_ranges) + self.end - self.local_start
 
 
 @dataclass
@@ -74,12 +79,21 @@ class CompactPlan:
     """Everything derived from ``is_sep``/``doc_ids`` once per call (shared by fwd and bwd)."""
 
     special_idx: torch.Tensor  # [B, S] long, positions of the specials (padded slots point anywhere)
-    special_pos: torch.Tensor  # [B, S] long, position for masking; padded slots = a position never visible
-    special_doc: Optional[torch.Tensor]  # [B, S] document id of each special (None without documents)
-    doc_ids: Optional[torch.Tensor]  # [B, L] (None without documents)
     groups: List[Tuple[PrefixBlock, List[NearBlock]]]
-    n_local: int
-    seq_len: int
+    # [B, n_near, near_block, max keys]: what each query of a near block attends to, its keys
+    # ordered as in ``_near_keys`` (special ranges, then the local band), padded.
+    near_keep: torch.Tensor
+    _masks: dict = field(default_factory=dict)
+
+    def near_mask(self, blk: NearBlock, dtype: torch.dtype, group: int) -> torch.Tensor:
+        """Additive mask [B, 1, group * rows, keys] of a near block (0 = attend, -inf = not)."""
+        if (dtype, group) not in self._masks:
+            keep = self.near_keep
+            mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+            self._masks[(dtype, group)] = mask[:, :, None].expand(-1, -1, group, -1, -1)
+        rows = blk.end - blk.start
+        mask = self._masks[(dtype, group)][:, blk.index, :, :rows, :blk.num_keys]
+        return mask.reshape(mask.shape[0], 1, group * rows, blk.num_keys)
 
 
 def special_flags(is_sep: torch.Tensor, rule: SepRule,
@@ -109,6 +123,27 @@ def gather_specials(special: torch.Tensor, never_visible: int) -> Tuple[torch.Te
     return idx, pos
 
 
+class LastInputsCache:
+    """Remembers the plan built for the most recent (is_sep, doc_ids, settings): every layer of a
+    model step passes the same flags, so the plan is built once per step, not once per layer.
+    It holds references to the flag tensors, so identity plus version counter is a safe key."""
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._value = None
+
+    def get(self, is_sep: torch.Tensor, doc_ids: Optional[torch.Tensor], settings: tuple, build):
+        key = (is_sep, is_sep._version, doc_ids, None if doc_ids is None else doc_ids._version, settings)
+        old = self._key
+        if old is None or not (old[0] is key[0] and old[1] == key[1] and old[2] is key[2]
+                               and old[3] == key[3] and old[4] == key[4]):
+            self._value, self._key = build(), key
+        return self._value
+
+
+_PLANS = LastInputsCache()
+
+
 def _is_nondecreasing(x: torch.Tensor) -> bool:
     return bool((x[:, 1:] >= x[:, :-1]).all()) if x.shape[1] > 1 else True
 
@@ -127,7 +162,6 @@ def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tens
     contiguous_docs = docs is None or _is_nondecreasing(docs)
     special = special_flags(is_sep, rule, docs)
     idx, pos = gather_specials(special, never_visible=L + w)
-    special_doc = docs.gather(1, idx) if docs is not None else None
     csum0 = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev),
                        torch.cumsum(special.long(), dim=1)], dim=1)  # csum0[:, t + 1] = #specials <= t
 
@@ -167,37 +201,52 @@ def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tens
     groups: List[Tuple[PrefixBlock, List[NearBlock]]] = [
         (PrefixBlock(a, z + 1, fl, fh), []) for a, z, fl, fh in
         zip(p_start.tolist(), p_last.tolist(), f_lo.tolist(), f_hi.tolist())]
-    for a, z, par, l0, l1, h0, h1, ls in zip(n_start.tolist(), n_last.tolist(), parent.tolist(), lo.tolist(),
-                                             below_end.tolist(), above_start.tolist(), hi.tolist(),
-                                             local_start.tolist()):
+    for n, (a, z, par, l0, l1, h0, h1, ls) in enumerate(zip(
+            n_start.tolist(), n_last.tolist(), parent.tolist(), lo.tolist(), below_end.tolist(),
+            above_start.tolist(), hi.tolist(), local_start.tolist())):
         ranges = [(x, y) for x, y in ((l0, l1), (h0, h1)) if y > x]
-        groups[par][1].append(NearBlock(a, z + 1, ranges, ls))
-    return CompactPlan(idx, pos, special_doc, docs, groups, w, L)
+        groups[par][1].append(NearBlock(n, a, z + 1, ranges, ls))
+    return CompactPlan(idx, groups, _near_keep(pos, idx, docs, w, near_block, n_start, n_last, lo, below_end,
+                                               above_start, hi, local_start))
 
 
-def near_mask(plan: CompactPlan, blk: NearBlock, dtype: torch.dtype, group: int) -> torch.Tensor:
-    """Additive mask [B, 1, group * rows, keys] of a near block (0 = attend, -inf = not)."""
-    dev = plan.special_pos.device
-    w = plan.n_local
-    q_pos = torch.arange(blk.start, blk.end, device=dev)
-    k_pos = torch.arange(blk.local_start, blk.end, device=dev)
-    dist = q_pos[:, None] - k_pos[None, :]
-    see_local = ((dist >= 0) & (dist < w))[None]  # [1, rows, nl]
-    if plan.doc_ids is not None:
-        q_doc = plan.doc_ids[:, blk.start:blk.end, None]
-        see_local = see_local & (plan.doc_ids[:, None, blk.local_start:blk.end] == q_doc)
-    parts = []
-    for a, b in blk.special_ranges:
-        see = plan.special_pos[:, None, a:b] <= (q_pos - w)[None, :, None]  # [B, rows, ns]
-        if plan.doc_ids is not None:
-            see = see & (plan.special_doc[:, None, a:b] == q_doc)
-        parts.append(see)
-    B = plan.special_pos.shape[0]
-    keep = torch.cat(parts + [see_local.expand(B, -1, -1)], dim=-1) if parts else see_local
-    mask = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))[:, None]
-    if group > 1:
-        mask = mask.repeat(1, 1, group, 1)  # rows are (head-in-group, query)
-    return mask
+def _near_keep(pos: torch.Tensor, idx: torch.Tensor, docs: Optional[torch.Tensor], w: int, near_block: int,
+               n_start: torch.Tensor, n_last: torch.Tensor, lo: torch.Tensor, below_end: torch.Tensor,
+               above_start: torch.Tensor, hi: torch.Tensor, local_start: torch.Tensor) -> torch.Tensor:
+    """Every near block's visibility at once, [B, n_near, near_block, max keys].
+
+    Column c of block n is special slot ``lo + c`` (first range), then ``above_start + c - n1``
+    (second range), then the local key ``local_start + c - n1 - n2``; then padding.
+    """
+    B, L = pos.shape[0], (docs.shape[1] if docs is not None else None)
+    dev = pos.device
+    n1, n2 = below_end - lo, (hi - above_start).clamp(min=0)
+    n_keys = n1 + n2 + (n_last + 1 - local_start)
+    col = torch.arange(int(n_keys.max()), device=dev)[None, :]
+    in_special = col < (n1 + n2)[:, None]
+    in_local = ~in_special & (col < n_keys[:, None])
+    slot = torch.where(col < n1[:, None], lo[:, None] + col, above_start[:, None] + col - n1[:, None])
+    slot = torch.where(in_special, slot, 0)
+    k_pos = (local_start - n1 - n2)[:, None] + col  # meaningful on local columns only
+    q_pos = n_start[:, None] + torch.arange(near_block, device=dev)[None, :]  # [n_near, rows]
+    n_near, n_cols = slot.shape
+
+    def per_slot(table: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, n_near, cols]
+        if table.shape[1] == 0:
+            return torch.zeros(B, n_near, n_cols, dtype=table.dtype, device=dev)
+        return table.gather(1, slot.reshape(1, -1).expand(B, -1)).view(B, n_near, n_cols)
+
+    see_special = in_special[None, :, None, :] & (per_slot(pos)[:, :, None, :] <= (q_pos - w)[None, :, :, None])
+    dist = q_pos[:, :, None] - k_pos[:, None, :]
+    see_local = (in_local[:, None, :] & (dist >= 0) & (dist < w))[None]
+    keep = see_special | see_local
+    if docs is not None:
+        def doc_at(positions: torch.Tensor) -> torch.Tensor:  # [B or 1, ...] positions -> doc ids [B, ...]
+            flat = positions.clamp(0, L - 1).reshape(positions.shape[0], -1).expand(B, -1)
+            return docs.gather(1, flat).view(B, *positions.shape[1:])
+        col_doc = torch.where(in_special[None], doc_at(per_slot(idx)), doc_at(k_pos[None]))
+        keep = keep & (col_doc[:, :, None, :] == doc_at(q_pos[None])[:, :, :, None])
+    return keep
 
 
 def _fold(x: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:
@@ -209,15 +258,6 @@ def _fold(x: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:
 def _unfold(x: torch.Tensor, group: int) -> torch.Tensor:
     """[B, Hkv, group * rows(, D)] -> [B, Hq, rows(, D)]."""
     return x if group == 1 else x.reshape(x.shape[0], x.shape[1] * group, -1, *x.shape[3:])
-
-
-def _sub_rows(x: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:
-    """Rows [start, end) of a folded block [B, Hkv, group * rows(, D)], folded again."""
-    if group == 1:
-        return x[:, :, start:end]
-    B, Hkv = x.shape[:2]
-    rows = x.view(B, Hkv, group, -1, *x.shape[3:])[:, :, :, start:end]
-    return rows.reshape(B, Hkv, -1, *x.shape[3:])
 
 
 def _near_keys(x: torch.Tensor, x_special: torch.Tensor, blk: NearBlock) -> torch.Tensor:
@@ -248,18 +288,19 @@ class CompactSepAttention(torch.autograd.Function):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         for pre, nears in plan.groups:
-            if not pre.empty:
-                o_pre, lse_pre = _flash_fwd(_fold(q, group, pre.start, pre.end), k_special[:, :, pre.lo:pre.hi],
-                                            v_special[:, :, pre.lo:pre.hi], 0.0, False, scale=scale)
             for blk in nears:
                 o, l_blk = _flash_fwd(_fold(q, group, blk.start, blk.end), _near_keys(k, k_special, blk),
                                       _near_keys(v, v_special, blk), 0.0, False,
-                                      attn_mask=near_mask(plan, blk, q.dtype, group), scale=scale)
-                if not pre.empty:
-                    r0, r1 = blk.start - pre.start, blk.end - pre.start
-                    o, l_blk = _merge(_sub_rows(o_pre, group, r0, r1), _sub_rows(lse_pre, group, r0, r1), o, l_blk)
+                                      attn_mask=plan.near_mask(blk, q.dtype, group), scale=scale)
                 out[:, :, blk.start:blk.end] = _unfold(o, group)
                 lse[:, :, blk.start:blk.end] = _unfold(l_blk, group)
+            if not pre.empty:
+                a, b = pre.start, pre.end
+                o_pre, lse_pre = _flash_fwd(_fold(q, group, a, b), k_special[:, :, pre.lo:pre.hi],
+                                            v_special[:, :, pre.lo:pre.hi], 0.0, False, scale=scale)
+                o, l_blk = _merge(o_pre, lse_pre, _fold(out, group, a, b), _fold(lse, group, a, b))
+                out[:, :, a:b] = _unfold(o, group)
+                lse[:, :, a:b] = _unfold(l_blk, group)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out
@@ -283,7 +324,7 @@ class CompactSepAttention(torch.autograd.Function):
                 dq_b, dk_b, dv_b = _flash_bwd(
                     _fold(grad_out, group, a, b), _fold(q, group, a, b), _near_keys(k, k_special, blk),
                     _near_keys(v, v_special, blk), _fold(out, group, a, b), _fold(lse, group, a, b), 0.0, False,
-                    attn_mask=near_mask(plan, blk, q.dtype, group), scale=ctx.scale)
+                    attn_mask=plan.near_mask(blk, q.dtype, group), scale=ctx.scale)
                 dq[:, :, a:b] = _unfold(dq_b, group)
                 offset = 0
                 for x, y in blk.special_ranges:
@@ -324,7 +365,8 @@ def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep:
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
     if plan is None:
-        plan = build_plan(is_sep, rule, doc_ids, prefix_block, near_block)
+        plan = _PLANS.get(is_sep, doc_ids, (rule, prefix_block, near_block),
+                          lambda: build_plan(is_sep, rule, doc_ids, prefix_block, near_block))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return CompactSepAttention.apply(q, k, v, plan, scale)

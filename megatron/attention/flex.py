@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from megatron.attention.compact import gather_specials, special_flags
+from megatron.attention.compact import LastInputsCache, gather_specials, special_flags
 from megatron.attention.sepllm_rule import SepRule, positions_in_document
 
 FLEX_BLOCK = 128
@@ -90,24 +90,25 @@ def build_flex_layout(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[tor
     lo = torch.zeros_like(hi)
     loc_lo = (q_first - w + 1).clamp(min=0).expand(B, n_q)
     loc_hi = (q_last + 1).expand(B, n_q)
-    monotonic = docs is None or bool((docs[:, 1:] >= docs[:, :-1]).all())
-    if docs is not None and monotonic:
+    # Tiles every query of the tile sees entirely skip mask_mod ("full" tiles).
+    full_sp_lo = lo
+    full_loc_lo = (q_last - w + 1).clamp(min=0).expand(B, n_q)
+    full_loc_hi = (q_first + 1).expand(B, n_q)
+    contiguous_docs = docs is None or bool((docs[:, 1:] >= docs[:, :-1]).all())
+    if docs is not None and contiguous_docs:
         doc_start = torch.arange(L, device=dev) - positions_in_document(docs)
-        first_start = doc_start[:, q_first]
+        first_start, last_start = doc_start[:, q_first], doc_start[:, q_last]
         lo = csum0.gather(1, first_start)
         loc_lo = torch.maximum(loc_lo, first_start)
+        # Only keys in the document of the tile's last query can be seen by all of its queries.
+        full_sp_lo = csum0.gather(1, last_start)
+        full_loc_lo = torch.maximum(full_loc_lo, last_start)
     sp_live = _ranges_to_blocks(lo, torch.maximum(hi, lo), n_sp, block)
     loc_live = _ranges_to_blocks(loc_lo, loc_hi, n_loc, block)
-    if docs is None:
-        sp_full = _ranges_to_full_blocks(lo, hi_full, n_sp, block)
-        # A local tile is full when every query of the tile sees every key of it.
-        full_lo = (q_last - w + 1).clamp(min=0)
-        full_hi = q_first + 1
-        loc_full = _ranges_to_full_blocks(full_lo, torch.minimum(full_hi, torch.tensor(L, device=dev)),
-                                          n_loc, block).expand(B, n_q, n_loc)
-    else:
-        sp_full = torch.zeros_like(sp_live)
-        loc_full = torch.zeros_like(loc_live)
+    sp_full = _ranges_to_full_blocks(full_sp_lo, hi_full, n_sp, block)
+    loc_full = _ranges_to_full_blocks(full_loc_lo, full_loc_hi, n_loc, block)
+    if not contiguous_docs:  # repeated document ids: let mask_mod decide everywhere
+        sp_full, loc_full = torch.zeros_like(sp_live), torch.zeros_like(loc_live)
     full = torch.cat([sp_full, loc_full], dim=-1)
     partial = torch.cat([sp_live, loc_live], dim=-1) & ~full
     kv_num, kv_idx = _sort_live_first(partial[:, None])
@@ -146,6 +147,9 @@ def _make_mask_mod(special_pos: torch.Tensor, docs: Optional[torch.Tensor], spec
     return sep_mask
 
 
+_LAYOUTS = LastInputsCache()
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
@@ -161,7 +165,7 @@ def flex_sep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep
     CPU backward: use it on CPU only to check the forward.
     """
     if layout is None:
-        layout = build_flex_layout(is_sep, rule, doc_ids)
+        layout = _LAYOUTS.get(is_sep, doc_ids, (rule,), lambda: build_flex_layout(is_sep, rule, doc_ids))
     B, Hkv, L, D = k.shape
     gather = layout.special_idx[:, None, :, None].expand(B, Hkv, layout.capacity, D)
     k_all = torch.cat([k.gather(2, gather), k], dim=2)
