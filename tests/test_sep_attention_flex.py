@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.attention import attend
+from megatron.attention import attend, separator_flags
 from megatron.attention.compact import special_flags
 from megatron.attention.flex import FLEX_BLOCK, build_flex_layout, flex_sep_attention
 from megatron.attention.reference import reference_attention
@@ -30,6 +30,27 @@ def test_flex_forward_matches_reference(case: str):
         got = flex_sep_attention(q, k, v, is_sep, rule, docs, compile=False)
         want = reference_attention(q.double(), k.double(), v.double(), is_sep, rule, docs)
     assert rel_err(got, want) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("mode", ["sepllm", "streamingllm", "fixed_interval", "full"])
+def test_flex_forward_all_modes_via_separator_flags(mode: str):
+    B, L = 2, 300
+    tokens = torch.randint(0, 50, (B, L), generator=torch.Generator().manual_seed(5))
+    rule = SepRule(mode, n_init=3, n_local=16, interval=5)
+    is_sep = separator_flags(tokens, rule, separator_ids=torch.tensor([1, 7, 13, 42]))
+    q, k, v, _ = make_inputs(B, 4, 2, L, 8)
+    with torch.no_grad():
+        got = flex_sep_attention(q, k, v, is_sep, rule, compile=False)  # the kernel itself, even for 'full'
+        want = reference_attention(q.double(), k.double(), v.double(), is_sep, rule)
+    assert rel_err(got, want) <= FP32_RTOL
+
+
+def test_flex_forward_bf16():
+    q, k, v, is_sep, rule, docs = case_inputs("documents")
+    with torch.no_grad():
+        got = flex_sep_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_sep, rule, docs, compile=False)
+        want = reference_attention(q.double(), k.double(), v.double(), is_sep, rule, docs)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) <= 2e-2
 
 
 def test_flex_through_attend():
