@@ -114,7 +114,8 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
             loss /= st.dp_size
         evals.append(float(loss))
     tp_dims = {n: getattr(p, "tensor_parallel_dim", None) for n, p in model.named_parameters()}
-    return {"losses": losses, "grads": grads, "tp_dims": tp_dims, "evals": evals, "step_times": step_times, "step_comm": step_comm,
+    seq_parallel = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
+    return {"losses": losses, "grads": grads, "tp_dims": tp_dims, "sequence_parallel_params": seq_parallel, "evals": evals, "step_times": step_times, "step_comm": step_comm,
             "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank}
 
 

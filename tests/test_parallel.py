@@ -74,6 +74,30 @@ def test_tp2_pp2_matches_single_rank(reference):
                                           eval_batches=1))
 
 
+def test_tp2_sequence_parallel_matches_single_rank(reference):
+    """Norms and residuals on L/2 positions per rank, all-gather before and reduce-scatter after each
+    TP region: same losses and gradients (norm gradients summed over the TP group)."""
+    results = run_layout(model_tree(model_parallel_size=2, sequence_parallel=True), 2, eval_batches=1)
+    assert_same_run(reference, results)
+    norm = "layers.0.input_norm.weight"
+    assert {norm, "layers.0.attention.dense.bias", "final_norm.bias"} <= set(results[0]["sequence_parallel_params"])
+    assert torch.equal(results[0]["grads"][norm], results[1]["grads"][norm])
+
+
+@pytest.mark.slow
+def test_tp2_sequence_parallel_learned_positions_swiglu_matches_single_rank():
+    tree = dict(pos_emb="learned", activation="swiglu", norm="rmsnorm", no_weight_tying=True)
+    ref = train_layout(model_tree(**tree), steps=5)
+    results = run_layout(model_tree(model_parallel_size=2, sequence_parallel=True, **tree), 2)
+    assert_same_run(ref, results, tied=False)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_sequence_parallel_matches_single_rank(reference):
+    tree = model_tree(model_parallel_size=2, pipe_parallel_size=2, sequence_parallel=True)
+    assert_same_run(reference, run_layout(tree, 4, eval_batches=1))
+
+
 def test_tp2_checkpoint_resharded_to_tp1_resumes(reference, tmp_path):
     """Save at step 3 of a TP2 run, re-shard to TP1 with the CLI, resume: steps 4-5 continue as
     the TP2 run did."""

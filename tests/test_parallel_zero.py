@@ -48,6 +48,12 @@ def test_tp2_zero1_dp2_matches_single_rank(reference):
     assert close(run_layout(tree, 4)[0]["losses"], reference["losses"])
 
 
+def test_tp2_sequence_parallel_zero2_dp2_matches_single_rank(reference):
+    tree = model_tree(model_parallel_size=2, sequence_parallel=True, gradient_accumulation_steps=2,
+                      zero_optimization={"stage": 2})
+    assert close(run_layout(tree, 4)[0]["losses"], reference["losses"])
+
+
 def test_zero2_trainer_through_deepy_matches_single_process(tiny_dataset, tmp_path):
     import json
 

@@ -304,6 +304,9 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"num_kv_heads {cfg.num_kv_heads} is not divisible by model_parallel_size {tp}")
     if m.num_layers % pp:
         raise ConfigError(f"num_layers {m.num_layers} is not divisible by pipe_parallel_size {pp}")
+    if cfg.parallel.sequence_parallel and tp > 1 and m.seq_length % tp:
+        raise ConfigError(f"sequence_parallel: seq_length {m.seq_length} is not divisible by "
+                          f"model_parallel_size {tp}")
     dp = world_size // (tp * pp)
     tb = cfg.training.train_batch_size
     derived = cfg.training.train_micro_batch_size_per_gpu * cfg.training.gradient_accumulation_steps * dp

@@ -15,10 +15,10 @@ import torch.utils.checkpoint
 from megatron.attention import document_ids, resolve_layer_rules, separator_flags
 from megatron.config.schema import Config
 from megatron.model.rotary import RotaryEmbedding
-from megatron.model.transformer import AttentionInputs, Norm, TransformerLayer, rotary_dim
+from megatron.model.transformer import AttentionInputs, TransformerLayer, make_norm, rotary_dim, sequence_parallel
 from megatron.parallel import (VocabParallelEmbedding, get_state, master_normal,
                                parallel_lm_logits, vocab_parallel_cross_entropy)
-from megatron.parallel.mappings import gather_from_tp
+from megatron.parallel.mappings import gather_from_tp, scatter_to_sequence_parallel
 
 
 class GPTModel(nn.Module):
@@ -43,9 +43,12 @@ class GPTModel(nn.Module):
         # layer_ids (interleaved pipeline: several non-adjacent chunks per rank) overrides layer_range.
         ids = list(layer_ids) if layer_ids is not None else list(range(start, end))
         seed, std = cfg.training.seed, m.init_method_std
+        # Sequence parallelism: hidden states between layers (and pipeline stages) hold L / tp positions.
+        self.sequence_parallel = sequence_parallel(cfg)
         self.rotary = RotaryEmbedding(rotary_dim(cfg), m.rotary_emb_base) if rotary_dim(cfg) else None
         if pre_process:
-            self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, std, seed, "embed")
+            self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, std, seed, "embed",
+                                                sequence_parallel=self.sequence_parallel)
             if m.pos_emb == "learned":
                 max_pos = m.max_position_embeddings or m.seq_length
                 self.pos_embed = nn.Parameter(master_normal((max_pos, m.hidden_size), std, seed,
@@ -53,7 +56,7 @@ class GPTModel(nn.Module):
         # Keyed by global layer index: parameter names are the same under every pipeline split.
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, i, self.rules[i]) for i in ids})
         if post_process:
-            self.final_norm = Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm)
+            self.final_norm = make_norm(cfg)
             if m.no_weight_tying or not pre_process:
                 # Untied head, or the last pipeline stage's copy of a tied embedding (kept equal
                 # to the first stage's by the pipeline engine's embedding-group all-reduce).
@@ -82,7 +85,9 @@ class GPTModel(nn.Module):
         h = self.embed(tokens)
         if hasattr(self, "pos_embed"):
             pos = positions if positions is not None else torch.arange(tokens.shape[1], device=tokens.device)
-            h = h + self.pos_embed[pos]
+            pos_h = self.pos_embed[pos]
+            pos_h = pos_h[None] if pos_h.dim() == 2 else pos_h
+            h = h + (scatter_to_sequence_parallel(pos_h) if self.sequence_parallel else pos_h)
         return h
 
     def run_layers(self, hidden: torch.Tensor, inp: AttentionInputs,
@@ -97,7 +102,8 @@ class GPTModel(nn.Module):
 
     def head(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-token loss [B, L] when labels are given, else this rank's logit shard [B, L, V/tp]."""
-        logits = parallel_lm_logits(self.final_norm(hidden), self.output_weight)
+        logits = parallel_lm_logits(self.final_norm(hidden), self.output_weight,
+                                    sequence_parallel=self.sequence_parallel)
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron.attention import SepRule, attend
 from megatron.config.schema import Config
 from megatron.kernels import apply_rotary_qk, layer_norm, rms_norm
-from megatron.parallel import ColumnParallelLinear, RowParallelLinear, get_state
+from megatron.parallel import ColumnParallelLinear, RowParallelLinear, get_state, mark_sequence_parallel
 
 
 @dataclass
@@ -26,11 +26,14 @@ class AttentionInputs:
 
 
 class Norm(nn.Module):
-    def __init__(self, hidden: int, kind: str, eps: float, fused: Optional[bool]):
+    def __init__(self, hidden: int, kind: str, eps: float, fused: Optional[bool], sequence_parallel: bool = False):
         super().__init__()
         self.kind, self.eps, self.fused = kind, eps, fused
         self.weight = nn.Parameter(torch.ones(hidden))
         self.bias = nn.Parameter(torch.zeros(hidden)) if kind == "layernorm" else None
+        if sequence_parallel:
+            mark_sequence_parallel(self.weight)
+            mark_sequence_parallel(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -44,6 +47,16 @@ def head_dim(cfg: Config) -> int:
 
 def rotary_dim(cfg: Config) -> int:
     return int(head_dim(cfg) * cfg.model.rotary_pct) if cfg.model.pos_emb == "rotary" else 0
+
+
+def sequence_parallel(cfg: Config) -> bool:
+    """Activations outside the TP regions are split along the sequence (only meaningful with tp > 1)."""
+    return cfg.parallel.sequence_parallel and get_state().tp_size > 1
+
+
+def make_norm(cfg: Config) -> Norm:
+    m = cfg.model
+    return Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm, sequence_parallel(cfg))
 
 
 def ffn_size(cfg: Config) -> int:
@@ -67,24 +80,27 @@ class SelfAttention(nn.Module):
         self.rotary_dim, self.interleaved, self.fused_rope = rotary_dim(cfg), m.rotary_interleaved, m.fused_rope
         self.kv_local = cfg.num_kv_heads // tp
         self.group = m.num_attention_heads // cfg.num_kv_heads
-        seed, std = cfg.training.seed, m.init_method_std
+        seed, std, sp = cfg.training.seed, m.init_method_std, sequence_parallel(cfg)
         out_std = std / math.sqrt(2 * m.num_layers)
         self.qkv = ColumnParallelLinear(m.hidden_size, (m.num_attention_heads + 2 * cfg.num_kv_heads) * self.d,
-                                        m.use_bias_in_attn_linear, std, seed, f"layers.{layer}.attention.qkv")
-        self.dense = RowParallelLinear(m.num_attention_heads * self.d, m.hidden_size,
-                                       m.use_bias_in_attn_linear, out_std, seed, f"layers.{layer}.attention.dense")
+                                        m.use_bias_in_attn_linear, std, seed, f"layers.{layer}.attention.qkv",
+                                        sequence_parallel=sp)
+        self.dense = RowParallelLinear(m.num_attention_heads * self.d, m.hidden_size, m.use_bias_in_attn_linear,
+                                       out_std, seed, f"layers.{layer}.attention.dense", sequence_parallel=sp)
         self.dropout = m.attention_dropout
 
     def project_qkv(self, x: torch.Tensor):
-        """x [B, L, H] -> q [B, L, Hq_local, D], k, v [B, L, Hkv_local, D] (before rotary)."""
-        B, L, _ = x.shape
-        y = self.qkv(x).view(B, L, self.kv_local, self.group + 2, self.d)
+        """x [B, L, H] -> q [B, L, Hq_local, D], k, v [B, L, Hkv_local, D] (before rotary). Under sequence
+        parallelism x holds L / tp positions and the projection gathers the whole sequence."""
+        y = self.qkv(x)
+        B, L = y.shape[:2]
+        y = y.view(B, L, self.kv_local, self.group + 2, self.d)
         q = y[:, :, :, : self.group].reshape(B, L, self.kv_local * self.group, self.d)
         return q, y[:, :, :, self.group], y[:, :, :, self.group + 1]
 
     def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
-        B, L, _ = x.shape
         q, k, v = self.project_qkv(x)
+        B, L = q.shape[:2]
         if self.rotary_dim:
             q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
                                    fused=self.fused_rope)
@@ -97,14 +113,17 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         m = cfg.model
-        seed, std, ffn = cfg.training.seed, m.init_method_std, ffn_size(cfg)
+        seed, std, ffn, sp = cfg.training.seed, m.init_method_std, ffn_size(cfg), sequence_parallel(cfg)
         out_std = std / math.sqrt(2 * m.num_layers)
         self.activation = m.activation
         key = f"layers.{layer}.mlp"
-        self.fc_in = ColumnParallelLinear(m.hidden_size, ffn, m.use_bias_in_mlp, std, seed, key + ".fc_in")
+        self.fc_in = ColumnParallelLinear(m.hidden_size, ffn, m.use_bias_in_mlp, std, seed, key + ".fc_in",
+                                          sequence_parallel=sp)
         if m.activation == "swiglu":
-            self.fc_gate = ColumnParallelLinear(m.hidden_size, ffn, m.use_bias_in_mlp, std, seed, key + ".fc_gate")
-        self.fc_out = RowParallelLinear(ffn, m.hidden_size, m.use_bias_in_mlp, out_std, seed, key + ".fc_out")
+            self.fc_gate = ColumnParallelLinear(m.hidden_size, ffn, m.use_bias_in_mlp, std, seed, key + ".fc_gate",
+                                                sequence_parallel=sp)
+        self.fc_out = RowParallelLinear(ffn, m.hidden_size, m.use_bias_in_mlp, out_std, seed, key + ".fc_out",
+                                        sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)
@@ -124,8 +143,8 @@ class TransformerLayer(nn.Module):
         super().__init__()
         m = cfg.model
         self.parallel_residual = m.gpt_j_residual
-        self.input_norm = Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm)
-        self.post_attention_norm = Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm)
+        self.input_norm = make_norm(cfg)
+        self.post_attention_norm = make_norm(cfg)
         self.attention = SelfAttention(cfg, layer, rule)
         self.mlp = MLP(cfg, layer)
         self.hidden_dropout = m.hidden_dropout

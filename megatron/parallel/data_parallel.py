@@ -45,3 +45,24 @@ def allreduce_tied_embedding_grads(model: torch.nn.Module) -> None:
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
     dist.all_reduce(weight.grad, group=get_state().embedding_group)
+
+
+def sequence_parallel_params(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    return [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum, over the TP group, the gradients of parameters that saw only this rank's part of the
+    sequence (norms, row-parallel biases under sequence parallelism), as one flat buffer."""
+    st = get_state()
+    if st.tp_size == 1:
+        return
+    grads = [p.grad for p in sequence_parallel_params(model) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=st.tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()

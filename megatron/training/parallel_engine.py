@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from megatron.parallel import get_state
 from megatron.parallel.layout import zero_stage
-from megatron.parallel.data_parallel import allreduce_gradients, allreduce_tied_embedding_grads
+from megatron.parallel.data_parallel import (allreduce_gradients, allreduce_sequence_parallel_grads,
+                                             allreduce_tied_embedding_grads)
 from megatron.training.optimizer import clip_grad_norm_
 from megatron.training.pipeline import pipeline_runner
 
@@ -44,6 +45,7 @@ class DenseEngine:
         return total / len(micro_batches)
 
     def reduce_gradients(self, params: List[torch.nn.Parameter]) -> None:
+        allreduce_sequence_parallel_grads(self.model)
         if self.state.dp_size > 1:
             allreduce_gradients(params, self.state.dp_group)
         allreduce_tied_embedding_grads(self.model)
