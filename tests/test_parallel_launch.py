@@ -24,6 +24,9 @@ def one_line_error(out, *fragments):
     (dict(model_parallel_size=3), 3, "num_attention_heads 4 is not divisible by model_parallel_size 3"),
     (dict(pipe_parallel_size=3), 3, "num_layers 2 is not divisible by pipe_parallel_size 3"),
     (dict(model_parallel_size=2), 3, "world size 3 is not divisible by model_parallel_size 2"),
+    (dict(pipe_parallel_size=2, gradient_accumulation_steps=1), 2, "must be >= pipe_parallel_size 2"),
+    (dict(pipe_parallel_size=2, gradient_accumulation_steps=2, zero_optimization={"stage": 2}), 2,
+     "zero_optimization.stage 2 with pipe_parallel_size 2 is not supported"),
 ])
 def test_bad_layout_rejected_by_deepy_before_launch(tmp_path, overrides, procs, message):
     cfg = write_config(tmp_path / "bad.yml", tiny_config_tree(str(tmp_path / "unused"), **overrides))
@@ -83,6 +86,8 @@ def test_two_node_loopback_launch_with_hostfile(tiny_dataset, tmp_path):
         assert p.returncode == 0, stderr[-2000:]
         assert "resolved config" in stdout
     assert "dp=2" in outs[0][0] and "iter      3/3" in outs[0][0]
+    assert "[rank 1 on " in outs[1][0] and "joined: tp rank 0, pp rank 0, dp rank 1" in outs[1][0]
+    assert "finished at iteration 3" in outs[1][0]
     single = write_config(tmp_path / "one.yml", tiny_config_tree(tiny_dataset, log_dir=str(tmp_path / "one"),
                                                                 train_iters=3, train_micro_batch_size_per_gpu=4))
     assert run_cli(["train.py", single]).returncode == 0

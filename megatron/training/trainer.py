@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -76,10 +78,17 @@ class Trainer:
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
                  f"{self.state.tp_size} pp={self.state.pp_size} dp={self.dp_size}, device {self.device}")
+        self.node_log(f"joined: tp rank {self.state.tp_rank}, pp rank {self.state.pp_rank}, dp rank "
+                      f"{self.state.dp_rank}, device {self.device}")
 
     def log(self, msg: str) -> None:
         if self.is_logger:
             self._print(msg)
+
+    def node_log(self, msg: str) -> None:
+        """One line from the first process of every other node, so each node's output shows it took part."""
+        if not self.is_logger and self.world > 1 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            self._print(f"[rank {rank()} on {socket.gethostname()}] {msg}")
 
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:
@@ -171,23 +180,24 @@ class Trainer:
         tokens_per_iter = self.global_batch * cfg.model.seq_length
         losses: List[float] = []
         self.model.train()
-        window_start, window_iters = time.perf_counter(), 0
+        window_time, window_iters = 0.0, 0  # training time only: evaluation and saving are not counted
         self.log(f"training iterations {self.iteration + 1}..{tr.train_iters}, global batch "
                  f"{self.global_batch} x {cfg.model.seq_length} tokens")
         start_iteration, saved = self.iteration, False
         while self.iteration < tr.train_iters:
+            step_start = time.perf_counter()
             stats = self.train_step(next(batches))
+            window_time += time.perf_counter() - step_start
             losses.append(stats["loss"])
             window_iters += 1
             if self.iteration % lg.log_interval == 0 or self.iteration == tr.train_iters:
-                elapsed = time.perf_counter() - window_start
-                stats["tokens_per_sec"] = tokens_per_iter * window_iters / elapsed
-                stats["iter_time"] = elapsed / window_iters
+                stats["tokens_per_sec"] = tokens_per_iter * window_iters / window_time
+                stats["iter_time"] = window_time / window_iters
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
                          f"{stats['lr']:.3e} | grad_norm {stats['grad_norm']:.3f} | tokens/s "
                          f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter")
                 self.metrics.log(self.iteration, stats)
-                window_start, window_iters = time.perf_counter(), 0
+                window_time, window_iters = 0.0, 0
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 val = self.evaluate()
                 if val is not None:
@@ -205,6 +215,7 @@ class Trainer:
             if ck.save and self.iteration > start_iteration and not saved:
                 self.save()
         self.metrics.close()
+        self.node_log(f"finished at iteration {self.iteration}")
         return losses
 
 
