@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from distributed_helpers import SEPARATORS, install_comm_timer, model_tree, run_layout, train_layout  # noqa: E402
 
 LAYOUTS = [("1 rank", {}, 1), ("DP2", {"dp": 2}, 2), ("TP2", {"model_parallel_size": 2}, 2),
+           ("TP2 + SP", {"model_parallel_size": 2, "sequence_parallel": True}, 2),
            ("PP2 1F1B", {"pipe_parallel_size": 2}, 2)]
 
 

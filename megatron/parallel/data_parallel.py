@@ -1,5 +1,6 @@
 """Gradient synchronisation outside the tensor-parallel layers: data-parallel averaging (DDP
-semantics, one flat buffer) and the tied-embedding all-reduce between first and last pipeline stage."""
+semantics, one flat buffer), the tied-embedding all-reduce between first and last pipeline stage, and
+the TP sum of sequence-parallel gradients."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -10,18 +11,23 @@ import torch.distributed as dist
 from megatron.parallel.state import get_state
 
 
-def allreduce_gradients(params: List[torch.nn.Parameter], group) -> None:
-    """Average gradients over the data-parallel group, as one flat buffer."""
-    grads = [p.grad for p in params if p.grad is not None]
+def _allreduce_flat(grads: List[torch.Tensor], group, average: bool) -> None:
+    """Sum (or average) tensors over ``group`` in place, as one flat buffer."""
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    if average:
+        flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset: offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def allreduce_gradients(params: List[torch.nn.Parameter], group) -> None:
+    """Average gradients over the data-parallel group, as one flat buffer."""
+    _allreduce_flat([p.grad for p in params if p.grad is not None], group, average=True)
 
 
 def tied_embedding_weight(model: torch.nn.Module) -> Optional[torch.nn.Parameter]:
@@ -55,14 +61,6 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
     """Sum, over the TP group, the gradients of parameters that saw only this rank's part of the
     sequence (norms, row-parallel biases under sequence parallelism), as one flat buffer."""
     st = get_state()
-    if st.tp_size == 1:
-        return
-    grads = [p.grad for p in sequence_parallel_params(model) if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=st.tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if st.tp_size > 1:
+        _allreduce_flat([p.grad for p in sequence_parallel_params(model) if p.grad is not None], st.tp_group,
+                        average=False)
