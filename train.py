@@ -24,7 +24,10 @@ def main(argv=None) -> int:
             print("resolved config:\n" + dump_config(cfg), flush=True)
         from megatron.training.trainer import Trainer
 
+        from megatron.training.distributed import shutdown_distributed
+
         Trainer(cfg).train()
+        shutdown_distributed()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

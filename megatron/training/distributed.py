@@ -34,3 +34,12 @@ def barrier() -> None:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def shutdown_distributed() -> None:
+    """End of a successful run: wait for every rank, then tear the process group down explicitly.
+    Left to interpreter exit, gloo's worker threads can be destroyed while still joinable, which
+    aborts the process (SIGABRT, "terminate called without an active exception") after the work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

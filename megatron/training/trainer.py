@@ -87,7 +87,10 @@ class Trainer:
 
     def node_log(self, msg: str) -> None:
         """One line from the first process of every other node, so each node's output shows it took part."""
-        if not self.is_logger and self.world > 1 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        local, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        node_first = rank() - local
+        logger = self.world - 1 if self.state.pp_size > 1 else 0
+        if self.world > 1 and local == 0 and not node_first <= logger < node_first + local_world:
             self._print(f"[rank {rank()} on {socket.gethostname()}] {msg}")
 
     # ------------------------------------------------------------------ data
