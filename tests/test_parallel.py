@@ -85,8 +85,9 @@ def test_tp2_sequence_parallel_matches_single_rank(reference):
 
 
 @pytest.mark.slow
-def test_tp2_sequence_parallel_learned_positions_swiglu_matches_single_rank():
-    tree = dict(pos_emb="learned", activation="swiglu", norm="rmsnorm", no_weight_tying=True)
+def test_tp2_sequence_parallel_learned_positions_swiglu_recompute_matches_single_rank():
+    tree = dict(pos_emb="learned", activation="swiglu", norm="rmsnorm", no_weight_tying=True,
+                checkpoint_activations=True)
     ref = train_layout(model_tree(**tree), steps=5)
     results = run_layout(model_tree(model_parallel_size=2, sequence_parallel=True, **tree), 2)
     assert_same_run(ref, results, tied=False)
