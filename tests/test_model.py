@@ -99,10 +99,15 @@ def test_separate_documents_blocks_cross_document_attention():
 
 
 def test_vocab_parallel_cross_entropy_matches_torch_at_tp1():
-    logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
-    target = torch.randint(0, 11, (6,))
-    ours = vocab_parallel_cross_entropy(logits, target)
-    ref = F.cross_entropy(logits, target, reduction="none")
+    """The sharded-vocabulary autograd function itself (tp == 1 routes to torch / the fused kernel; the
+    TP2 layout tests compare the two paths end to end)."""
+    from megatron.parallel.cross_entropy import _VocabParallelCrossEntropy
+
+    logits = torch.randn(2, 6, 11, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 11, (2, 6))
+    ours = _VocabParallelCrossEntropy.apply(logits, target, 0)
+    assert torch.allclose(vocab_parallel_cross_entropy(logits, target).double(), ours.double())
+    ref = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     assert torch.allclose(ours.double(), ref)
     (g1,) = torch.autograd.grad(ours.sum(), logits)
     (g2,) = torch.autograd.grad(ref.sum(), logits)

@@ -106,7 +106,7 @@ class GPTModel(nn.Module):
                                     sequence_parallel=self.sequence_parallel)
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels)
+        return vocab_parallel_cross_entropy(logits, labels, fused=self.cfg.model.fused_cross_entropy)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 hidden_states: Optional[torch.Tensor] = None,

@@ -35,10 +35,11 @@ class Norm(nn.Module):
             mark_sequence_parallel(self.weight)
             mark_sequence_parallel(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """norm(x), or with ``residual`` (norm(x + residual), x + residual) from one fused pass."""
         if self.kind == "rmsnorm":
-            return rms_norm(x, self.weight, self.eps, fused=self.fused)
-        return layer_norm(x, self.weight, self.bias, self.eps, fused=self.fused)
+            return rms_norm(x, self.weight, self.eps, residual, fused=self.fused)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual, fused=self.fused)
 
 
 def head_dim(cfg: Config) -> int:
@@ -153,5 +154,5 @@ class TransformerLayer(nn.Module):
         drop = lambda t: F.dropout(t, self.hidden_dropout, self.training) if self.hidden_dropout else t
         if self.parallel_residual:
             return x + drop(self.attention(self.input_norm(x), inp)) + drop(self.mlp(self.post_attention_norm(x)))
-        h = x + drop(self.attention(self.input_norm(x), inp))
-        return h + drop(self.mlp(self.post_attention_norm(h)))
+        normed, h = self.post_attention_norm(drop(self.attention(self.input_norm(x), inp)), residual=x)
+        return h + drop(self.mlp(normed))

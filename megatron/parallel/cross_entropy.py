@@ -1,9 +1,12 @@
 """Cross entropy over vocabulary-parallel logits, without gathering the full vocabulary."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
+from megatron.kernels import fused_cross_entropy
 from megatron.parallel.state import get_state
 
 
@@ -40,8 +43,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad * grad_loss[..., None], None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-token loss; ``logits`` [..., V/tp] is this rank's shard, ``target`` holds global ids."""
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                                 fused: Optional[bool] = None) -> torch.Tensor:
+    """Per-token loss; ``logits`` [..., V/tp] is this rank's shard, ``target`` holds global ids.
+    Unsplit vocabulary (tp == 1): the fused Triton kernel on GPU (``fused``: None = auto), else
+    torch's cross entropy; neither keeps an fp32 softmax of the logits for backward."""
     st = get_state()
+    if st.tp_size == 1:
+        return fused_cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                   fused=fused).view(target.shape)
     vocab_start = st.tp_rank * logits.shape[-1]
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start)

@@ -79,6 +79,7 @@ class PipelineRunner:
         st = get_state()
         par = cfg.parallel
         self.state, self.n_microbatches = st, n_microbatches
+        self.fused_cross_entropy = cfg.model.fused_cross_entropy
         self.chunks = par.virtual_pipe_stages
         num_stages = st.pp_size * self.chunks
         self.stages = []
@@ -98,7 +99,7 @@ class PipelineRunner:
             self.schedule = Schedule1F1B(self.stages[0], n_microbatches, loss_fn=self._loss, scale_grads=False)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = vocab_parallel_cross_entropy(logits, labels).mean()
+        loss = vocab_parallel_cross_entropy(logits, labels, fused=self.fused_cross_entropy).mean()
         self._micro_losses.append(loss.detach().float())
         return loss / self._divisor
 
