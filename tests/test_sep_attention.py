@@ -217,8 +217,8 @@ def test_unknown_and_unavailable_impls_fail_clearly():
     is_sep = torch.zeros(1, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match="attention.impl"):
         attend(q, k, v, is_sep, SepRule(), impl="bogus")
-    with pytest.raises(NotImplementedError, match="flex"):
-        attend(q, k, v, is_sep, SepRule(), impl="triton")
+    with pytest.raises(ValueError, match="attention.impl"):
+        attend(q, k, v, is_sep, SepRule(), impl="triton")  # FlexAttention is the Triton path
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(RuntimeError, match="flash_attn"):
             attend(q, k, v, is_sep, SepRule(), impl="flash")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron.attention.reference import expand_kv_heads, reference_attention
 from megatron.attention.sepllm_rule import SepRule, dense_mask
 
-IMPLS = ("auto", "reference", "compact", "flex", "triton", "sdpa", "flash")
+IMPLS = ("auto", "reference", "compact", "flex", "sdpa", "flash")
 
 
 def dense_causal_attention(q, k, v, rule: SepRule, doc_ids=None, scale=None):
@@ -66,9 +66,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tens
     if impl == "compact":
         from megatron.attention.compact import compact_attention
         return compact_attention(q, k, v, is_sep, rule, doc_ids, scale)
-    if impl == "flex":
-        from megatron.attention.flex import flex_sep_attention
-        return flex_sep_attention(q, k, v, is_sep, rule, doc_ids, scale)
-    raise NotImplementedError(
-        "attention.impl='triton' (a hand-written Triton kernel) is not implemented; 'flex' compiles "
-        "the compact Sep-Attention layout to Triton on CUDA")
+    # impl == "flex": FlexAttention compiles the compact Sep-Attention layout to Triton on CUDA.
+    from megatron.attention.flex import flex_sep_attention
+    return flex_sep_attention(q, k, v, is_sep, rule, doc_ids, scale)
