@@ -1,99 +1,49 @@
-"""Autograd-aware collectives across the tensor-parallel group (identity when tp_size == 1)."""
+"""Autograd-aware collectives across the tensor-parallel group (identity when tp_size == 1).
+
+Each mapping is a pair (forward op, backward op): the backward of a collective is its adjoint
+(all-reduce <-> identity, all-gather <-> split or reduce-scatter).
+
+Sequence parallelism: activations outside the tensor-parallel regions (norms, residuals, dropout) are
+split along the sequence (dim 1 of [B, L, H]) across the TP group; a column-parallel input all-gathers
+the sequence, a row-parallel output reduce-scatters it (Megatron-LM's sequence parallelism).
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from megatron.parallel.state import get_state
 
+SEQ_DIM = 1
+Op = Callable[[torch.Tensor], torch.Tensor]
+
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    st = get_state()
-    if st.tp_size == 1:
-        return x
-    x = x.contiguous()
-    dist.all_reduce(x, group=st.tp_group)
+    x = x.clone().contiguous()
+    dist.all_reduce(x, group=get_state().tp_group)
     return x
 
 
-def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    st = get_state()
-    if st.tp_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(st.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=st.tp_group)
-    return torch.cat(parts, dim=-1)
+def _gather(dim: int) -> Op:
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        st = get_state()
+        parts = [torch.empty_like(x) for _ in range(st.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=st.tp_group)
+        return torch.cat(parts, dim=dim)
+    return gather
 
 
-def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
-    st = get_state()
-    if st.tp_size == 1:
-        return x
-    return x.chunk(st.tp_size, dim=-1)[st.tp_rank].contiguous()
-
-
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g.clone())
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _all_reduce(x.clone())
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _gather_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split_last_dim(g)
-
-
-def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
-    return x if get_state().tp_size == 1 else _CopyToTP.apply(x)
-
-
-def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
-    return x if get_state().tp_size == 1 else _ReduceFromTP.apply(x)
-
-
-def gather_from_tp(x: torch.Tensor) -> torch.Tensor:
-    return x if get_state().tp_size == 1 else _GatherFromTP.apply(x)
-
-
-# ---------------------------------------------------------------- sequence parallelism
-# Activations outside the tensor-parallel regions (norms, residuals, dropout) are split along the
-# sequence dimension (dim 1 of [B, L, H]) across the TP group; a column-parallel input all-gathers
-# the sequence, a row-parallel output reduce-scatters it (Megatron-LM's sequence parallelism).
-SEQ_DIM = 1
-
-
-def _split_seq(x: torch.Tensor) -> torch.Tensor:
-    st = get_state()
-    if x.shape[SEQ_DIM] % st.tp_size:
-        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by tensor parallel size "
-                         f"{st.tp_size} (needed by sequence_parallel)")
-    return x.chunk(st.tp_size, dim=SEQ_DIM)[st.tp_rank].contiguous()
-
-
-def _gather_seq(x: torch.Tensor) -> torch.Tensor:
-    st = get_state()
-    parts = [torch.empty_like(x) for _ in range(st.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=st.tp_group)
-    return torch.cat(parts, dim=SEQ_DIM)
+def _split(dim: int) -> Op:
+    def split(x: torch.Tensor) -> torch.Tensor:
+        st = get_state()
+        if x.shape[dim] % st.tp_size:
+            raise ValueError(f"size {x.shape[dim]} of dim {dim} is not divisible by tensor parallel size "
+                             f"{st.tp_size}" + (" (sequence_parallel needs seq_length % tp == 0)"
+                                                if dim == SEQ_DIM else ""))
+        return x.chunk(st.tp_size, dim=dim)[st.tp_rank].contiguous()
+    return split
 
 
 def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
@@ -103,49 +53,32 @@ def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
         out = torch.empty((x.shape[0] // st.tp_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         dist.reduce_scatter_tensor(out, x, group=st.tp_group)
         return out.transpose(0, SEQ_DIM).contiguous()
-    return _split_seq(_all_reduce(x.clone()))  # gloo has no reduce-scatter; same result
+    return _split(SEQ_DIM)(_all_reduce(x))  # gloo has no reduce-scatter; same result
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split_seq(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_seq(g)
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-class _GatherFromSequence(torch.autograd.Function):
-    """Forward all-gather; backward reduce-scatter: the gathered tensor feeds a TP-split
-    computation, so every rank holds a partial gradient of the whole sequence."""
+def _mapping(name: str, forward: Op, backward: Op) -> Op:
+    fn = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(lambda ctx, x: forward(x)),
+        "backward": staticmethod(lambda ctx, g: backward(g)),
+    })
 
-    @staticmethod
-    def forward(ctx, x):
-        return _gather_seq(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_seq(g)
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _reduce_scatter_seq(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_seq(g)
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return x if get_state().tp_size == 1 else fn.apply(x)
+    apply.__name__ = name
+    return apply
 
 
-def scatter_to_sequence_parallel(x: torch.Tensor) -> torch.Tensor:
-    return x if get_state().tp_size == 1 else _ScatterToSequence.apply(x)
-
-
-def gather_from_sequence_parallel(x: torch.Tensor) -> torch.Tensor:
-    return x if get_state().tp_size == 1 else _GatherFromSequence.apply(x)
-
-
-def reduce_scatter_to_sequence_parallel(x: torch.Tensor) -> torch.Tensor:
-    return x if get_state().tp_size == 1 else _ReduceScatterToSequence.apply(x)
+# Tensor parallelism (hidden states replicated across TP ranks).
+copy_to_tp = _mapping("copy_to_tp", _identity, _all_reduce)
+reduce_from_tp = _mapping("reduce_from_tp", _all_reduce, _identity)
+gather_from_tp = _mapping("gather_from_tp", _gather(-1), _split(-1))
+# Sequence parallelism. The gathered sequence feeds a TP-split computation, so each rank holds a
+# partial gradient of the whole sequence: its backward sums and scatters.
+scatter_to_sequence_parallel = _mapping("scatter_to_sequence_parallel", _split(SEQ_DIM), _gather(SEQ_DIM))
+gather_from_sequence_parallel = _mapping("gather_from_sequence_parallel", _gather(SEQ_DIM), _reduce_scatter_seq)
+reduce_scatter_to_sequence_parallel = _mapping("reduce_scatter_to_sequence_parallel", _reduce_scatter_seq,
+                                               _gather(SEQ_DIM))
