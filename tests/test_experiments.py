@@ -65,26 +65,21 @@ def test_write_section_replaces_only_its_block(tmp_path):
 def test_documents_walks_each_package_and_extracts_html_bodies(tmp_path):
     root = tmp_path / "root"
     long = "Separators squeeze a segment into one token. " * 10
-    linux = root / "usr/share/doc/linux-doc-6.1/Documentation/admin"
-    linux.mkdir(parents=True)
-    (linux / "a.rst.gz").write_bytes(gzip.compress(long.encode()))
-    (linux / "short.rst.gz").write_bytes(gzip.compress(b"too short"))
-    (linux / "image.svg").write_text(long)
-    py = root / "usr/share/doc/python3.11/html/_sources/library"
-    py.mkdir(parents=True)
-    (py / "os.rst.txt").write_text(long)
-    perl = root / "usr/share/perl/5.36.0/pod"
-    perl.mkdir(parents=True)
-    (perl / "perlfunc.pod").write_text(long)
-    git = root / "usr/share/doc/git-doc"
-    git.mkdir(parents=True)
-    (git / "git-log.txt").write_text(long)
-    dj = root / "usr/share/doc/python-django-doc/html/topics"
-    dj.mkdir(parents=True)
-    (dj / "models.html").write_text(
-        "<html><head><script>var x = 1;</script></head><body><div id='nav'>Home | Index</div>"
-        f"<div class='yui-g' id='t'><h1>Models&para;</h1><div class='section'><p>{long}</p>"
-        "<script>skip()</script></div></div><div id='ft'>footer</div></body></html>")
+    html_page = ("<html><head><script>var x = 1;</script></head><body><div id='nav'>Home | Index</div>"
+                 f"<div class='yui-g' id='t'><h1>Models&para;</h1><div class='section'><p>{long}</p>"
+                 "<script>skip()</script></div></div><div id='ft'>footer</div></body></html>")
+    files = {
+        "usr/share/doc/linux-doc-6.1/Documentation/admin/a.rst.gz": gzip.compress(long.encode()),
+        "usr/share/doc/linux-doc-6.1/Documentation/admin/short.rst.gz": gzip.compress(b"too short"),
+        "usr/share/doc/linux-doc-6.1/Documentation/admin/image.svg": long.encode(),
+        "usr/share/doc/python3.11/html/_sources/library/os.rst.txt": long.encode(),
+        "usr/share/perl/5.36.0/pod/perlfunc.pod": long.encode(),
+        "usr/share/doc/git-doc/git-log.txt": long.encode(),
+        "usr/share/doc/python-django-doc/html/topics/models.html": html_page.encode(),
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
     docs = dict(prepare_corpus.documents(root))
     assert sorted(docs) == ["git-doc/git-log.txt", "linux-doc-6.1/admin/a.rst.gz", "perl-doc/perlfunc.pod",
                             "python-django-doc/topics/models.html", "python3.11-doc/library/os.rst.txt"]
