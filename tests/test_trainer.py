@@ -38,6 +38,17 @@ def test_loss_falls(tiny_dataset):
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0
 
 
+def test_logged_loss_is_the_mean_over_the_logging_window(tiny_dataset, tmp_path):
+    tree = tiny_config_tree(tiny_dataset, train_iters=5, log_interval=2, log_dir=str(tmp_path / "log"))
+    losses = train_losses(tree)
+    records = [json.loads(ln) for ln in open(tmp_path / "log" / "metrics.jsonl") if "train/loss" in ln]
+    assert [r["iteration"] for r in records] == [2, 4, 5]  # and the last iteration, mid-window
+    want = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]
+    assert [r["train/loss"] for r in records] == pytest.approx(want, abs=1e-12)
+    assert [r["train/last_loss"] for r in records] == [losses[1], losses[3], losses[4]]
+    assert all(r["train/tokens_per_sec"] > 0 for r in records)
+
+
 def read_losses(log_dir) -> list:
     records = [json.loads(ln) for ln in open(f"{log_dir}/metrics.jsonl")]
     return [r["train/loss"] for r in records if "train/loss" in r]

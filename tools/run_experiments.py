@@ -206,7 +206,7 @@ def table(results: Dict[str, Dict[str, object]], args, out: Path) -> str:
     lines += [
         "",
         f"- valid ppl: exp of the last validation loss, each model with its own attention rule. "
-        f"Train tokens/s: median over logging windows of the whole run.",
+        f"Train loss: the last logged value. Train tokens/s: median over logging windows of the whole run.",
         f"- keys per query / KV kept / attention FLOPs: counted with each layer's rule on held-out sequences of "
         f"length {any_r['seq_length']}; full attention averages (L+1)/2 keys per query. FLOPs = 4 x hidden x keys "
         f"x layers (QK^T and PV).",

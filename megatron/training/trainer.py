@@ -194,6 +194,9 @@ class Trainer:
             losses.append(stats["loss"])
             window_iters += 1
             if self.iteration % lg.log_interval == 0 or self.iteration == tr.train_iters:
+                # Logged loss: mean over the logging window (Megatron's "lm loss"); last step's kept too.
+                stats["last_loss"] = stats["loss"]
+                stats["loss"] = sum(losses[-window_iters:]) / window_iters
                 stats["tokens_per_sec"] = tokens_per_iter * window_iters / window_time
                 stats["iter_time"] = window_time / window_iters
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
