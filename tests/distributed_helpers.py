@@ -163,6 +163,7 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, out_dir: str, kw
         initialize_model_parallel(tp, pp)
         result = train_layout(**kwargs)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
