@@ -172,8 +172,7 @@ def evaluate(variant: str, run_dir: Path, data: Dict[str, str], args) -> Dict[st
     tok = load_tokenizer(str(run_dir / "ckpt"), "HFTokenizer", data["tokenizer"])
     model, cfg, _ = load_model(str(run_dir / "ckpt"), tok)
     L = cfg.model.seq_length
-    res: Dict[str, object] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "seq_length": L,
-                              "tokens_trained": None}
+    res: Dict[str, object] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "seq_length": L}
     res.update(training_numbers(run_dir))
     res["tokens_trained"] = res["iters"] * cfg.training.train_micro_batch_size_per_gpu * L
     res.update(attention_numbers(model, cfg, heldout_tokens(data["heldout"], args.rule_seqs * L)))
