@@ -20,7 +20,8 @@ SEQ_DIM = 1
 Op = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+def sum_over_tp(x: torch.Tensor) -> torch.Tensor:
+    """A new tensor: ``x`` summed over the tensor-parallel group."""
     x = x.clone().contiguous()
     dist.all_reduce(x, group=get_state().tp_group)
     return x
@@ -53,7 +54,7 @@ def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
         out = torch.empty((x.shape[0] // st.tp_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         dist.reduce_scatter_tensor(out, x, group=st.tp_group)
         return out.transpose(0, SEQ_DIM).contiguous()
-    return _split(SEQ_DIM)(_all_reduce(x))  # gloo has no reduce-scatter; same result
+    return _split(SEQ_DIM)(sum_over_tp(x))  # gloo has no reduce-scatter; same result
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +74,8 @@ def _mapping(name: str, forward: Op, backward: Op) -> Op:
 
 
 # Tensor parallelism (hidden states replicated across TP ranks).
-copy_to_tp = _mapping("copy_to_tp", _identity, _all_reduce)
-reduce_from_tp = _mapping("reduce_from_tp", _all_reduce, _identity)
+copy_to_tp = _mapping("copy_to_tp", _identity, sum_over_tp)
+reduce_from_tp = _mapping("reduce_from_tp", sum_over_tp, _identity)
 gather_from_tp = _mapping("gather_from_tp", _gather(-1), _split(-1))
 # Sequence parallelism. The gathered sequence feeds a TP-split computation, so each rank holds a
 # partial gradient of the whole sequence: its backward sums and scatters.

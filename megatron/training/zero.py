@@ -17,11 +17,11 @@ import contextlib
 from typing import Any, Dict, List
 
 import torch
-import torch.distributed as dist
 
 from megatron.parallel import get_state
 from megatron.parallel.data_parallel import sequence_parallel_params
 from megatron.parallel.layout import zero_stage
+from megatron.parallel.mappings import sum_over_tp
 from megatron.training.optimizer import param_groups
 from megatron.training.parallel_engine import AutocastFactory, average_over_dp
 
@@ -79,12 +79,6 @@ class _SavedOptimizerState:
         return self._sd
 
 
-def _sum_over_tp(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    dist.all_reduce(grad, group=get_state().tp_group)
-    return grad
-
-
 class ZeroEngine:
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  autocast: AutocastFactory = contextlib.nullcontext):
@@ -98,11 +92,10 @@ class ZeroEngine:
         # Parameter order of our optimizer's state dict (decayed first), for checkpoint conversion.
         self._param_order: List[List[torch.nn.Parameter]] = [
             g["params"] for g in param_groups(model, cfg.training.weight_decay)]
-        if cfg.parallel.sequence_parallel and self.state.tp_size > 1:
-            # DeepSpeed owns the gradient reduction, so the TP sum of sequence-parallel gradients
-            # happens per micro-batch, in a hook that runs before ZeRO's accumulation hooks.
-            for p in sequence_parallel_params(model):
-                p.register_hook(_sum_over_tp)
+        # DeepSpeed owns the gradient reduction, so the TP sum of sequence-parallel gradients happens
+        # per micro-batch, in a hook that runs before ZeRO's accumulation hooks (no params: no SP).
+        for p in sequence_parallel_params(model):
+            p.register_hook(sum_over_tp)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg), mpu=ProcessGroupsForDeepSpeed(),
             dist_init_required=False)
