@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13 is what this project is developed and tested on; override for CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo demo-data test test-all clean-demo
+.PHONY: venv demo demo-data test test-all lint clean-demo
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,13 @@ demo: demo-data
 	$(PY) deepy.py train.py configs/tiny.yml
 
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 test-all: venv
-	$(PY) -m pytest -m ""
+	$(PY) -m pytest -m "" --durations=10
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 clean-demo:
 	rm -rf data/tiny checkpoints/tiny runs/tiny

@@ -35,9 +35,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron.config import ConfigError, dump_config, load_config, validate_layout
-    from megatron.launch.launcher import LaunchError, build_commands, world_size
-    from megatron.parallel.layout import check_parallel_config
+    from megatron.config import dump_config, load_config, validate_launch
+    from megatron.errors import LaunchError, UserError, report
+    from megatron.launch.launcher import build_commands, world_size
 
     configs = [str(Path(args.conf_dir) / c) if args.conf_dir else c for c in args.configs]
     try:
@@ -50,13 +50,11 @@ def main(argv=None) -> int:
 
             num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
                                                       cfg.parallel.pipe_parallel_size)
-        validate_layout(cfg, world_size(num_procs, args.hostfile))
-        check_parallel_config(cfg)  # pipeline schedule / ZeRO: fail here, not in every rank after launch
+        validate_launch(cfg, world_size(num_procs, args.hostfile))  # fail here, not in every rank
         commands = build_commands(args.script, configs, num_procs, args.hostfile, args.master_addr,
                                   args.master_port, args.launcher)
-    except (ConfigError, LaunchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     print("resolved config:\n" + dump_config(cfg), flush=True)
     if args.dry_run:
         for c in commands:

@@ -12,9 +12,8 @@ def main(argv=None) -> int:
     parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
     args = parser.parse_args(argv)
 
-    from megatron.checkpointing import CheckpointError
-    from megatron.config import ConfigError, dump_config, load_config
-    from megatron.data import DataError
+    from megatron.config import dump_config, load_config
+    from megatron.errors import UserError, report
 
     rank = int(os.environ.get("RANK", "0"))
     log = print if rank == 0 else (lambda *_: None)
@@ -22,15 +21,13 @@ def main(argv=None) -> int:
         cfg, _ = load_config(args.configs, log=log)
         if rank == 0 and not os.environ.get("SEPLLM_CONFIG_PRINTED"):
             print("resolved config:\n" + dump_config(cfg), flush=True)
+        from megatron.parallel.distributed import shutdown_distributed
         from megatron.training.trainer import Trainer
-
-        from megatron.training.distributed import shutdown_distributed
 
         Trainer(cfg).train()
         shutdown_distributed()
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     return 0
 
 

@@ -25,7 +25,6 @@ from megatron.attention import attend, kv_kept_per_query  # noqa: E402
 from megatron.attention.sepllm_rule import SepRule  # noqa: E402
 
 
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -148,7 +148,8 @@ def cross_entropy_case(N: int, V: int, dtype: torch.dtype, device: str) -> Case:
     targets = torch.randint(0, V, (N,), device=device)
     targets[::7] = -100
     floor = 3 * N * V * logits.element_size() + N * (8 + 4 + 4)
-    return Case("ce", f"N{N} V{V}", (logits,), lambda fused: (kernels.fused_cross_entropy(logits, targets, fused=fused),),
+    return Case("ce", f"N{N} V{V}", (logits,),
+                lambda fused: (kernels.fused_cross_entropy(logits, targets, fused=fused),),
                 lambda ins: (ref_cross_entropy(ins[0], targets),), floor, dtype)
 
 
@@ -174,10 +175,12 @@ def cpu_cases(only: Optional[str]) -> List[Callable[[], Case]]:
     f32, bf16, d = torch.float32, torch.bfloat16, "cpu"
     cases: List[Callable[[], Case]] = []
     if only in (None, "rope"):
-        cases += [lambda: rotary_case(2, 7, 3, 1, 24, 12, False, f32, d), lambda: rotary_case(2, 7, 3, 1, 24, 12, True, f32, d),
+        cases += [lambda: rotary_case(2, 7, 3, 1, 24, 12, False, f32, d),
+                  lambda: rotary_case(2, 7, 3, 1, 24, 12, True, f32, d),
                   lambda: rotary_case(1, 5, 2, 2, 16, 16, False, bf16, d)]
     if only in (None, "norm"):
-        cases += [lambda rms=rms, res=res: norm_case(5, 33, rms, res, f32, d) for rms in (False, True) for res in (False, True)]
+        cases += [lambda rms=rms, res=res: norm_case(5, 33, rms, res, f32, d)
+                  for rms in (False, True) for res in (False, True)]
         cases.append(lambda: norm_case(6, 40, False, True, bf16, d))
     if only in (None, "ce"):
         cases += [lambda: cross_entropy_case(6, 37, f32, d), lambda: cross_entropy_case(4, 5000, bf16, d)]

@@ -34,8 +34,9 @@ def bench_tree(args, layout: Dict[str, Any]) -> Dict[str, Any]:
     return model_tree(num_layers=4, hidden_size=args.hidden, num_attention_heads=4, num_kv_heads=4,
                       seq_length=args.seq, train_micro_batch_size_per_gpu=args.micro,
                       gradient_accumulation_steps=args.accum // dp, train_iters=args.steps,
-                      attention={"impl": "reference", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": args.seq // 4,
-                                                                       "separator_ids": SEPARATORS}}, **overrides)
+                      attention={"impl": "reference",
+                                 "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": args.seq // 4,
+                                            "separator_ids": SEPARATORS}}, **overrides)
 
 
 def summarize(name: str, results: List[Dict[str, Any]], tokens: int, warmup: int) -> Dict[str, Any]:

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from megatron.data.errors import DataError  # noqa: E402
 from megatron.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from megatron.errors import DataError  # noqa: E402
 
 DEBIAN_DOC_PACKAGES = ("linux-doc-6.1", "python3.11-doc")
 TEXT_SUFFIXES = (".rst", ".txt", ".md", ".rst.txt", ".html")

@@ -43,14 +43,15 @@ def token_stream(n: int, seed: int = 0):
 
 def run_policy(policy: str, args: argparse.Namespace) -> List[dict]:
     import torch
+
     from megatron.config import config_from_tree
     from megatron.inference import CacheConfig, StreamingEngine
     from megatron.inference.streaming_eval import evaluate_stream, reset_peak_rss, write_csv
-    from megatron.model import GPTModel
+    from megatron.model import build_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = GPTModel(config_from_tree(MODEL), VOCAB, SEPARATORS)
+    model = build_model(config_from_tree(MODEL), VOCAB, SEPARATORS)
     cache = CacheConfig(policy, args.a, args.s, args.w, args.c)
     engine = StreamingEngine(model, cache)
     budget = parse_budgets(args.budgets).get(policy)

@@ -53,37 +53,29 @@ def synthetic_samples(n: int, seq: int, seed: int = 0) -> torch.Tensor:
 
 def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None, save_at: Optional[int] = None,
                  save_dir: Optional[str] = None, load: Optional[str] = None, eval_batches: int = 0,
-                 timing: bool = False) -> Dict[str, Any]:
+                 timing: bool = False, layout=None) -> Dict[str, Any]:
     # timing: only read by the spawned worker (installs the collective timer before the group starts)
-    """Train in this process under the current parallel state. Returns losses (per iteration, from
-    the start of the run), step-1 gradients by name, eval losses, and timings."""
-    from megatron.checkpointing import load_checkpoint, save_checkpoint
+    """Train in this process as the rank ``layout`` describes (default: one rank). Returns losses (per
+    iteration, from the start of the run), step-1 gradients by name, eval losses, and timings."""
+    from megatron.checkpointing import save_checkpoint
     from megatron.config import config_from_tree, config_to_tree
     from megatron.model import build_model
-    from megatron.parallel import get_state
+    from megatron.parallel import ParallelLayout
     from megatron.training.batches import global_batch_indices
     from megatron.training.lr_schedule import LRSchedule
     from megatron.training.optimizer import build_optimizer
-    from megatron.training.parallel_engine import build_engine
+    from megatron.training.resume import build_engine_and_resume
 
-    cfg = config_from_tree(tree)
-    st = get_state()
+    cfg = config_from_tree(dict(tree, load=load) if load else tree)
+    st = layout or ParallelLayout()
     torch.manual_seed(cfg.training.seed)
     micro, accum = cfg.training.train_micro_batch_size_per_gpu, cfg.training.gradient_accumulation_steps
     global_batch = micro * accum * st.dp_size
-    model = build_model(cfg, VOCAB, SEPARATORS, None)
+    model = build_model(cfg, VOCAB, SEPARATORS, None, st)
     optimizer = build_optimizer(model, cfg)
     schedule = LRSchedule.from_config(cfg)
-    start, manifest = 0, None
-    if load:  # weights before the engine (ZeRO copies them), optimizer state after
-        manifest = load_checkpoint(load, model, None)
-        start = manifest["iteration"]
-    engine = build_engine(cfg, model, optimizer, torch.device("cpu"))
-    if manifest is not None and manifest.get("has_optimizer"):
-        from megatron.checkpointing.checkpoint import resolve_checkpoint_dir, shard_name
-
-        path = resolve_checkpoint_dir(load) / shard_name("optim", st.tp_rank, st.pp_rank)
-        engine.load_optimizer_state(torch.load(path, weights_only=False))
+    engine, manifest = build_engine_and_resume(cfg, model, optimizer, torch.device("cpu"))
+    start = manifest["iteration"] if manifest else 0
     samples = synthetic_samples(global_batch * steps, cfg.model.seq_length, seed=5)
     losses: List[float] = []
     grads: Dict[str, torch.Tensor] = {}
@@ -101,21 +93,19 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
         if it == start:
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         if save_at is not None and it + 1 == save_at:
-            save_checkpoint(save_dir, it + 1, model, engine.checkpoint_optimizer(),
+            save_checkpoint(save_dir, it + 1, model, engine.optimizer_state(),
                             {"consumed_samples": (it + 1) * global_batch}, config_to_tree(cfg))
     evals = []
     model.eval()
     for e in range(eval_batches):
         idx = global_batch_indices(e * global_batch, global_batch, micro, accum, st.dp_size, st.dp_rank,
                                    len(samples))
-        loss = engine.eval_loss([samples[i] for i in idx])
-        if st.dp_size > 1:
-            dist.all_reduce(loss, group=st.dp_group)
-            loss /= st.dp_size
-        evals.append(float(loss))
+        evals.append(float(engine.eval_loss([samples[i] for i in idx])))
     tp_dims = {n: getattr(p, "tensor_parallel_dim", None) for n, p in model.named_parameters()}
     seq_parallel = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
-    return {"losses": losses, "grads": grads, "tp_dims": tp_dims, "sequence_parallel_params": seq_parallel, "evals": evals, "step_times": step_times, "step_comm": step_comm,
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"losses": losses, "grads": grads, "weights": weights, "tp_dims": tp_dims,
+            "sequence_parallel_params": seq_parallel, "evals": evals, "step_times": step_times, "step_comm": step_comm,
             "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank}
 
 
@@ -149,7 +139,7 @@ def comm_seconds() -> float:
     return _COMM["seconds"]
 
 
-def _worker(rank: int, world: int, port: int, tp: int, pp: int, out_dir: str, kwargs: Dict[str, Any]) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, kwargs: Dict[str, Any]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1")
@@ -158,10 +148,11 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, out_dir: str, kw
         install_comm_timer()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from megatron.parallel import initialize_model_parallel
+        from megatron.config import config_from_tree
+        from megatron.parallel import layout_from_config
 
-        initialize_model_parallel(tp, pp)
-        result = train_layout(**kwargs)
+        layout = layout_from_config(config_from_tree(kwargs["tree"]), world, rank, groups=True)
+        result = train_layout(**kwargs, layout=layout)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # no rank tears down while a peer still talks to it
     finally:
@@ -172,17 +163,16 @@ def run_layout(tree: Dict[str, Any], world: int, steps: int = 5, **kwargs) -> Li
     """Spawn ``world`` gloo ranks for the layout in ``tree``; returns each rank's result."""
     from megatron.config import config_from_tree, validate_layout
 
-    cfg = config_from_tree(tree)
-    validate_layout(cfg, world)
-    tp, pp = cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size
+    validate_layout(config_from_tree(tree), world)
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(world, free_port(), tp, pp, out, dict(tree=tree, steps=steps, **kwargs)),
+        mp.start_processes(_worker, args=(world, free_port(), out, dict(tree=tree, steps=steps, **kwargs)),
                            nprocs=world, join=True, start_method="spawn")
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def merge_grads(results: List[Dict[str, Any]], tied: bool = True) -> Dict[str, torch.Tensor]:
-    """Full gradients from the data-parallel rank 0 of every (tp, pp) shard."""
+def merge_grads(results: List[Dict[str, Any]], tied: bool = True, key: str = "grads") -> Dict[str, torch.Tensor]:
+    """Full gradients (or ``key="weights"``: final weights) from the data-parallel rank 0 of every
+    (tp, pp) shard."""
     by_stage: Dict[int, List[Dict[str, Any]]] = {}
     for r in results:
         if r["dp_rank"] == 0:
@@ -190,10 +180,10 @@ def merge_grads(results: List[Dict[str, Any]], tied: bool = True) -> Dict[str, t
     full = {}
     for stage in by_stage.values():
         stage.sort(key=lambda r: r["tp_rank"])
-        for name in stage[0]["grads"]:
-            if tied and name == "lm_head.weight" and "embed.weight" not in stage[0]["grads"]:
+        for name in stage[0][key]:
+            if tied and name == "lm_head.weight" and "embed.weight" not in stage[0][key]:
                 continue  # the last stage's copy of the tied embedding
             dim = stage[0]["tp_dims"][name]
-            parts = [r["grads"][name] for r in stage]
+            parts = [r[key][name] for r in stage]
             full[name] = parts[0] if dim is None else torch.cat(parts, dim)
     return full

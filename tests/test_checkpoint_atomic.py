@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-from megatron.checkpointing import CheckpointError, ensure_writable, load_checkpoint, save_checkpoint
 from megatron.checkpointing import checkpoint as ckpt_mod
+from megatron.checkpointing import ensure_writable, load_checkpoint, load_optimizer_state, save_checkpoint
+from megatron.errors import CheckpointError
+from megatron.training.optimizer import load_named_optimizer_state, named_optimizer_state
 
 
 def make_model(seed):
@@ -17,11 +19,13 @@ def test_save_load_round_trip(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    save_checkpoint(str(tmp_path), 7, model, opt, {"consumed_samples": 56}, {"num_layers": 1})
+    save_checkpoint(str(tmp_path), 7, model, named_optimizer_state(opt, model), {"consumed_samples": 56},
+                    {"num_layers": 1})
     assert (tmp_path / "latest").read_text().strip() == "global_step7"
     other = make_model(1)
     other_opt = torch.optim.AdamW(other.parameters())
-    manifest = load_checkpoint(str(tmp_path), other, other_opt)
+    manifest = load_checkpoint(str(tmp_path), other)
+    load_named_optimizer_state(other_opt, other, load_optimizer_state(str(tmp_path), ckpt_mod.layout_of(other)))
     assert manifest["iteration"] == 7 and manifest["trainer"]["consumed_samples"] == 56
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
@@ -31,7 +35,7 @@ def test_save_load_round_trip(tmp_path):
 def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     model = make_model(0)
     opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(str(tmp_path), 1, model, opt, {"consumed_samples": 8}, {})
+    save_checkpoint(str(tmp_path), 1, model, named_optimizer_state(opt, model), {"consumed_samples": 8}, {})
     before = {p.name: p.read_bytes() for p in (tmp_path / "global_step1").iterdir()}
     with torch.no_grad():
         for p in model.parameters():
@@ -47,15 +51,15 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(str(tmp_path), 2, model, opt, {"consumed_samples": 16}, {})
+        save_checkpoint(str(tmp_path), 2, model, named_optimizer_state(opt, model), {"consumed_samples": 16}, {})
     monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
     assert (tmp_path / "latest").read_text().strip() == "global_step1"
     assert not (tmp_path / "global_step2").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "global_step1").iterdir()} == before
     fresh = make_model(5)
-    assert load_checkpoint(str(tmp_path), fresh, None)["iteration"] == 1
+    assert load_checkpoint(str(tmp_path), fresh)["iteration"] == 1
     # the next save of the same step cleans the leftover temp dir and succeeds
-    save_checkpoint(str(tmp_path), 2, model, opt, {"consumed_samples": 16}, {})
+    save_checkpoint(str(tmp_path), 2, model, named_optimizer_state(opt, model), {"consumed_samples": 16}, {})
     assert (tmp_path / "latest").read_text().strip() == "global_step2"
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
 
@@ -69,12 +73,12 @@ def test_keep_last_prunes(tmp_path):
 
 def test_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(str(tmp_path / "nope"), make_model(0), None)
+        load_checkpoint(str(tmp_path / "nope"), make_model(0))
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        load_checkpoint(str(tmp_path), make_model(0), None)
+        load_checkpoint(str(tmp_path), make_model(0))
     save_checkpoint(str(tmp_path), 1, make_model(0), None, {"consumed_samples": 0}, {})
     with pytest.raises(CheckpointError, match="does not match the model"):
-        load_checkpoint(str(tmp_path), torch.nn.Linear(4, 4), None)
+        load_checkpoint(str(tmp_path), torch.nn.Linear(4, 4))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

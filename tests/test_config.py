@@ -2,7 +2,8 @@ import textwrap
 
 import pytest
 
-from megatron.config import ConfigError, config_from_tree, config_to_tree, load_config, validate_layout
+from megatron.config import config_from_tree, config_to_tree, load_config, validate_layout
+from megatron.errors import ConfigError
 
 
 def write(tmp_path, name, text):
@@ -116,6 +117,26 @@ def test_layout_validation():
 
 
 def test_shipped_configs_load():
-    for paths in (["configs/tiny.yml"], ["configs/pythia/160M.yml", "configs/sepllm/n64_HT.yml"],
-                  ["configs/tiny.yml", "configs/sepllm/fixed_interval.yml"]):
-        load_config(paths, log=lambda m: None)
+    """Every shipped config loads, and the overlays set what their names say."""
+    quiet = dict(log=lambda m: None)
+    tiny, _ = load_config(["configs/tiny.yml"], **quiet)
+    assert (tiny.model.num_layers, tiny.model.hidden_size, tiny.attention.sepllm.mode) == (4, 192, "sepllm")
+    assert tiny.attention.sepllm.n_local == 32 and tiny.training.train_iters == 300
+    pythia, _ = load_config(["configs/pythia/160M.yml", "configs/sepllm/n64_HT.yml"], **quiet)
+    assert (pythia.model.num_layers, pythia.model.hidden_size, pythia.model.num_attention_heads) == (12, 768, 12)
+    assert pythia.model.rotary_pct == 0.25 and pythia.model.gpt_j_residual and pythia.model.no_weight_tying
+    assert pythia.parallel.zero_optimization.stage == 1 and pythia.parallel.zero_optimization.overlap_comm
+    sep = pythia.attention.sepllm
+    assert (sep.mode, sep.n_init, sep.n_local, sep.full_attention_layers) == ("sepllm", 3, 64, [0, -1])
+    fixed, _ = load_config(["configs/tiny.yml", "configs/sepllm/fixed_interval.yml"], **quiet)
+    assert (fixed.attention.sepllm.mode, fixed.attention.sepllm.interval) == ("fixed_interval", 5)
+    assert fixed.model.hidden_size == 192  # the overlay changes attention only
+    full, _ = load_config(["configs/tiny.yml", "configs/sepllm/full_attention.yml"], **quiet)
+    assert (full.attention.impl, full.attention.sepllm.mode) == ("sdpa", "full")
+    for overlay, (mode, n_local) in {"n64": ("sepllm", 64), "n128": ("sepllm", 128),
+                                     "streamingllm_n64": ("streamingllm", 64)}.items():
+        cfg, _ = load_config(["configs/tiny.yml", f"configs/sepllm/{overlay}.yml"], **quiet)
+        assert (cfg.attention.sepllm.mode, cfg.attention.sepllm.n_local) == (mode, n_local), overlay
+    for variant in ("full", "sepllm", "streamingllm", "fixed_interval"):
+        cfg, _ = load_config(["configs/experiments/base.yml", f"configs/experiments/{variant}.yml"], **quiet)
+        assert cfg.attention.sepllm.mode == variant and cfg.model.seq_length == 1024, variant

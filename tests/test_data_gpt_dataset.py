@@ -6,9 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron.data import (BlendableDataset, DataError, GPTDataset, IndexedDatasetBuilder, MMapIndexedDataset,
-                           build_dataset, build_train_valid_test_datasets, split_boundaries)
+from megatron.data import (
+    BlendableDataset,
+    GPTDataset,
+    IndexedDatasetBuilder,
+    MMapIndexedDataset,
+    build_dataset,
+    build_train_valid_test_datasets,
+    split_boundaries,
+)
 from megatron.data.gpt_dataset import document_ranges
+from megatron.errors import DataError
 
 
 def make_dataset(path: Path, doc_lengths, base: int = 0, seed: int = 0) -> str:

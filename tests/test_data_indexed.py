@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron.data import DataError, IndexedDatasetBuilder, MMapIndexedDataset
+from megatron.data import IndexedDatasetBuilder, MMapIndexedDataset
+from megatron.errors import DataError
 from megatron.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,8 @@ def test_builder_output_is_byte_identical_to_spec(tmp_path, dtype, code):
             builder.add_document(d)
     itemsize = np.dtype(dtype).itemsize
     assert (tmp_path / "built.idx").read_bytes() == spec_index_bytes(code, itemsize, [3, 1, 5], [0, 1, 2, 3])
-    assert (tmp_path / "built.bin").read_bytes() == np.concatenate(docs).astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+    little_endian = np.dtype(dtype).newbyteorder("<")
+    assert (tmp_path / "built.bin").read_bytes() == np.concatenate(docs).astype(little_endian).tobytes()
     assert not list(tmp_path.glob("*.tmp-*"))
 
 

@@ -5,8 +5,10 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from megatron.data import IndexedDatasetBuilder
+from megatron.errors import run_cli as run_entry_point
 from megatron.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,5 +37,8 @@ def test_inspect_prints_counts_histogram_and_decodes(tmp_path, capsys):
     assert "'.'" in out  # the most frequent ids are listed with their text
     assert "--- document 1" in out and "A second one; short.<|endoftext|>" in out
     assert "--- sample 0 (seq_length 4" in out
-    assert inspect.main([str(tmp_path / "ds"), "--doc", "7"]) == 1
-    assert "document 7 out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:  # a user error: one line, exit 2 (megatron.errors.run_cli)
+        run_entry_point(inspect.main, [str(tmp_path / "ds"), "--doc", "7"])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: document 7 out of range: '{tmp_path / 'ds'}' has 3 "
+                                               "documents")

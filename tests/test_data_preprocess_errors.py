@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron.data import DataError
 from megatron.data.preprocess import PreprocessOptions, preprocess
+from megatron.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = str(ROOT / "data" / "sample" / "tokenizer.json")
@@ -30,7 +30,8 @@ def opts(src: Path, tmp_path: Path, **kw) -> PreprocessOptions:
 @pytest.fixture
 def bad_jsonl(tmp_path) -> Path:
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"text": "fine one."}) + "\n\n" + '{"text": "broken\n' + json.dumps({"text": "ok."}) + "\n")
+    path.write_text(json.dumps({"text": "fine one."}) + "\n\n" + '{"text": "broken\n'
+                    + json.dumps({"text": "ok."}) + "\n")
     return path
 
 

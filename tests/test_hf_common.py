@@ -12,7 +12,7 @@ from megatron.checkpointing import load_checkpoint
 from megatron.config import config_from_tree, load_config
 from megatron.convert.common import fuse_qkv, split_qkv
 from megatron.convert.families import rope_settings
-from megatron.model import GPTModel
+from megatron.model import GPTModel, build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,8 +71,8 @@ def our_model(model_yml: Path, ckpt: str, mode: str = "full") -> GPTModel:
     tree["attention"] = {"impl": "sdpa" if mode == "full" else "reference", "sepllm": {"mode": mode}}
     cfg = config_from_tree(tree)
     padded = -(-VOCAB // cfg.model.make_vocab_size_divisible_by) * cfg.model.make_vocab_size_divisible_by
-    model = GPTModel(cfg, padded)
-    load_checkpoint(ckpt, model, None, weights_only=True)
+    model = build_model(cfg, padded)
+    load_checkpoint(ckpt, model)
     return model.eval()
 
 

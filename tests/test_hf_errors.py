@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import run_cli
+from safetensors.torch import save_file
+from test_hf_common import safetensors_state, save_hf, tiny_llama, tiny_neox
+
 from megatron.checkpointing import save_checkpoint
 from megatron.config import config_from_tree, config_to_tree
-from megatron.convert import ConversionError, export_hf, import_hf
-from megatron.model import GPTModel
-from test_hf_common import safetensors_state, save_hf, tiny_llama, tiny_neox
+from megatron.convert import export_hf, import_hf
+from megatron.errors import ConversionError
+from megatron.model import build_model
 
 
 def quiet(_: str) -> None:
@@ -114,7 +115,7 @@ def test_non_empty_output_needs_force(neox_dir, tmp_path):
 def our_checkpoint(tmp_path: Path, **model_keys) -> Path:
     tree = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16, **model_keys)
     cfg = config_from_tree(tree)
-    save_checkpoint(str(tmp_path / "ours"), 3, GPTModel(cfg, 64), None, {"consumed_samples": 0},
+    save_checkpoint(str(tmp_path / "ours"), 3, build_model(cfg, 64), None, {"consumed_samples": 0},
                     config_to_tree(cfg))
     return tmp_path / "ours"
 

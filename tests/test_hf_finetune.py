@@ -6,14 +6,14 @@ import json
 import shutil
 
 import torch
-
 from conftest import TOKENIZER, write_config
+from test_hf_common import safetensors_state, save_hf, tiny_neox, transformers
+
 from megatron.checkpointing import load_checkpoint
 from megatron.config import config_from_tree, config_to_tree, load_config
 from megatron.convert import export_hf, import_hf
-from megatron.model import GPTModel
+from megatron.model import build_model
 from megatron.training.trainer import Trainer
-from test_hf_common import safetensors_state, save_hf, tiny_neox, transformers
 
 TOKENIZER_VOCAB = 4096  # data/sample/tokenizer.json
 
@@ -54,8 +54,8 @@ def test_import_finetune_with_sep_attention_export(tiny_dataset, tmp_path):
     # The export is faithful: the fine-tuned checkpoint under plain causal attention gives HF's logits.
     tree = config_to_tree(cfg)
     tree["attention"] = {"impl": "sdpa", "sepllm": {"mode": "full"}}
-    ours = GPTModel(config_from_tree(tree), TOKENIZER_VOCAB)
-    load_checkpoint(str(tmp_path / "finetune"), ours, None, weights_only=True)
+    ours = build_model(config_from_tree(tree), TOKENIZER_VOCAB)
+    load_checkpoint(str(tmp_path / "finetune"), ours)
     tokens = torch.randint(0, TOKENIZER_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval().full_logits(tokens), tuned(tokens).logits, atol=1e-5, rtol=0)

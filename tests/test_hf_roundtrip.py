@@ -8,10 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_hf_common import (
+    BUILDERS,
+    VOCAB,
+    hf_greedy,
+    our_greedy,
+    our_model,
+    prompt_tokens,
+    safetensors_state,
+    save_hf,
+    tiny_llama,
+    tiny_neox,
+    transformers,
+)
 
 from megatron.convert import export_hf, import_hf
-from test_hf_common import (BUILDERS, VOCAB, hf_greedy, our_greedy, our_model, prompt_tokens,
-                            safetensors_state, save_hf, tiny_llama, tiny_neox, transformers)
 
 VARIANTS = {
     "neox": ("neox", {}),

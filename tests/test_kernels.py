@@ -24,7 +24,6 @@ if str(ROOT) not in sys.path:  # when run as a script
 from megatron import kernels  # noqa: E402
 from megatron.kernels import dispatch  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------
 # fp64 references (deliberately not the eager code: rotary as an explicit rotation matrix per
 # position, norms and cross-entropy straight from their formulas).
@@ -201,7 +200,8 @@ def test_eager_rotary_matches_fp64(case):
     rotary_case(None, **case)  # auto on CPU is eager
 
 
-@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: f"{c['shape']}rms{int(c['rms'])}res{int(c['with_residual'])}")
+@pytest.mark.parametrize("case", NORM_CASES,
+                         ids=lambda c: f"{c['shape']}rms{int(c['rms'])}res{int(c['with_residual'])}")
 def test_eager_norm_matches_fp64(case):
     norm_case(False, **case)
 
@@ -319,7 +319,7 @@ def interpreter_checks() -> Dict[str, str]:
 def model_fused_equals_eager() -> None:
     """A tiny GPT with fused_rope / fused_layernorm on gives the eager model's loss and grads."""
     from megatron.config import config_from_tree
-    from megatron.model import GPTModel
+    from megatron.model import build_model
 
     families = (dict(norm="layernorm", rotary_pct=0.25, gpt_j_residual=True),
                 dict(norm="rmsnorm", rotary_pct=1.0, num_kv_heads=2, rotary_interleaved=True))
@@ -331,7 +331,7 @@ def model_fused_equals_eager() -> None:
                         fused_layernorm=fused, attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 4}},
                         **family)
             torch.manual_seed(0)
-            model = GPTModel(config_from_tree(tree), 64, [5, 6], eod_id=0)
+            model = build_model(config_from_tree(tree), 64, [5, 6], eod_id=0)
             loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
             runs.append((loss.detach(), [p.grad for p in model.parameters()]))

@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from megatron.launch.launcher import LaunchError, build_commands, parse_hostfile
+from megatron.errors import LaunchError
+from megatron.launch.launcher import build_commands, parse_hostfile
 
 
 def test_hostfile_parse_and_errors(tmp_path):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron.config import config_from_tree
-from megatron.model import GPTModel
-from megatron.parallel import vocab_parallel_cross_entropy
+from megatron.model import build_model
+from megatron.parallel import ParallelLayout, vocab_parallel_cross_entropy
 
 FAMILIES = {
     "neox": dict(norm="layernorm", rotary_pct=0.25, gpt_j_residual=True, activation="gelu", no_weight_tying=True),
@@ -23,7 +23,7 @@ def build(extra=None, layers=2, vocab=64, **sep):
                 attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 4, **sep}})
     tree.update(extra or {})
     torch.manual_seed(0)
-    return GPTModel(config_from_tree(tree), vocab, SEPS, eod_id=0)
+    return build_model(config_from_tree(tree), vocab, SEPS, eod_id=0)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -105,8 +105,8 @@ def test_vocab_parallel_cross_entropy_matches_torch_at_tp1():
 
     logits = torch.randn(2, 6, 11, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 11, (2, 6))
-    ours = _VocabParallelCrossEntropy.apply(logits, target, 0)
-    assert torch.allclose(vocab_parallel_cross_entropy(logits, target).double(), ours.double())
+    ours = _VocabParallelCrossEntropy.apply(logits, target, ParallelLayout())
+    assert torch.allclose(vocab_parallel_cross_entropy(logits, target, ParallelLayout()).double(), ours.double())
     ref = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     assert torch.allclose(ours.double(), ref)
     (g1,) = torch.autograd.grad(ours.sum(), logits)

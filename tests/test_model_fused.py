@@ -22,7 +22,7 @@ def compare(family: str) -> dict:
     import torch
 
     from megatron.config import config_from_tree
-    from megatron.model import GPTModel
+    from megatron.model import build_model
 
     def run(fused: bool):
         tree = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, seed=3,
@@ -31,7 +31,7 @@ def compare(family: str) -> dict:
                                                                "separator_ids": [1, 2]}},
                     **FAMILIES[family])
         torch.manual_seed(0)
-        model = GPTModel(config_from_tree(tree), 64, [1, 2])
+        model = build_model(config_from_tree(tree), 64, [1, 2])
         tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_helpers import merge_grads, model_tree, run_layout, train_layout
 
 RESHARD = Path(__file__).resolve().parents[1] / "tools" / "ckpts" / "reshard.py"
@@ -72,6 +71,13 @@ def test_tp2_dp2_matches_single_rank(reference):
 def test_tp2_pp2_matches_single_rank(reference):
     assert_same_run(reference, run_layout(model_tree(model_parallel_size=2, pipe_parallel_size=2), 4,
                                           eval_batches=1))
+
+
+def test_tp2_pp2_interleaved_matches_single_rank(reference):
+    """Tensor x pipeline parallelism with two model chunks per pipeline rank (one layer each)."""
+    tree = model_tree(model_parallel_size=2, pipe_parallel_size=2, virtual_pipe_stages=2,
+                      pipe_schedule="interleaved_1f1b")
+    assert_same_run(reference, run_layout(tree, 4, eval_batches=1))
 
 
 def test_tp2_sequence_parallel_matches_single_rank(reference):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, free_port, run_cli, tiny_config_tree, write_config
 
 ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

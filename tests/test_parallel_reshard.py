@@ -34,7 +34,7 @@ def write_sharded(cfg, root, tp, pp, full_grads):
     tied = not cfg.model.no_weight_tying
     for p in range(pp):
         for t in range(tp):
-            model = build_stage_model(cfg, VOCAB, tp, pp, t, p)
+            model = build_stage_model(cfg, VOCAB, tp, pp, t, p, device="cpu")
             for name, param in model.named_parameters():
                 g = full_grads["embed.weight" if tied and name == "lm_head.weight" else name]
                 dim = getattr(param, "tensor_parallel_dim", None)
@@ -52,7 +52,7 @@ def write_sharded(cfg, root, tp, pp, full_grads):
 @pytest.fixture(scope="module")
 def reference():
     cfg = tiny_cfg()
-    model = build_stage_model(cfg, VOCAB, 1, 1, 0, 0)
+    model = build_stage_model(cfg, VOCAB, 1, 1, 0, 0, device="cpu")
     grads = {n: fake_grad(n, p.shape) for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.grad = grads[n].clone()
@@ -89,7 +89,7 @@ def test_reshard_cli_round_trip(reference, tmp_path):
     final = tmp_path / "tp1" / "global_step1"
     manifest = json.loads((final / MANIFEST).read_text())
     assert manifest["layout"]["tp"] == 1 and manifest["config"]["model_parallel_size"] == 1
-    model = build_stage_model(cfg, VOCAB, 1, 1, 0, 0)
+    model = build_stage_model(cfg, VOCAB, 1, 1, 0, 0, device="cpu")
     model.load_state_dict(torch.load(final / shard_name("model", 0, 0)))
     opt = build_optimizer(model, cfg)
     opt.load_state_dict(torch.load(final / shard_name("optim", 0, 0), weights_only=False))

@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sep_attention import (
+    CASES,
+    FP32_RTOL,
+    make_inputs,
+    random_documents,
+    random_separators,
+    rel_err,
+    run_with_grads,
+)
 
 from megatron.attention import attend, separator_flags
 from megatron.attention.compact import special_flags
 from megatron.attention.flex import FLEX_BLOCK, build_flex_layout, flex_sep_attention
 from megatron.attention.reference import reference_attention
 from megatron.attention.sepllm_rule import SepRule, dense_mask
-from test_sep_attention import (CASES, FP32_RTOL, make_inputs, random_documents, random_separators,
-                                rel_err, run_with_grads)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

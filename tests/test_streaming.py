@@ -6,8 +6,9 @@ import torch
 
 import megatron.attention.reference as reference_attention_module
 from megatron.config import config_from_tree
-from megatron.inference import CacheConfig, InferenceError, StreamingEngine
-from megatron.model import GPTModel
+from megatron.errors import InferenceError
+from megatron.inference import CacheConfig, StreamingEngine
+from megatron.model import GPTModel, build_model
 
 SEPS = [5, 6]
 VOCAB = 64
@@ -23,7 +24,7 @@ def build(family="neox", layers=2, seq=64, **sep) -> GPTModel:
                 attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 4, **sep}})
     tree.update(FAMILIES[family])
     torch.manual_seed(0)
-    return GPTModel(config_from_tree(tree), VOCAB, SEPS, eod_id=0).eval()
+    return build_model(config_from_tree(tree), VOCAB, SEPS, eod_id=0).eval()
 
 
 def stream(n: int, sep_every: int = 5, seed: int = 1) -> torch.Tensor:

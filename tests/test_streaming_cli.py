@@ -5,16 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+
 from megatron.checkpointing import save_checkpoint
 from megatron.config import config_from_tree, config_to_tree
-from megatron.inference import CacheConfig, InferenceError, StreamingEngine
-from megatron.inference.cli import run_main
+from megatron.errors import InferenceError
+from megatron.errors import run_cli as run_entry_point
+from megatron.inference import CacheConfig, StreamingEngine
 from megatron.inference.generation import TextStreamer, generate_tokens
 from megatron.inference.loading import load_model
 from megatron.inference.sampling import SamplingConfig, make_generator, sample_next_token
-from megatron.model import GPTModel
+from megatron.model import build_model
 
 TEXT = ("The cat sat on the mat. The dog sat on the log, and the bird sang: la la la!\n"
         "Is it raining? No; it is sunny. ") * 6
@@ -29,7 +30,7 @@ def load_tool(name: str):
 
 def exit_code(tool, argv) -> int:
     with pytest.raises(SystemExit) as info:
-        run_main(tool.main, argv)
+        run_entry_point(tool.main, argv)
     return info.value.code
 
 
@@ -50,7 +51,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                 attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 8}})
     cfg = config_from_tree(tree)
     torch.manual_seed(0)
-    model = GPTModel(cfg, 304, [], eod_id=0)
+    model = build_model(cfg, 304, [], eod_id=0)
     save_checkpoint(str(root / "save"), 3, model, None, {}, config_to_tree(cfg))
     return root
 
@@ -76,7 +77,7 @@ def test_streamingllm_budget_ignores_local_size():
 
 def test_empty_prompt_and_oversized_chunk():
     tree = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=64)
-    engine = StreamingEngine(GPTModel(config_from_tree(tree), 64, [5]), CacheConfig("sepllm", 2, 2, 4, 10))
+    engine = StreamingEngine(build_model(config_from_tree(tree), 64, [5]), CacheConfig("sepllm", 2, 2, 4, 10))
     with pytest.raises(InferenceError, match="empty prompt"):
         list(generate_tokens(engine, [], 4))
     with pytest.raises(InferenceError, match="empty input"):
@@ -131,8 +132,18 @@ def test_generate_cli(tiny_checkpoint, capsys):
                            "--no-stop", "--cache-size", "16", "--init-cache-size", "2", "--sep-cache-size", "3",
                            "--local-size", "6", "--stats"])
     out = capsys.readouterr()
-    assert code == 0 and out.out.strip(), out.err
-    assert "compressions" in out.err
+    assert code == 0, out.err
+    # The CLI prints exactly the greedy continuation of the engine under the same cache budget.
+    from megatron.inference.loading import load_tokenizer
+
+    tok = load_tokenizer(save)
+    model, _, _ = load_model(save, tok)
+    engine = StreamingEngine(model, CacheConfig("sepllm", 2, 3, 6, 16))
+    greedy = SamplingConfig(greedy=True, vocab_limit=min(tok.vocab_size, model.vocab_size))
+    ids = list(generate_tokens(engine, tok.encode("The cat sat"), 30, greedy))
+    assert len(ids) == 30 and out.out == tok.decode(ids) + "\n"
+    assert "generated 30 in" in out.err and f"{engine.cache.compressions} compressions" in out.err
+    assert engine.cache.compressions > 0 and engine.cache.length <= 16
     assert exit_code(gen, ["--load", save, "--prompt", "", "--policy", "full"]) == 2
     assert capsys.readouterr().err.strip() == "error: empty prompt: give some text with --prompt or --prompt-file"
     assert exit_code(gen, ["--load", save, "--prompt", "x", "--cache-size", "8", "--local-size", "6"]) == 2

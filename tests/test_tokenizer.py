@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron.data import DataError
+from megatron.errors import DataError
 from megatron.tokenizer import build_tokenizer, padded_vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,8 @@
 import json
 
 import pytest
-
 from conftest import free_port, run_cli, tiny_config_tree, write_config
+
 from megatron.config import config_from_tree
 from megatron.training.trainer import Trainer
 

@@ -20,9 +20,8 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.inference.cli import (add_cache_args, add_checkpoint_args, cache_config_from_args,  # noqa: E402
-                                    run_main)
-from megatron.inference.errors import InferenceError  # noqa: E402
+from megatron.errors import InferenceError, run_cli  # noqa: E402
+from megatron.inference.cli import add_cache_args, add_checkpoint_args, cache_config_from_args  # noqa: E402
 from megatron.inference.kv_cache import POLICIES  # noqa: E402
 
 
@@ -83,4 +82,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

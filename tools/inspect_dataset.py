@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from megatron.data import DataError, MMapIndexedDataset, build_dataset  # noqa: E402
+from megatron.data import MMapIndexedDataset, build_dataset  # noqa: E402
+from megatron.errors import DataError, run_cli  # noqa: E402
 from megatron.tokenizer import Tokenizer, build_tokenizer, tokenizer_from_path  # noqa: E402
 
 
@@ -80,32 +81,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-chars", type=int, default=2000)
     args = p.parse_args(argv)
-    try:
-        ds = MMapIndexedDataset(args.prefix)
-        tokenizer = None
-        if args.tokenizer:
-            tokenizer = (build_tokenizer(args.tokenizer_type, args.tokenizer, args.merge_file)
-                         if args.tokenizer_type else tokenizer_from_path(args.tokenizer))
-        print("\n".join(summary(ds)))
-        if args.top > 0:
-            print("\n".join(histogram(ds, args.top, tokenizer)))
-        for doc in args.doc:
-            if not 0 <= doc < ds.num_documents:
-                raise DataError(f"document {doc} out of range: '{args.prefix}' has {ds.num_documents} documents")
-            tokens = ds.document(doc)
-            print(f"--- document {doc} ({len(tokens)} tokens)\n{render(tokens, tokenizer, args.max_chars)}")
-        if args.sample:
-            with tempfile.TemporaryDirectory() as cache:
-                gpt = build_dataset([args.prefix], None, args.seq_length, args.seed, max(args.sample) + 1, cache)
-                for n in args.sample:
-                    tokens = gpt[n]["text"]
-                    print(f"--- sample {n} (seq_length {args.seq_length}, seed {args.seed})\n"
-                          f"{render(tokens, tokenizer, args.max_chars)}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    ds = MMapIndexedDataset(args.prefix)
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = (build_tokenizer(args.tokenizer_type, args.tokenizer, args.merge_file)
+                     if args.tokenizer_type else tokenizer_from_path(args.tokenizer))
+    print("\n".join(summary(ds)))
+    if args.top > 0:
+        print("\n".join(histogram(ds, args.top, tokenizer)))
+    for doc in args.doc:
+        if not 0 <= doc < ds.num_documents:
+            raise DataError(f"document {doc} out of range: '{args.prefix}' has {ds.num_documents} documents")
+        tokens = ds.document(doc)
+        print(f"--- document {doc} ({len(tokens)} tokens)\n{render(tokens, tokenizer, args.max_chars)}")
+    if args.sample:
+        with tempfile.TemporaryDirectory() as cache:
+            gpt = build_dataset([args.prefix], None, args.seq_length, args.seed, max(args.sample) + 1, cache)
+            for n in args.sample:
+                tokens = gpt[n]["text"]
+                print(f"--- sample {n} (seq_length {args.seq_length}, seed {args.seed})\n"
+                      f"{render(tokens, tokenizer, args.max_chars)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -22,8 +22,8 @@ from typing import List, Optional
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.data.errors import DataError  # noqa: E402
 from megatron.data.preprocess import DTYPES, PreprocessOptions, preprocess  # noqa: E402
+from megatron.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -51,16 +51,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        preprocess(PreprocessOptions(**vars(args)))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
-        return 130
+    preprocess(PreprocessOptions(**vars(args)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

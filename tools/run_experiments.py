@@ -204,8 +204,8 @@ def table(results: Dict[str, Dict[str, object]], args, out: Path) -> str:
             f"| {r['stream_ppl_last']:.2f} | {r['stream_kv_avg']:.0f} / {r['stream_kv_max']} |")
     lines += [
         "",
-        f"- valid ppl: exp of the last validation loss, each model with its own attention rule. "
-        f"Train loss: the last logged value. Train tokens/s: median over logging windows of the whole run.",
+        "- valid ppl: exp of the last validation loss, each model with its own attention rule. "
+        "Train loss: the last logged value. Train tokens/s: median over logging windows of the whole run.",
         f"- keys per query / KV kept / attention FLOPs: counted with each layer's rule on held-out sequences of "
         f"length {any_r['seq_length']}; full attention averages (L+1)/2 keys per query. FLOPs = 4 x hidden x keys "
         f"x layers (QK^T and PV).",
@@ -222,7 +222,8 @@ def plots(results, run_dirs: Dict[str, Path], plot_dir: Path) -> List[Path]:
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     loss_png = plot_dir / "experiments_loss.png"
-    plot({v: read_run(str(d)) for v, d in run_dirs.items()}, str(loss_png), "same model, same tokens: attention variants")
+    plot({v: read_run(str(d)) for v, d in run_dirs.items()}, str(loss_png),
+         "same model, same tokens: attention variants")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -21,7 +21,7 @@ from typing import Iterator, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron.data.corpus_reader import expand_inputs, is_jsonl, item_text, read_items  # noqa: E402
-from megatron.data.errors import DataError  # noqa: E402
+from megatron.errors import DataError, run_cli  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
 
@@ -91,15 +91,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             train_bpe(args.input, args.json_key, args.vocab_size, args.min_frequency, args.output)
         else:
             train_spm(args.input, args.json_key, args.vocab_size, args.output)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except RuntimeError as e:  # sentencepiece reports bad settings (e.g. vocab too large) this way
-        print(f"error: tokenizer training failed: {str(e).splitlines()[0][:300]}", file=sys.stderr)
-        return 1
+        raise DataError(f"tokenizer training failed: {str(e).splitlines()[0][:300]}") from None
     print(f"wrote {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -28,21 +28,14 @@ MODES = ("sepllm", "streamingllm", "fixed_interval", "full")
 
 @dataclass(frozen=True)
 class SepRule:
-    """Resolved Sep-Attention settings of one layer."""
+    """Resolved Sep-Attention settings of one layer (values are checked where the config is
+    validated, ``megatron/config/validation.py``)."""
 
     mode: str = "sepllm"
     n_init: int = 3
     n_local: int = 64
     interval: int = 5
     separate_documents: bool = False
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"SepRule.mode must be one of {MODES}, got {self.mode!r}")
-        if self.n_init < 0 or self.n_local < 1 or self.interval < 1:
-            raise ValueError(
-                f"SepRule needs n_init >= 0, n_local >= 1, interval >= 1; got "
-                f"n_init={self.n_init}, n_local={self.n_local}, interval={self.interval}")
 
     @property
     def is_full(self) -> bool:

@@ -1,5 +1,13 @@
-from megatron.checkpointing.checkpoint import (CheckpointError, ensure_writable, load_checkpoint,
-                                               read_manifest, resolve_checkpoint_dir, save_checkpoint)
+"""Checkpoints: atomic sharded save/load, exact resume, resharding across layouts."""
+from megatron.checkpointing.checkpoint import (
+                                               ensure_writable,
+                                               load_checkpoint,
+                                               load_optimizer_state,
+                                               read_manifest,
+                                               resolve_checkpoint_dir,
+                                               restore_rng_state,
+                                               save_checkpoint,
+)
 
-__all__ = ["CheckpointError", "ensure_writable", "load_checkpoint", "read_manifest",
-           "resolve_checkpoint_dir", "save_checkpoint"]
+__all__ = ["ensure_writable", "load_checkpoint", "load_optimizer_state", "read_manifest", "resolve_checkpoint_dir",
+           "restore_rng_state", "save_checkpoint"]

@@ -4,7 +4,8 @@ Layout of ``SAVE/global_stepN/``::
 
     manifest.json          iteration, consumed samples, layout (tp, pp, dp), config, shard metadata
     model_tp00_pp00.pt     model state of tensor rank 0 / pipeline stage 0 (written by dp rank 0)
-    optim_tp00_pp00.pt     optimizer state of that shard
+    optim_tp00_pp00.pt     optimizer state of that shard, keyed by parameter name
+    meta_tp00_pp00.json    shape and tensor-parallel dim of every parameter of that shard
     rng_rank00000.pt       RNG states of each global rank
 
 Every rank writes into ``SAVE/.tmp-global_stepN``; after a barrier rank 0 renames it to its final
@@ -23,16 +24,16 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from megatron.parallel import get_state
-from megatron.training.distributed import barrier, rank as global_rank
+from megatron.errors import CheckpointError
+from megatron.parallel import ParallelLayout
+from megatron.parallel.distributed import barrier
+from megatron.parallel.distributed import rank as global_rank
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A user-facing checkpoint problem (unwritable dir, missing or incompatible checkpoint)."""
+# 2: optimizer shards keyed by parameter name (1: torch's numbered state dict, decayed params first).
+FORMAT_VERSION = 2
+NamedState = Dict[str, Any]
 
 
 def shard_name(kind: str, tp_rank: int, pp_rank: int) -> str:
@@ -85,11 +86,16 @@ def shard_metadata(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
             for name, p in model.named_parameters()}
 
 
-def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer], extra: Dict[str, Any],
-                    config_tree: Dict[str, Any], keep_last: Optional[int] = None) -> Path:
-    """Collective: every rank calls it. ``extra`` holds trainer state (consumed samples, ...)."""
-    st = get_state()
+def layout_of(model: torch.nn.Module) -> ParallelLayout:
+    """The layout a model was built for (a plain module is one rank)."""
+    return getattr(model, "layout", None) or ParallelLayout()
+
+
+def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optimizer_state: Optional[NamedState],
+                    extra: Dict[str, Any], config_tree: Dict[str, Any], keep_last: Optional[int] = None) -> Path:
+    """Collective: every rank calls it. ``optimizer_state`` is this shard's named optimizer state (the
+    engine's ``optimizer_state()``), ``extra`` holds trainer state (consumed samples, ...)."""
+    st = layout_of(model)
     root = Path(save_dir)
     final = root / step_dir_name(iteration)
     tmp = root / f".tmp-{step_dir_name(iteration)}"
@@ -101,15 +107,15 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module,
     barrier()
     if st.dp_rank == 0:
         torch.save(model.state_dict(), tmp / shard_name("model", st.tp_rank, st.pp_rank))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / shard_name("optim", st.tp_rank, st.pp_rank))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / shard_name("optim", st.tp_rank, st.pp_rank))
     torch.save(rng_state(), tmp / f"rng_rank{global_rank():05d}.pt")
     if global_rank() == 0:
         manifest = {
             "format_version": FORMAT_VERSION, "iteration": iteration,
             "layout": {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size},
             "config": config_tree, "trainer": extra,
-            "has_optimizer": optimizer is not None,
+            "has_optimizer": optimizer_state is not None,
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
     if st.dp_rank == 0:
@@ -160,10 +166,11 @@ def read_manifest(ckpt_dir: Path) -> Dict[str, Any]:
     return json.loads((ckpt_dir / MANIFEST).read_text())
 
 
-def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    weights_only: bool = False) -> Dict[str, Any]:
-    """Loads this rank's shard. Returns the manifest (``iteration``, ``trainer`` state, ...)."""
-    st = get_state()
+def load_checkpoint(load: str, model: torch.nn.Module) -> Dict[str, Any]:
+    """Loads this rank's model shard into ``model``; returns the manifest (``iteration``, ``trainer``
+    state, ...). The optimizer state and RNG come later, from :func:`load_optimizer_state` and
+    :func:`restore_rng_state`, once the engine that owns the optimizer exists."""
+    st = layout_of(model)
     ckpt = resolve_checkpoint_dir(load)
     manifest = read_manifest(ckpt)
     layout = manifest["layout"]
@@ -180,12 +187,53 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{model_file}' does not match the model: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
-    if weights_only:
-        return manifest
-    if optimizer is not None and manifest.get("has_optimizer"):
-        optimizer.load_state_dict(torch.load(ckpt / shard_name("optim", st.tp_rank, st.pp_rank),
-                                             map_location="cpu", weights_only=False))
-    rng_file = ckpt / f"rng_rank{global_rank():05d}.pt"
+    return manifest
+
+
+def read_shard_meta(ckpt: Path, tp_rank: int, pp_rank: int) -> Dict[str, Dict[str, Any]]:
+    path = ckpt / f"meta_tp{tp_rank:02d}_pp{pp_rank:02d}.json"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{ckpt}' is missing {path.name}")
+    return json.loads(path.read_text())["params"]
+
+
+def named_from_numbered(optim_sd: Dict[str, Any], meta: Dict[str, Dict[str, Any]], where: str) -> NamedState:
+    """A format-1 optimizer shard (torch's numbered state dict) keyed by parameter name. Format 1
+    numbered decayed (ndim >= 2) parameters first, then the rest, each in the order of the shard's
+    meta file (``named_parameters`` order)."""
+    names = ([n for n in meta if len(meta[n]["shape"]) >= 2] + [n for n in meta if len(meta[n]["shape"]) < 2])
+    ids = [i for g in optim_sd["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise CheckpointError(f"{where}: optimizer holds {len(ids)} parameters but the model shard "
+                              f"has {len(names)}; cannot map optimizer state to parameter names")
+    by_id = dict(zip(ids, names))
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[i] for i in g["params"]]}
+              for g in optim_sd["param_groups"]]
+    return {"param_groups": groups, "state": {by_id[i]: st for i, st in optim_sd["state"].items()}}
+
+
+def read_optimizer_shard(ckpt: Path, tp_rank: int, pp_rank: int, manifest: Dict[str, Any]) -> NamedState:
+    """One optimizer shard as a named state, whatever format version wrote it."""
+    path = ckpt / shard_name("optim", tp_rank, pp_rank)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{ckpt}' is missing shard {path.name}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if manifest.get("format_version", 1) < 2:
+        state = named_from_numbered(state, read_shard_meta(ckpt, tp_rank, pp_rank), str(path))
+    return state
+
+
+def load_optimizer_state(load: str, layout: ParallelLayout) -> Optional[NamedState]:
+    """This rank's named optimizer state from a checkpoint, or None when it was saved without one."""
+    ckpt = resolve_checkpoint_dir(load)
+    manifest = read_manifest(ckpt)
+    if not manifest.get("has_optimizer"):
+        return None
+    return read_optimizer_shard(ckpt, layout.tp_rank, layout.pp_rank, manifest)
+
+
+def restore_rng_state(load: str) -> None:
+    """This global rank's RNG states as saved (absent when the world was smaller: left as they are)."""
+    rng_file = resolve_checkpoint_dir(load) / f"rng_rank{global_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return manifest

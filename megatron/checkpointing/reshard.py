@@ -6,9 +6,10 @@ by union; tensor-parallel shards concatenate along the ``tp_dim`` recorded in ea
 concatenate along dim 0 in rank order. With tied embeddings the last stage's ``lm_head.weight`` is a
 synchronised copy of ``embed.weight`` and is dropped.
 
-Re-sharding rebuilds every target stage's model on CPU (for its parameter names, order and
-``tp_dim``), slices the full tensors, and re-shards the AdamW state (``exp_avg``, ``exp_avg_sq``,
-``step``) the same way, so a run resumed at the new layout continues as the old one would have.
+Re-sharding builds every target rank's model on the meta device from its layout (for its parameter
+names, shapes and ``tp_dim``; no process groups), slices the full tensors, and re-shards the AdamW
+state (``exp_avg``, ``exp_avg_sq``, ``step``, keyed by parameter name) the same way, so a run resumed
+at the new layout continues as the old one would have.
 """
 from __future__ import annotations
 
@@ -20,19 +21,24 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from megatron.checkpointing.checkpoint import (LATEST, MANIFEST, CheckpointError, atomic_write_text,
-                                               read_manifest, resolve_checkpoint_dir, shard_metadata,
-                                               shard_name, step_dir_name)
+from megatron.checkpointing.checkpoint import (
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    NamedState,
+    atomic_write_text,
+    read_manifest,
+    read_optimizer_shard,
+    read_shard_meta,
+    resolve_checkpoint_dir,
+    shard_metadata,
+    shard_name,
+    step_dir_name,
+)
+from megatron.errors import CheckpointError
 
 TIED_COPY = "lm_head.weight"
 StateDict = Dict[str, torch.Tensor]
-
-
-def _meta(ckpt: Path, tp_rank: int, pp_rank: int) -> Dict[str, Dict[str, Any]]:
-    path = ckpt / f"meta_tp{tp_rank:02d}_pp{pp_rank:02d}.json"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{ckpt}' is missing {path.name}")
-    return json.loads(path.read_text())["params"]
 
 
 def _load(path: Path, weights_only: bool = True) -> Any:
@@ -43,34 +49,6 @@ def _load(path: Path, weights_only: bool = True) -> Any:
 
 def is_tied(manifest: Dict[str, Any]) -> bool:
     return not manifest.get("config", {}).get("no_weight_tying", False)
-
-
-def optimizer_param_names(meta: Dict[str, Dict[str, Any]]) -> List[str]:
-    """Names in the id order of ``build_optimizer``'s state dict: decayed (ndim >= 2) parameters
-    first, then the rest, each in ``named_parameters`` order (which the meta json preserves)."""
-    names = list(meta)
-    return ([n for n in names if len(meta[n]["shape"]) >= 2] +
-            [n for n in names if len(meta[n]["shape"]) < 2])
-
-
-def _named_optimizer_state(optim_sd: Dict[str, Any], meta: Dict[str, Dict[str, Any]],
-                           where: str) -> Dict[str, Dict[str, Any]]:
-    names = optimizer_param_names(meta)
-    ids = [i for g in optim_sd["param_groups"] for i in g["params"]]
-    if len(ids) != len(names):
-        raise CheckpointError(f"{where}: optimizer holds {len(ids)} parameters but the model shard "
-                              f"has {len(names)}; cannot map optimizer state to parameter names")
-    named = {}
-    for i, name in zip(ids, names):
-        st = optim_sd["state"].get(i)
-        if st is None:
-            continue
-        for key, value in st.items():
-            if torch.is_tensor(value) and value.dim() > 0 and list(value.shape) != meta[name]["shape"]:
-                raise CheckpointError(f"{where}: optimizer state '{key}' of {name} has shape "
-                                      f"{list(value.shape)}, parameter has {meta[name]['shape']}")
-        named[name] = st
-    return named
 
 
 def _merge_tp(tensors: List[torch.Tensor], tp_dim: Optional[int]) -> torch.Tensor:
@@ -89,8 +67,9 @@ def _merge_state_entries(entries: List[Dict[str, Any]], tp_dim: Optional[int]) -
 
 def load_full_checkpoint(ckpt_dir: str, with_optimizer: bool = True
                          ) -> Tuple[StateDict, Dict[str, Dict[str, Any]], Dict[str, Any], List[dict]]:
-    """(full model state, full optimizer state by parameter name, manifest, optimizer param-group
-    hyperparameters of the first shard). Optimizer parts are empty when not saved or not asked for."""
+    """(full model state, full optimizer state by parameter name, manifest, optimizer param groups:
+    hyperparameters and the set of parameter names in each). Optimizer parts are empty when not
+    saved or not asked for."""
     ckpt = resolve_checkpoint_dir(ckpt_dir)
     manifest = read_manifest(ckpt)
     tp, pp = manifest["layout"]["tp"], manifest["layout"]["pp"]
@@ -100,15 +79,13 @@ def load_full_checkpoint(ckpt_dir: str, with_optimizer: bool = True
     groups: List[dict] = []
     tied = is_tied(manifest)
     for p in range(pp):
-        metas = [_meta(ckpt, t, p) for t in range(tp)]
+        metas = [read_shard_meta(ckpt, t, p) for t in range(tp)]
         shards = [_load(ckpt / shard_name("model", t, p)) for t in range(tp)]
-        optims = []
-        if with_optimizer:
-            for t in range(tp):
-                sd = _load(ckpt / shard_name("optim", t, p), weights_only=False)
-                if not groups:
-                    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-                optims.append(_named_optimizer_state(sd, metas[t], f"{ckpt}/{shard_name('optim', t, p)}"))
+        optims = [read_optimizer_shard(ckpt, t, p, manifest) for t in range(tp)] if with_optimizer else []
+        for shard_groups in (o["param_groups"] for o in optims):
+            groups = groups or [dict(g, params=set()) for g in shard_groups]
+            for group, shard_group in zip(groups, shard_groups):
+                group["params"].update(_full_name(n, tied) for n in shard_group["params"])
         for name in shards[0]:
             if tied and name == TIED_COPY:
                 continue
@@ -116,9 +93,18 @@ def load_full_checkpoint(ckpt_dir: str, with_optimizer: bool = True
             if name in full:
                 raise CheckpointError(f"checkpoint '{ckpt}': parameter {name} appears in two pipeline stages")
             full[name] = _merge_tp([s[name] for s in shards], tp_dim)
-            if optims and name in optims[0]:
-                full_optim[name] = _merge_state_entries([o[name] for o in optims], tp_dim)
+            if optims and name in optims[0]["state"]:
+                _check_state_shapes(optims, name, metas, f"{ckpt}/{shard_name('optim', 0, p)}")
+                full_optim[name] = _merge_state_entries([o["state"][name] for o in optims], tp_dim)
     return full, full_optim, manifest, groups
+
+
+def _check_state_shapes(optims: List[NamedState], name: str, metas: List[Dict[str, Any]], where: str) -> None:
+    for optim, meta in zip(optims, metas):
+        for key, value in optim["state"][name].items():
+            if torch.is_tensor(value) and value.dim() > 0 and list(value.shape) != meta[name]["shape"]:
+                raise CheckpointError(f"{where}: optimizer state '{key}' of {name} has shape "
+                                      f"{list(value.shape)}, parameter has {meta[name]['shape']}")
 
 
 def load_full_state_dict(ckpt_dir: str) -> Tuple[StateDict, Dict[str, Any]]:
@@ -139,18 +125,16 @@ def _full_name(name: str, tied: bool) -> str:
     return "embed.weight" if tied and name == TIED_COPY else name
 
 
-def build_stage_model(cfg, vocab_size: int, tp: int, pp: int, tp_rank: int, pp_rank: int):
-    """This (tp_rank, pp_rank)'s model, built on CPU without process groups (names, order, tp_dim)."""
+def build_stage_model(cfg, vocab_size: int, tp: int, pp: int, tp_rank: int, pp_rank: int, device: str = "meta"):
+    """The model shard of (tp_rank, pp_rank) in a tp x pp layout, built without process groups; on the
+    meta device by default (parameter names, shapes and ``tp_dim``; nothing allocated)."""
     from megatron.model import build_model
-    from megatron.parallel.state import ParallelState, get_state, set_state
+    from megatron.parallel import layout_for_rank
 
-    saved = get_state()
-    set_state(ParallelState(tp_size=tp, pp_size=pp, tp_rank=tp_rank, pp_rank=pp_rank))
-    try:
-        eod = 0 if cfg.attention.sepllm.separate_documents else None
-        return build_model(cfg, vocab_size, (), eod)
-    finally:
-        set_state(saved)
+    layout = layout_for_rank(tp * pp, pp_rank * tp + tp_rank, tp=tp, pp=pp,
+                             virtual_pipe_stages=cfg.parallel.virtual_pipe_stages)
+    eod = 0 if cfg.attention.sepllm.separate_documents else None
+    return build_model(cfg, vocab_size, (), eod, layout=layout, device=device)
 
 
 def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: bool = False) -> Path:
@@ -159,16 +143,12 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
     Model and AdamW state are re-sharded; ``weights_only=True`` (or a source saved without
     optimizer) writes weights only, and the manifest's ``has_optimizer`` says so. Returns the step dir.
     """
-    from megatron.config import ConfigError, config_from_tree, validate_layout
+    from megatron.config import config_from_tree, validate_model_split
 
     full, full_optim, manifest, groups = load_full_checkpoint(ckpt_dir, with_optimizer=not weights_only)
     tree = dict(manifest["config"], model_parallel_size=tp, pipe_parallel_size=pp)
-    cfg = config_from_tree(tree)
-    try:
-        validate_layout(cfg, tp * pp)
-    except ConfigError as e:
-        if "train_batch_size" not in str(e):
-            raise
+    cfg = config_from_tree(tree, log=lambda *_: None)
+    validate_model_split(cfg, tp, pp, cfg.parallel.virtual_pipe_stages)
     tied = is_tied(manifest)
     vocab_size = full["embed.weight"].shape[0]
     root = Path(out_dir)
@@ -184,7 +164,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
             model = build_stage_model(cfg, vocab_size, tp, pp, t, p)
             meta = shard_metadata(model)
             shard = {}
-            for name, ref in model.state_dict().items():
+            for name, ref in model.named_parameters():
                 src = _full_name(name, tied)
                 if src not in full:
                     raise CheckpointError(f"source checkpoint has no parameter {src} needed by tp {t} pp {p}")
@@ -197,8 +177,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
             torch.save(shard, tmp / shard_name("model", t, p))
             atomic_write_text(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", json.dumps({"params": meta}))
             if full_optim:
-                torch.save(_reshard_optimizer(model, cfg, meta, full_optim, groups, tied, t, tp),
-                           tmp / shard_name("optim", t, p))
+                torch.save(_reshard_optimizer(meta, full_optim, groups, tied, t, tp), tmp / shard_name("optim", t, p))
     unused = set(full) - used
     if unused:
         raise CheckpointError(f"parameters not placed in any target shard: {sorted(unused)[:5]}")
@@ -208,7 +187,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
         rng = src_ckpt / f"rng_rank{r:05d}.pt"
         if rng.is_file():
             shutil.copy(rng, tmp / rng.name)
-    new_manifest = dict(manifest, config=tree, has_optimizer=bool(full_optim),
+    new_manifest = dict(manifest, config=tree, has_optimizer=bool(full_optim), format_version=FORMAT_VERSION,
                         layout={"tp": tp, "pp": pp, "dp": 1},
                         resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
     atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=1, default=str))
@@ -219,20 +198,18 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
     return final
 
 
-def _reshard_optimizer(model, cfg, meta, full_optim, groups, tied: bool, tp_rank: int, tp: int) -> dict:
-    from megatron.training.optimizer import build_optimizer
-
-    sd = build_optimizer(model, cfg).state_dict()
-    if len(groups) == len(sd["param_groups"]):
-        for g, src in zip(sd["param_groups"], groups):
-            g.update(src)  # lr, betas, weight decay as they were when saved
-    names = optimizer_param_names(meta)
-    ids = [i for g in sd["param_groups"] for i in g["params"]]
-    for i, name in zip(ids, names):
+def _reshard_optimizer(meta: Dict[str, Dict[str, Any]], full_optim: Dict[str, Dict[str, Any]],
+                       groups: List[dict], tied: bool, tp_rank: int, tp: int) -> NamedState:
+    """The named optimizer state of one target shard (parameters in ``meta``): each parameter's full
+    state sliced like the parameter, each group with the hyperparameters it had when saved."""
+    state = {}
+    for name in meta:
         src = full_optim.get(_full_name(name, tied))
         if src is None:
             continue
         tp_dim = meta[name]["tp_dim"]
-        sd["state"][i] = {k: (_slice(v, tp_dim, tp_rank, tp) if torch.is_tensor(v) and v.dim() > 0
-                              else (v.clone() if torch.is_tensor(v) else v)) for k, v in src.items()}
-    return sd
+        state[name] = {k: (_slice(v, tp_dim, tp_rank, tp) if torch.is_tensor(v) and v.dim() > 0
+                           else (v.clone() if torch.is_tensor(v) else v)) for k, v in src.items()}
+    out_groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [n for n in meta if _full_name(n, tied) in g["params"]]} for g in groups]
+    return {"param_groups": out_groups, "state": state}

@@ -40,6 +40,15 @@ class ModelConfig:
     fused_cross_entropy: Optional[bool] = None
     checkpoint_activations: bool = False
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (GQA); ``num_kv_heads`` unset means one per attention head."""
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
 
 @dataclass
 class SepLLMConfig:
@@ -63,13 +72,32 @@ class AttentionConfig:
 
 
 @dataclass
+class ZeroConfig:
+    """DeepSpeed's ``zero_optimization`` section (stages 0-2). Keys left unset (None) take
+    DeepSpeed's defaults; set ones are passed to DeepSpeed unchanged."""
+
+    stage: int = 0
+    allgather_partitions: Optional[bool] = None
+    allgather_bucket_size: Optional[int] = None
+    overlap_comm: Optional[bool] = None
+    reduce_scatter: Optional[bool] = None
+    reduce_bucket_size: Optional[int] = None
+    contiguous_gradients: Optional[bool] = None
+    round_robin_gradients: Optional[bool] = None
+    cpu_offload: Optional[bool] = None  # DeepSpeed's older spelling of offload_optimizer: {device: cpu}
+    offload_optimizer: Optional[Dict[str, object]] = None
+    elastic_checkpoint: Optional[bool] = None
+    load_from_fp32_weights: Optional[bool] = None
+
+
+@dataclass
 class ParallelConfig:
     model_parallel_size: int = 1  # tensor parallel
     pipe_parallel_size: int = 1  # 0 is accepted as 1 (NeoX's "no pipeline engine" spelling)
     sequence_parallel: bool = False
     pipe_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     virtual_pipe_stages: int = 1
-    zero_optimization: Dict[str, object] = field(default_factory=lambda: {"stage": 0})
+    zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
@@ -150,11 +178,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    # Derived values, filled by the loader/trainer; never read from YAML.
-    @property
-    def num_kv_heads(self) -> int:
-        return self.model.num_kv_heads or self.model.num_attention_heads
 
 
 # Groups whose fields are flat top-level YAML keys.

@@ -1,17 +1,15 @@
-"""Pieces shared by the HF import and export: errors, checked tensor access, QKV layouts, file I/O."""
+"""Pieces shared by the HF import and export: checked tensor access, QKV layouts, file I/O."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from megatron.errors import ConversionError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ConversionError(ValueError):
-    """A user-facing conversion problem; the message names the file, tensor or key that is wrong."""
 
 
 def read_json(path: Path) -> Dict[str, Any]:

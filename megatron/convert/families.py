@@ -20,8 +20,9 @@ import torch
 from tqdm import tqdm
 
 from megatron.config.schema import Config
-from megatron.convert.common import ConversionError, TensorSource, fuse_qkv, pad_rows, split_qkv
-from megatron.model.transformer import ffn_size, head_dim
+from megatron.convert.common import TensorSource, fuse_qkv, pad_rows, split_qkv
+from megatron.errors import ConversionError
+from megatron.model.transformer import ffn_size
 
 # HF activation names -> ours. The tanh approximations differ from each other by float rounding only.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -206,9 +207,9 @@ class NeoXFamily(Family):
 
     def check_exportable(self, cfg: Config) -> None:
         super().check_exportable(cfg)
-        if cfg.num_kv_heads != cfg.model.num_attention_heads:
+        if cfg.model.kv_heads != cfg.model.num_attention_heads:
             raise ConversionError(f"GPTNeoXForCausalLM has no grouped-query attention; this model has "
-                                  f"num_kv_heads={cfg.num_kv_heads} < num_attention_heads="
+                                  f"num_kv_heads={cfg.model.kv_heads} < num_attention_heads="
                                   f"{cfg.model.num_attention_heads}")
 
     def hf_config(self, cfg: Config, vocab_size: int) -> Dict[str, Any]:
@@ -216,7 +217,7 @@ class NeoXFamily(Family):
         return {
             "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": vocab_size,
             "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_attention_heads, "intermediate_size": ffn_size(cfg),
+            "num_attention_heads": m.num_attention_heads, "intermediate_size": ffn_size(cfg.model),
             "hidden_act": OUR_ACTIVATIONS[m.activation],
             "max_position_embeddings": m.max_position_embeddings or m.seq_length,
             "layer_norm_eps": m.layernorm_epsilon, "use_parallel_residual": m.gpt_j_residual,
@@ -235,7 +236,7 @@ class NeoXFamily(Family):
 
     def layer_tables(self, cfg: Config, i: int) -> Tuple[List[NormMap], List[Linear]]:
         m, ours, hf = cfg.model, f"layers.{i}.", f"{self.prefix}layers.{i}."
-        H, F, ab = m.hidden_size, ffn_size(cfg), m.use_bias_in_attn_linear
+        H, F, ab = m.hidden_size, ffn_size(cfg.model), m.use_bias_in_attn_linear
         norms = [NormMap(ours + "input_norm", hf + "input_layernorm", H, True),
                  NormMap(ours + "post_attention_norm", hf + "post_attention_layernorm", H, True)]
         linears = [Linear(ours + "attention.dense", hf + "attention.dense", H, H, ab, ab),
@@ -299,8 +300,8 @@ class LlamaFamily(Family):
         return {
             "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": vocab_size,
             "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_attention_heads, "num_key_value_heads": cfg.num_kv_heads,
-            "head_dim": head_dim(cfg), "intermediate_size": ffn_size(cfg), "hidden_act": "silu",
+            "num_attention_heads": m.num_attention_heads, "num_key_value_heads": cfg.model.kv_heads,
+            "head_dim": cfg.model.head_dim, "intermediate_size": ffn_size(cfg.model), "hidden_act": "silu",
             "max_position_embeddings": m.max_position_embeddings or m.seq_length,
             "rms_norm_eps": m.layernorm_epsilon, "tie_word_embeddings": not m.no_weight_tying,
             "attention_bias": m.use_bias_in_attn_linear, "mlp_bias": m.use_bias_in_mlp,
@@ -316,7 +317,7 @@ class LlamaFamily(Family):
 
     def layer_tables(self, cfg: Config, i: int) -> Tuple[List[NormMap], List[Linear]]:
         m, ours, hf = cfg.model, f"layers.{i}.", f"{self.prefix}layers.{i}."
-        H, F, ab, mb = m.hidden_size, ffn_size(cfg), m.use_bias_in_attn_linear, m.use_bias_in_mlp
+        H, F, ab, mb = m.hidden_size, ffn_size(cfg.model), m.use_bias_in_attn_linear, m.use_bias_in_mlp
         norms = [NormMap(ours + "input_norm", hf + "input_layernorm", H, False),
                  NormMap(ours + "post_attention_norm", hf + "post_attention_layernorm", H, False)]
         linears = [Linear(ours + "attention.dense", hf + "self_attn.o_proj", H, H, ab, ab),
@@ -326,8 +327,8 @@ class LlamaFamily(Family):
         return norms, linears
 
     def _qkv_shapes(self, cfg: Config) -> Tuple[int, int, int, int]:
-        d = head_dim(cfg)
-        return cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.num_kv_heads, d
+        d = cfg.model.head_dim
+        return cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.kv_heads, d
 
     def import_qkv(self, src: TensorSource, cfg: Config, i: int) -> Dict[str, torch.Tensor]:
         H, heads, kv, d = self._qkv_shapes(cfg)
@@ -376,7 +377,7 @@ class GPT2Family(Family):
     def check_exportable(self, cfg: Config) -> None:
         super().check_exportable(cfg)
         m = cfg.model
-        gqa = cfg.num_kv_heads != m.num_attention_heads
+        gqa = cfg.model.kv_heads != m.num_attention_heads
         if m.norm != "layernorm" or m.gpt_j_residual or m.activation == "swiglu" or gqa:
             raise ConversionError("GPT2LMHeadModel needs layernorm, sequential residual, a non-gated MLP "
                                   "and no grouped-query attention")
@@ -386,7 +387,7 @@ class GPT2Family(Family):
         return {
             "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": vocab_size,
             "n_embd": m.hidden_size, "n_layer": m.num_layers, "n_head": m.num_attention_heads,
-            "n_positions": m.max_position_embeddings or m.seq_length, "n_inner": ffn_size(cfg),
+            "n_positions": m.max_position_embeddings or m.seq_length, "n_inner": ffn_size(cfg.model),
             "activation_function": OUR_ACTIVATIONS[m.activation], "layer_norm_epsilon": m.layernorm_epsilon,
             "tie_word_embeddings": not m.no_weight_tying, "scale_attn_weights": True,
             "resid_pdrop": m.hidden_dropout, "embd_pdrop": m.hidden_dropout, "attn_pdrop": m.attention_dropout,
@@ -400,7 +401,7 @@ class GPT2Family(Family):
 
     def layer_tables(self, cfg: Config, i: int) -> Tuple[List[NormMap], List[Linear]]:
         m, ours, hf = cfg.model, f"layers.{i}.", f"{self.prefix}h.{i}."
-        H, F = m.hidden_size, ffn_size(cfg)
+        H, F = m.hidden_size, ffn_size(cfg.model)
         norms = [NormMap(ours + "input_norm", hf + "ln_1", H, True),
                  NormMap(ours + "post_attention_norm", hf + "ln_2", H, True)]
         ab, mb = m.use_bias_in_attn_linear, m.use_bias_in_mlp

@@ -13,15 +13,18 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from megatron.checkpointing.checkpoint import CheckpointError, read_manifest, resolve_checkpoint_dir
+from megatron.checkpointing.checkpoint import read_manifest, resolve_checkpoint_dir
 from megatron.checkpointing.reshard import load_full_state_dict
 from megatron.config import Config, config_from_tree
-from megatron.config.loader import ConfigError
-from megatron.convert.common import (DTYPES, ConversionError, TensorSource, prepare_output_dir, write_json,
-                                     write_safetensors)
+from megatron.convert.common import DTYPES, TensorSource, prepare_output_dir, write_json, write_safetensors
 from megatron.convert.families import family_for_model
-from megatron.convert.tokenizer_files import (copy_tokenizer_files, resolved_separator_ids,
-                                              special_token_ids, tokenizer_vocab_size)
+from megatron.convert.tokenizer_files import (
+    copy_tokenizer_files,
+    resolved_separator_ids,
+    special_token_ids,
+    tokenizer_vocab_size,
+)
+from megatron.errors import CheckpointError, ConfigError, ConversionError
 
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

@@ -5,24 +5,22 @@ Sep-Attention (see configs/finetune_example.yml).
 """
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import yaml
 
-from megatron.checkpointing import CheckpointError, save_checkpoint
+from megatron.checkpointing import save_checkpoint
 from megatron.config import Config, config_from_tree, config_to_tree, validate_layout
-from megatron.config.loader import ConfigError
-from megatron.convert.common import DTYPES, ConversionError, TensorSource, read_hf_weights, read_json
+from megatron.convert.common import DTYPES, TensorSource, read_hf_weights, read_json
 from megatron.convert.families import GPT2Family, family_from_hf_config, strip_gpt2_prefix
 from megatron.convert.tokenizer_files import copy_tokenizer_files, tokenizer_data_keys, tokenizer_vocab_size
-from megatron.model import GPTModel
-from megatron.parallel.state import ParallelState, get_state, set_state
+from megatron.errors import CheckpointError, ConfigError, ConversionError
+from megatron.model import GPTModel, build_model
 from megatron.tokenizer import padded_vocab_size
 
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -35,17 +33,6 @@ class ImportResult:
     architecture: str
     vocab_size: int
     padded_vocab_size: int
-
-
-@contextlib.contextmanager
-def single_rank_state() -> Iterator[None]:
-    """Build modules as one unsplit rank, whatever parallel state the caller has set."""
-    previous = get_state()
-    set_state(ParallelState())
-    try:
-        yield
-    finally:
-        set_state(previous)
 
 
 def build_config_tree(model_keys: Dict[str, Any], seq_length: Optional[int], divisible_by: int, tp: int,
@@ -69,8 +56,7 @@ def checked_config(tree: Dict[str, Any], tp: int, pp: int) -> Config:
 
 def model_with_weights(cfg: Config, padded_vocab: int, weights: Dict[str, torch.Tensor]) -> GPTModel:
     """An unsplit GPTModel holding ``weights`` (built on the meta device: no random init cost)."""
-    with single_rank_state(), torch.device("meta"):
-        model = GPTModel(cfg, padded_vocab)
+    model = build_model(cfg, padded_vocab, device="meta")
     tp_dims = {n: getattr(p, "tensor_parallel_dim", None) for n, p in model.named_parameters()}
     try:
         model.load_state_dict(weights, strict=True, assign=True)
@@ -86,16 +72,14 @@ def write_checkpoint(model: GPTModel, cfg: Config, save_dir: Path, tp: int, pp: 
                      extra: Dict[str, Any], log: Callable[[str], None]) -> None:
     tree = config_to_tree(cfg)
     if tp == 1 and pp == 1:
-        with single_rank_state():
-            save_checkpoint(str(save_dir), 0, model, None, extra, tree)
+        save_checkpoint(str(save_dir), 0, model, None, extra, tree)
         return
     from megatron.checkpointing.reshard import save_resharded
 
     # Writing every rank's shard needs the reshard code path; go through an unsplit checkpoint.
     with tempfile.TemporaryDirectory(prefix=".hf-import-", dir=save_dir) as tmp:
         tp1_tree = {**tree, "model_parallel_size": 1, "pipe_parallel_size": 1}
-        with single_rank_state():
-            save_checkpoint(tmp, 0, model, None, extra, tp1_tree)
+        save_checkpoint(tmp, 0, model, None, extra, tp1_tree)
         log(f"splitting for tp={tp} pp={pp}")
         try:
             save_resharded(tmp, str(save_dir), tp, pp, weights_only=True)

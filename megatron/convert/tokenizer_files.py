@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from megatron.config.schema import Config, DataConfig
 from megatron.convert.common import read_json
-from megatron.data import DataError
+from megatron.errors import DataError
 from megatron.tokenizer import Tokenizer, build_tokenizer
 
 # Tokenizer files copied between an HF directory and our tokenizer directory, when present.

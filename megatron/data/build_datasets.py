@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 from megatron.data.blendable_dataset import BlendableDataset
-from megatron.data.errors import DataError
+from megatron.errors import DataError
 from megatron.data.gpt_dataset import (GPTDataset, document_ranges, normalized_weights, open_datasets,
                                        samples_per_dataset)
 from megatron.data.indexed_dataset import MMapIndexedDataset

@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
-from megatron.data.errors import DataError
+from megatron.errors import DataError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from megatron.data.errors import DataError
+from megatron.errors import DataError
 from megatron.data.indexed_dataset import MMapIndexedDataset
 
 INDEX_CACHE_VERSION = 1

@@ -24,7 +24,7 @@ from typing import BinaryIO, List, Optional, Sequence, Union
 
 import numpy as np
 
-from megatron.data.errors import DataError
+from megatron.errors import DataError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from megatron.data.corpus_reader import Item, expand_inputs, is_jsonl, item_text, read_items
-from megatron.data.errors import DataError
+from megatron.errors import DataError
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype, check_vocab_fits
 from megatron.tokenizer import Tokenizer, build_tokenizer
 

@@ -22,9 +22,8 @@ Positional shift makes rotary (or learned) positions the places in the cache, so
 ``cache_size``; keys are cached unrotated and re-rotated only when eviction moves them.
 """
 from megatron.inference.engine import StreamingEngine
-from megatron.inference.errors import InferenceError
 from megatron.inference.kv_cache import DECODE_MASKS, POLICIES, CacheConfig, StreamingKVCache
 from megatron.inference.sampling import SamplingConfig, sample_next_token
 
-__all__ = ["StreamingEngine", "InferenceError", "CacheConfig", "StreamingKVCache", "POLICIES", "DECODE_MASKS",
+__all__ = ["StreamingEngine", "CacheConfig", "StreamingKVCache", "POLICIES", "DECODE_MASKS",
            "SamplingConfig", "sample_next_token"]

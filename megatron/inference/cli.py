@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable, List, Optional
+from typing import Optional
 
-from megatron.inference.errors import InferenceError
 from megatron.inference.kv_cache import DECODE_MASKS, POLICIES, CacheConfig
 
 
@@ -35,15 +33,3 @@ def add_cache_args(parser: argparse.ArgumentParser, policy_default: str = "sepll
 def cache_config_from_args(args: argparse.Namespace, policy: Optional[str] = None) -> CacheConfig:
     return CacheConfig(policy or args.policy, args.init_cache_size, args.sep_cache_size, args.local_size,
                        args.cache_size, not args.no_pos_shift, args.decode_mask)
-
-
-def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> None:
-    """Run a CLI entry point: user errors print one line to stderr and exit 2, no traceback."""
-    try:
-        code = main(argv)
-    except InferenceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)

@@ -1,9 +1,9 @@
-"""Streaming decoding: drives a GPTModel's sub-modules over a bounded KV cache (batch size 1).
+"""Streaming decoding: a GPTModel over a bounded KV cache (batch size 1).
 
-The model's own forward recomputes attention over the whole sequence; here every layer is run
-piece by piece: project q/k/v for the new tokens, store k/v (unrotated) in the cache, rotate all
-keys by their stream position (or by their place in the cache under positional shift), attend,
-then the layer's output projection, MLP and residuals exactly as ``TransformerLayer.forward``.
+Each piece of new tokens runs through the model's own layers (``GPTModel.run_layers``, the one
+``TransformerLayer.forward``); the attention of every layer is handed to this engine through the
+``AttentionInputs.kv_cache`` hook: store the new k/v (unrotated) in the cache, rotate all keys by
+their stream position (or by their place in the cache under positional shift), attend.
 
 Attention inside the cache (``CacheConfig.decode_mask``):
   * ``cache`` -- a query sees every cached key plus the new tokens before it (reference behaviour);
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from megatron.attention.sepllm_rule import SepRule, visible
-from megatron.inference.errors import InferenceError
+from megatron.errors import InferenceError
 from megatron.inference.kv_cache import CacheConfig, StreamingKVCache
 from megatron.kernels.eager import rotate
 from megatron.model.gpt import GPTModel
-from megatron.parallel import get_state
+from megatron.model.transformer import AttentionInputs
 
 TokenInput = Union[Sequence[int], torch.Tensor]
 
@@ -33,10 +33,10 @@ TokenInput = Union[Sequence[int], torch.Tensor]
 class StreamingEngine:
     def __init__(self, model: GPTModel, cache: CacheConfig,
                  separator_ids: Optional[Sequence[int]] = None):
-        if get_state().tp_size != 1:
+        if model.layout.tp_size != 1:
             raise InferenceError("streaming inference runs unsharded (tensor parallel size 1); merge the "
                                  "checkpoint's shards first")
-        if not (model.pre_process and model.post_process) or len(model.layers) != model.cfg.model.num_layers:
+        if not (model.pre_process and model.post_process) or len(model.layers) != model.config.num_layers:
             raise InferenceError("streaming inference needs the whole model (one pipeline stage)")
         self.model = model.eval()
         self.config = cache
@@ -162,37 +162,43 @@ class StreamingEngine:
         hidden = self.model.embed_tokens(tokens[None], embed_pos[None])
         masks = self._masks(stream_pos, n, is_sep)
 
-        rope_new = rope_stale = rotary_positions = None
-        stale = cache.rotated_valid
-        if self.rotary_dim:
-            # Entries [stale, n) moved since they were rotated (eviction under positional shift).
-            old_pos = torch.arange(stale, n, device=self.device) if cfg.enable_pos_shift else cache.positions[stale:n]
-            rotary_positions = torch.cat([old_pos, embed_pos])
-            rope_new = self._rope(embed_pos)
-            rope_stale = self._rope(old_pos) if stale < n else None
-
-        for layer_id in self.layer_ids:
-            layer = self.model.layers[str(layer_id)]
-            att = layer.attention
-            q, k, v = att.project_qkv(layer.input_norm(hidden))
-            k_rot = None
-            if self.rotary_dim:
-                q = rotate(q, *rope_new, self.rotary_dim, self.interleaved)
-                k_rot = rotate(k, *rope_new, self.rotary_dim, self.interleaved)
-                if rope_stale is not None:
-                    cache.rerotate(layer_id, stale,
-                                   lambda raw: rotate(raw, *rope_stale, self.rotary_dim, self.interleaved))
-            cache.write(layer_id, k, v, k_rot)
-            keys, values = cache.attention_kv(layer_id, n + L)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                                 attn_mask=masks[self.rules[layer_id]],
-                                                 enable_gqa=att.group > 1)
-            attn = att.dense(out.transpose(1, 2).reshape(1, L, -1))
-            if layer.parallel_residual:
-                hidden = hidden + attn + layer.mlp(layer.post_attention_norm(hidden))
-            else:
-                hidden = hidden + attn
-                hidden = hidden + layer.mlp(layer.post_attention_norm(hidden))
-        cache.commit(tokens, stream_pos, is_sep, rotary_positions)
+        piece = _PieceAttention(self, masks, n, embed_pos)
+        hidden = self.model.run_layers(hidden, AttentionInputs(None, None, None, None, kv_cache=piece))
+        cache.commit(tokens, stream_pos, is_sep, piece.rotary_positions)
         self.stream_position += L
         return hidden
+
+
+class _PieceAttention:
+    """The KV-cache hook of one forward piece: every layer's attention over the cache plus the new
+    tokens (see :class:`megatron.model.transformer.KVCacheHook`)."""
+
+    def __init__(self, engine: StreamingEngine, masks: Dict[SepRule, Optional[torch.Tensor]], n: int,
+                 embed_pos: torch.Tensor):
+        self.engine, self.masks, self.n, self.L = engine, masks, n, embed_pos.numel()
+        cache, cfg = engine.cache, engine.config
+        self.rope_new = self.rope_stale = self.rotary_positions = None
+        self.stale = cache.rotated_valid
+        if engine.rotary_dim:
+            # Entries [stale, n) moved since they were rotated (eviction under positional shift).
+            dev = embed_pos.device
+            old_pos = (torch.arange(self.stale, n, device=dev) if cfg.enable_pos_shift
+                       else cache.positions[self.stale:n])
+            self.rotary_positions = torch.cat([old_pos, embed_pos])
+            self.rope_new = engine._rope(embed_pos)
+            self.rope_stale = engine._rope(old_pos) if self.stale < n else None
+
+    def attend(self, layer: int, rule: SepRule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        eng, cache = self.engine, self.engine.cache
+        k_rot = None
+        if eng.rotary_dim:
+            q = rotate(q, *self.rope_new, eng.rotary_dim, eng.interleaved)
+            k_rot = rotate(k, *self.rope_new, eng.rotary_dim, eng.interleaved)
+            if self.rope_stale is not None:
+                cache.rerotate(layer, self.stale,
+                               lambda raw: rotate(raw, *self.rope_stale, eng.rotary_dim, eng.interleaved))
+        cache.write(layer, k, v, k_rot)
+        keys, values = cache.attention_kv(layer, self.n + self.L)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=self.masks[rule], enable_gqa=q.shape[2] != keys.shape[2])
+        return out.transpose(1, 2)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
+from megatron.errors import InferenceError
 from megatron.inference.engine import StreamingEngine
-from megatron.inference.errors import InferenceError
 from megatron.inference.sampling import SamplingConfig, make_generator, sample_next_token
 
 

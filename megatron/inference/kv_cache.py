@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from megatron.inference.errors import InferenceError
+from megatron.errors import InferenceError
 
 POLICIES = ("sepllm", "streamingllm", "full")
 # "cache": a query sees every cached key (the reference Streaming-SepLLM behaviour);

@@ -2,31 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron.checkpointing import CheckpointError, read_manifest, resolve_checkpoint_dir
-from megatron.config import ConfigError, config_from_tree
+from megatron.checkpointing import read_manifest, resolve_checkpoint_dir
+from megatron.checkpointing.reshard import load_full_state_dict
+from megatron.config import config_from_tree
 from megatron.config.schema import Config
-from megatron.inference.errors import InferenceError
-from megatron.model.gpt import GPTModel
+from megatron.errors import CheckpointError, ConfigError, InferenceError
+from megatron.model.gpt import GPTModel, build_model
 
 
-def _full_state_dict(ckpt: Path, manifest: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def _full_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
     try:
-        from megatron.checkpointing.reshard import load_full_state_dict
-    except ImportError:
-        load_full_state_dict = None
-    try:
-        if load_full_state_dict is not None:
-            return load_full_state_dict(str(ckpt))[0]
-        layout = manifest.get("layout", {})
-        if (layout.get("tp", 1), layout.get("pp", 1)) != (1, 1):
-            raise InferenceError(f"checkpoint '{ckpt}' is sharded (tp={layout.get('tp')}, pp={layout.get('pp')}); "
-                                 "merge it with tools/ckpts/reshard.py first")
-        return torch.load(ckpt / "model_tp00_pp00.pt", map_location="cpu", weights_only=True)
-    except (CheckpointError, FileNotFoundError, OSError, RuntimeError, KeyError) as err:
+        return load_full_state_dict(str(ckpt))[0]
+    except (CheckpointError, OSError, RuntimeError, KeyError) as err:
         raise InferenceError(f"cannot read checkpoint '{ckpt}': {err}") from None
 
 
@@ -52,14 +43,14 @@ def load_model(load: str, tokenizer=None, device: str = "cpu",
         cfg = config_from_tree(manifest["config"])
     except (ConfigError, KeyError, TypeError) as err:
         raise InferenceError(f"checkpoint '{ckpt}' has no usable config: {err}") from None
-    state = _full_state_dict(ckpt, manifest)
+    state = _full_state_dict(ckpt)
     if "embed.weight" not in state:
         raise InferenceError(f"checkpoint '{ckpt}' has no embed.weight; is it a full model checkpoint?")
     seps = list(separator_ids) if separator_ids is not None else separator_ids_for(cfg, tokenizer)
     eod = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
     if cfg.attention.sepllm.separate_documents and eod is None:
         raise InferenceError("this model separates documents and needs the tokenizer's EOD id; give a tokenizer")
-    model = GPTModel(cfg, state["embed.weight"].shape[0], seps, eod)
+    model = build_model(cfg, state["embed.weight"].shape[0], seps, eod)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InferenceError(f"checkpoint '{ckpt}' does not match its config: missing {missing[:4]}, "

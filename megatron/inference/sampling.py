@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from megatron.inference.errors import InferenceError
+from megatron.errors import InferenceError
 
 
 @dataclass(frozen=True)

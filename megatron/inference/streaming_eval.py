@@ -13,8 +13,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron.errors import InferenceError
 from megatron.inference.engine import StreamingEngine
-from megatron.inference.errors import InferenceError
 
 
 def memory_mb() -> Dict[str, float]:

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-
-class LaunchError(ValueError):
-    pass
+from megatron.errors import LaunchError
 
 
 @dataclass

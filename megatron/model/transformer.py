@@ -1,37 +1,62 @@
-"""One transformer layer: attention (with the pluggable Sep-Attention), MLP, norms, residuals."""
+"""One transformer layer: attention (with the pluggable Sep-Attention), MLP, norms, residuals.
+
+The layer forward is the only one there is: training, evaluation, pipeline stages and streaming
+generation all run it. Streaming inference plugs its bounded KV cache in through
+``AttentionInputs.kv_cache`` (see :class:`KVCacheHook`).
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.attention import SepRule, attend
-from megatron.config.schema import Config
+from megatron.config.schema import ModelConfig
 from megatron.kernels import apply_rotary_qk, layer_norm, rms_norm
-from megatron.parallel import ColumnParallelLinear, RowParallelLinear, get_state, mark_sequence_parallel
+from megatron.model.init import ones_init
+from megatron.parallel import (
+    ColumnParallelLinear,
+    ParallelLayout,
+    RowParallelLinear,
+    mark_sequence_parallel,
+    new_parameter,
+)
+from megatron.parallel.layers import InitMethod
+
+
+class KVCacheHook(Protocol):
+    """Attention over cached keys/values, for one layer (streaming inference).
+
+    Gets the layer's new, unrotated q [B, L, Hq, D] and k/v [B, L, Hkv, D]; stores k/v, applies the
+    positions it manages and returns the attention output [B, L, Hq, D].
+    """
+
+    def attend(self, layer: int, rule: SepRule, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
 class AttentionInputs:
     """Per-forward data every layer's attention needs, computed once from the tokens."""
 
-    is_sep: torch.Tensor  # [B, L] bool, per the base SepLLM mode
+    is_sep: Optional[torch.Tensor]  # [B, L] bool, per the base SepLLM mode
     doc_ids: Optional[torch.Tensor]  # [B, L] or None
     cos: Optional[torch.Tensor]  # [B|1, L, rotary_dim // 2]
     sin: Optional[torch.Tensor]
+    kv_cache: Optional[KVCacheHook] = None  # streaming inference: the cache does positions and attention
 
 
 class Norm(nn.Module):
-    def __init__(self, hidden: int, kind: str, eps: float, fused: Optional[bool], sequence_parallel: bool = False):
+    def __init__(self, hidden: int, kind: str, eps: float, fused: Optional[bool], layout: ParallelLayout):
         super().__init__()
         self.kind, self.eps, self.fused = kind, eps, fused
-        self.weight = nn.Parameter(torch.ones(hidden))
-        self.bias = nn.Parameter(torch.zeros(hidden)) if kind == "layernorm" else None
-        if sequence_parallel:
+        self.weight = new_parameter(hidden, init_method=ones_init)
+        self.bias = new_parameter(hidden) if kind == "layernorm" else None
+        if layout.sequence_parallel:
             mark_sequence_parallel(self.weight)
             mark_sequence_parallel(self.bias)
 
@@ -42,26 +67,15 @@ class Norm(nn.Module):
         return layer_norm(x, self.weight, self.bias, self.eps, residual, fused=self.fused)
 
 
-def head_dim(cfg: Config) -> int:
-    return cfg.model.hidden_size // cfg.model.num_attention_heads
+def rotary_dim(m: ModelConfig) -> int:
+    return int(m.head_dim * m.rotary_pct) if m.pos_emb == "rotary" else 0
 
 
-def rotary_dim(cfg: Config) -> int:
-    return int(head_dim(cfg) * cfg.model.rotary_pct) if cfg.model.pos_emb == "rotary" else 0
+def make_norm(m: ModelConfig, layout: ParallelLayout) -> Norm:
+    return Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm, layout)
 
 
-def sequence_parallel(cfg: Config) -> bool:
-    """Activations outside the TP regions are split along the sequence (only meaningful with tp > 1)."""
-    return cfg.parallel.sequence_parallel and get_state().tp_size > 1
-
-
-def make_norm(cfg: Config) -> Norm:
-    m = cfg.model
-    return Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm, sequence_parallel(cfg))
-
-
-def ffn_size(cfg: Config) -> int:
-    m = cfg.model
+def ffn_size(m: ModelConfig) -> int:
     if m.intermediate_size:
         return m.intermediate_size
     if m.activation == "swiglu":
@@ -73,21 +87,19 @@ class SelfAttention(nn.Module):
     """QKV is one column-parallel projection laid out per KV group as [q_1..q_r, k, v] x head_dim,
     so contiguous TP shards hold whole GQA groups (and r = 1 is GPT-NeoX's per-head layout)."""
 
-    def __init__(self, cfg: Config, layer: int, rule: SepRule):
+    def __init__(self, m: ModelConfig, impl: str, layer: int, rule: SepRule, layout: ParallelLayout,
+                 init_method: InitMethod, output_init_method: InitMethod):
         super().__init__()
-        m, tp = cfg.model, get_state().tp_size
-        self.rule, self.impl = rule, cfg.attention.impl
-        self.d = head_dim(cfg)
-        self.rotary_dim, self.interleaved, self.fused_rope = rotary_dim(cfg), m.rotary_interleaved, m.fused_rope
-        self.kv_local = cfg.num_kv_heads // tp
-        self.group = m.num_attention_heads // cfg.num_kv_heads
-        seed, std, sp = cfg.training.seed, m.init_method_std, sequence_parallel(cfg)
-        out_std = std / math.sqrt(2 * m.num_layers)
-        self.qkv = ColumnParallelLinear(m.hidden_size, (m.num_attention_heads + 2 * cfg.num_kv_heads) * self.d,
-                                        m.use_bias_in_attn_linear, std, seed, f"layers.{layer}.attention.qkv",
-                                        sequence_parallel=sp)
-        self.dense = RowParallelLinear(m.num_attention_heads * self.d, m.hidden_size, m.use_bias_in_attn_linear,
-                                       out_std, seed, f"layers.{layer}.attention.dense", sequence_parallel=sp)
+        self.layer, self.rule, self.impl = layer, rule, impl
+        self.d = m.head_dim
+        self.rotary_dim, self.interleaved, self.fused_rope = rotary_dim(m), m.rotary_interleaved, m.fused_rope
+        self.kv_local = m.kv_heads // layout.tp_size
+        self.group = m.num_attention_heads // m.kv_heads
+        self.qkv = ColumnParallelLinear(m.hidden_size, (m.num_attention_heads + 2 * m.kv_heads) * self.d,
+                                        bias=m.use_bias_in_attn_linear, layout=layout, init_method=init_method)
+        self.dense = RowParallelLinear(m.num_attention_heads * self.d, m.hidden_size,
+                                       bias=m.use_bias_in_attn_linear, layout=layout,
+                                       init_method=output_init_method)
         self.dropout = m.attention_dropout
 
     def project_qkv(self, x: torch.Tensor):
@@ -102,29 +114,30 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
         q, k, v = self.project_qkv(x)
         B, L = q.shape[:2]
-        if self.rotary_dim:
-            q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
-                                   fused=self.fused_rope)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inp.is_sep, self.rule,
-                     inp.doc_ids, impl=self.impl)
-        return self.dense(out.transpose(1, 2).reshape(B, L, -1))
+        if inp.kv_cache is not None:
+            out = inp.kv_cache.attend(self.layer, self.rule, q, k, v)
+        else:
+            if self.rotary_dim:
+                q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
+                                       fused=self.fused_rope)
+            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inp.is_sep, self.rule,
+                         inp.doc_ids, impl=self.impl).transpose(1, 2)
+        return self.dense(out.reshape(B, L, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config, layer: int):
+    def __init__(self, m: ModelConfig, layout: ParallelLayout, init_method: InitMethod,
+                 output_init_method: InitMethod):
         super().__init__()
-        m = cfg.model
-        seed, std, ffn, sp = cfg.training.seed, m.init_method_std, ffn_size(cfg), sequence_parallel(cfg)
-        out_std = std / math.sqrt(2 * m.num_layers)
+        ffn = ffn_size(m)
         self.activation = m.activation
-        key = f"layers.{layer}.mlp"
-        self.fc_in = ColumnParallelLinear(m.hidden_size, ffn, m.use_bias_in_mlp, std, seed, key + ".fc_in",
-                                          sequence_parallel=sp)
+        self.fc_in = ColumnParallelLinear(m.hidden_size, ffn, bias=m.use_bias_in_mlp, layout=layout,
+                                          init_method=init_method)
         if m.activation == "swiglu":
-            self.fc_gate = ColumnParallelLinear(m.hidden_size, ffn, m.use_bias_in_mlp, std, seed, key + ".fc_gate",
-                                                sequence_parallel=sp)
-        self.fc_out = RowParallelLinear(ffn, m.hidden_size, m.use_bias_in_mlp, out_std, seed, key + ".fc_out",
-                                        sequence_parallel=sp)
+            self.fc_gate = ColumnParallelLinear(m.hidden_size, ffn, bias=m.use_bias_in_mlp, layout=layout,
+                                                init_method=init_method)
+        self.fc_out = RowParallelLinear(ffn, m.hidden_size, bias=m.use_bias_in_mlp, layout=layout,
+                                        init_method=output_init_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)
@@ -140,14 +153,14 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: Config, layer: int, rule: SepRule):
+    def __init__(self, m: ModelConfig, impl: str, layer: int, rule: SepRule, layout: ParallelLayout,
+                 init_method: InitMethod, output_init_method: InitMethod):
         super().__init__()
-        m = cfg.model
         self.parallel_residual = m.gpt_j_residual
-        self.input_norm = make_norm(cfg)
-        self.post_attention_norm = make_norm(cfg)
-        self.attention = SelfAttention(cfg, layer, rule)
-        self.mlp = MLP(cfg, layer)
+        self.input_norm = make_norm(m, layout)
+        self.post_attention_norm = make_norm(m, layout)
+        self.attention = SelfAttention(m, impl, layer, rule, layout, init_method, output_init_method)
+        self.mlp = MLP(m, layout, init_method, output_init_method)
         self.hidden_dropout = m.hidden_dropout
 
     def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:

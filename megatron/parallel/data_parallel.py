@@ -1,6 +1,6 @@
-"""Gradient synchronisation outside the tensor-parallel layers: data-parallel averaging (DDP
-semantics, one flat buffer), the tied-embedding all-reduce between first and last pipeline stage, and
-the TP sum of sequence-parallel gradients."""
+"""Gradient and value synchronisation outside the tensor-parallel layers: data-parallel averaging
+(DDP semantics, one flat buffer), the tied-embedding all-reduce between first and last pipeline stage,
+and the TP sum of sequence-parallel gradients."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron.parallel.state import get_state
+from megatron.parallel.layout import ParallelLayout
 
 
 def _allreduce_flat(grads: List[torch.Tensor], group, average: bool) -> None:
@@ -25,19 +25,29 @@ def _allreduce_flat(grads: List[torch.Tensor], group, average: bool) -> None:
         offset += g.numel()
 
 
-def allreduce_gradients(params: List[torch.nn.Parameter], group) -> None:
+def allreduce_gradients(params: List[torch.nn.Parameter], layout: ParallelLayout) -> None:
     """Average gradients over the data-parallel group, as one flat buffer."""
-    _allreduce_flat([p.grad for p in params if p.grad is not None], group, average=True)
+    if layout.dp_size > 1:
+        _allreduce_flat([p.grad for p in params if p.grad is not None], layout.dp_group, average=True)
+
+
+def average_over_dp(value: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """The mean of ``value`` over the data-parallel ranks (a new tensor)."""
+    if layout.dp_size == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, group=layout.dp_group)
+    return value / layout.dp_size
 
 
 def tied_embedding_weight(model: torch.nn.Module) -> Optional[torch.nn.Parameter]:
     """This stage's copy of a weight tied across the first and last pipeline stage, if any."""
-    st = get_state()
-    if st.pp_size == 1 or model.cfg.model.no_weight_tying:
+    layout = model.layout
+    if layout.pp_size == 1 or model.config.no_weight_tying:
         return None
-    if st.is_first_stage:
+    if layout.is_first_stage:
         return model.embed.weight
-    if st.is_last_stage:
+    if layout.is_last_stage:
         return model.lm_head.weight
     return None
 
@@ -50,7 +60,7 @@ def allreduce_tied_embedding_grads(model: torch.nn.Module) -> None:
         return
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=get_state().embedding_group)
+    dist.all_reduce(weight.grad, group=model.layout.embedding_group)
 
 
 def sequence_parallel_params(model: torch.nn.Module) -> List[torch.nn.Parameter]:
@@ -60,7 +70,6 @@ def sequence_parallel_params(model: torch.nn.Module) -> List[torch.nn.Parameter]
 def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
     """Sum, over the TP group, the gradients of parameters that saw only this rank's part of the
     sequence (norms, row-parallel biases under sequence parallelism), as one flat buffer."""
-    st = get_state()
-    if st.tp_size > 1:
-        _allreduce_flat([p.grad for p in sequence_parallel_params(model) if p.grad is not None], st.tp_group,
-                        average=False)
+    if model.layout.tp_size > 1:
+        _allreduce_flat([p.grad for p in sequence_parallel_params(model) if p.grad is not None],
+                        model.layout.tp_group, average=False)

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from megatron.data.errors import DataError
+from megatron.errors import DataError
 
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 BYTE_FALLBACK_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -212,7 +212,8 @@ class SPMTokenizer(Tokenizer):
 
 def gpt2_bpe_tokenizer(vocab_file: str, merge_file: str) -> HFTokenizer:
     """GPT-2 style ``vocab.json`` + ``merges.txt``, loaded through HF tokenizers with byte-level pieces."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers
     try:
         bpe = models.BPE.from_file(vocab_file, merge_file)
     except Exception as e:

@@ -14,15 +14,14 @@ Gradient accumulation is the pipeline's micro-batches: the loss function returns
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                          ScheduleInterleaved1F1B)
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from megatron.parallel import get_state, vocab_parallel_cross_entropy
+from megatron.model import lm_loss, split_batch
 
 
 class PipelineChunk(nn.Module):
@@ -59,33 +58,22 @@ class PipelineChunk(nn.Module):
         return hidden, tokens
 
 
-def stage_layer_ids(num_layers: int, pp: int, chunks: int, pp_rank: int) -> List[Tuple[int, List[int]]]:
-    """(stage index, global layer ids) of each chunk held by ``pp_rank``; stage s = c * pp + rank."""
-    per = num_layers // (pp * chunks)
-    out = []
-    for c in range(chunks):
-        stage = c * pp + pp_rank
-        out.append((stage, list(range(stage * per, (stage + 1) * per))))
-    return out
-
-
 class PipelineRunner:
     """Runs one training or evaluation iteration (all micro-batches) through the pipeline schedule.
     Every rank of the pipeline group calls it with the same micro-batches; the loss comes from the
     last stage and is broadcast to the whole pipeline group."""
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, n_microbatches: int,
+    def __init__(self, model: nn.Module, schedule: str, device: torch.device, n_microbatches: int,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        st = get_state()
-        par = cfg.parallel
-        self.state, self.n_microbatches = st, n_microbatches
-        self.fused_cross_entropy = cfg.model.fused_cross_entropy
-        self.chunks = par.virtual_pipe_stages
-        num_stages = st.pp_size * self.chunks
+        layout = model.layout
+        self.layout, self.n_microbatches = layout, n_microbatches
+        self.fused_cross_entropy = model.config.fused_cross_entropy
+        self.chunks = layout.chunks
+        num_stages = layout.pp_size * self.chunks
         self.stages = []
-        for stage_index, ids in stage_layer_ids(cfg.model.num_layers, st.pp_size, self.chunks, st.pp_rank):
+        for stage_index, ids in layout.stage_layer_ids(model.config.num_layers):
             chunk = PipelineChunk(model, ids, stage_index == 0, stage_index == num_stages - 1, autocast)
-            self.stages.append(PipelineStage(chunk, stage_index, num_stages, device, group=st.pp_group))
+            self.stages.append(PipelineStage(chunk, stage_index, num_stages, device, group=layout.pp_group))
         self.holds_first = any(s.is_first for s in self.stages)
         self.holds_last = any(s.is_last for s in self.stages)
         self._micro_losses: List[torch.Tensor] = []
@@ -93,13 +81,13 @@ class PipelineRunner:
         if self.chunks > 1:
             self.schedule = ScheduleInterleaved1F1B(self.stages, n_microbatches, loss_fn=self._loss,
                                                     scale_grads=False)
-        elif par.pipe_schedule == "gpipe":
+        elif schedule == "gpipe":
             self.schedule = ScheduleGPipe(self.stages[0], n_microbatches, loss_fn=self._loss, scale_grads=False)
         else:
             self.schedule = Schedule1F1B(self.stages[0], n_microbatches, loss_fn=self._loss, scale_grads=False)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = vocab_parallel_cross_entropy(logits, labels, fused=self.fused_cross_entropy).mean()
+        loss = lm_loss(logits, labels, self.layout, self.fused_cross_entropy)
         self._micro_losses.append(loss.detach().float())
         return loss / self._divisor
 
@@ -107,9 +95,9 @@ class PipelineRunner:
         if len(micro_batches) != self.n_microbatches:
             raise ValueError(f"pipeline schedule was built for {self.n_microbatches} micro-batches, "
                              f"got {len(micro_batches)}")
-        batch = torch.cat(micro_batches).to(self.stages[0].device)
-        args = (batch[:, :-1].contiguous(),) if self.holds_first else ()
-        target = batch[:, 1:].contiguous() if self.holds_last else None
+        tokens, labels = split_batch(torch.cat(micro_batches).to(self.stages[0].device))
+        args = (tokens.contiguous(),) if self.holds_first else ()
+        target = labels.contiguous() if self.holds_last else None
         self._micro_losses = []
         run = self.schedule.step if train else self.schedule.eval
         run(*args, target=target, return_outputs=False)
@@ -117,10 +105,9 @@ class PipelineRunner:
         # the real micro-batches are the last n calls.
         real = self._micro_losses[-self.n_microbatches:]
         loss = (torch.stack(real).sum() / len(real) if self.holds_last
-                else torch.zeros((), device=batch.device))
+                else torch.zeros((), device=tokens.device))
         self._micro_losses = []
-        if self.state.pp_size > 1:
-            dist.broadcast(loss, src=self.state.pp_ranks[-1], group=self.state.pp_group)
+        dist.broadcast(loss, src=self.layout.pp_ranks[-1], group=self.layout.pp_group)
         return loss
 
     def forward_backward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
@@ -132,11 +119,3 @@ class PipelineRunner:
         """Mean loss over the micro-batches, forward only."""
         return self._run(micro_batches, train=False)
 
-
-def pipeline_runner(model: nn.Module, cfg, device: torch.device, n_microbatches: int,
-                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                    ) -> Optional[PipelineRunner]:
-    """A runner when this run is pipelined (pipe_parallel_size > 1), else None."""
-    if get_state().pp_size <= 1:
-        return None
-    return PipelineRunner(model, cfg, device, n_microbatches, autocast)

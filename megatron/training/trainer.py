@@ -9,23 +9,20 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
-from megatron.checkpointing import (CheckpointError, ensure_writable, load_checkpoint,
-                                    save_checkpoint)
-from megatron.config import Config, config_to_tree, validate_layout
-from megatron.data import DataError, build_dataset, build_train_valid_test_datasets
+from megatron.checkpointing import ensure_writable, save_checkpoint
+from megatron.config import Config, config_to_tree, validate_launch
+from megatron.data import build_dataset, build_train_valid_test_datasets
+from megatron.errors import DataError
 from megatron.model import build_model, num_parameters
-from megatron.parallel import get_state, initialize_model_parallel
+from megatron.parallel import layout_from_config
+from megatron.parallel.distributed import device_for_rank, init_distributed, rank
 from megatron.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.training.batches import collate, global_batch_indices, train_batches
-from megatron.training.distributed import device_for_rank, init_distributed, rank
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
-from megatron.parallel.data_parallel import allreduce_gradients  # noqa: F401 (moved; re-exported)
-from megatron.parallel.layout import check_parallel_config, zero_stage
 from megatron.training.optimizer import build_optimizer
-from megatron.training.parallel_engine import build_engine
+from megatron.training.resume import build_engine_and_resume
 
 
 def check_data_prefix(prefix: str, key: str) -> None:
@@ -38,13 +35,11 @@ def check_data_prefix(prefix: str, key: str) -> None:
 class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.cfg = cfg
-        check_parallel_config(cfg)  # pipeline / ZeRO settings, before any process group starts
+        validate_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
         self.world = init_distributed(cfg.parallel.distributed_backend)
-        self.dp_size = validate_layout(cfg, self.world)
-        if self.world > 1:
-            initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
-        self.state = get_state()
-        self.is_logger = rank() == self.world - 1 if self.state.pp_size > 1 else rank() == 0
+        self.layout = layout_from_config(cfg, self.world, rank(), groups=True)
+        self.dp_size = self.layout.dp_size
+        self.is_logger = rank() == self.world - 1 if self.layout.pp_size > 1 else rank() == 0
         self._print = log
         self.device = device_for_rank()
         torch.manual_seed(cfg.training.seed)
@@ -62,24 +57,20 @@ class Trainer:
         self.build_data()
         if cfg.checkpoint.save:
             ensure_writable(cfg.checkpoint.save)
-        self.model = build_model(cfg, self.vocab_size, self.separator_ids, self.tokenizer.eod_id).to(self.device)
+        self.model = build_model(cfg, self.vocab_size, self.separator_ids, self.tokenizer.eod_id,
+                                 self.layout).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule.from_config(cfg)
-        if cfg.checkpoint.load:
-            self.resume(cfg.checkpoint.load)
-        # Data/pipeline/ZeRO step logic (megatron/training/parallel_engine.py); built after the weights
-        # are loaded because ZeRO copies them into its partitions.
-        self.engine = build_engine(cfg, self.model, self.optimizer, self.device, self.autocast)
-        if cfg.checkpoint.load and not cfg.checkpoint.finetune and zero_stage(cfg) > 0:
-            from megatron.training.zero import load_zero_optimizer_state
-
-            load_zero_optimizer_state(self.engine, cfg.checkpoint.load)
+        # Data/pipeline/ZeRO step logic (megatron/training/engines.py), and the checkpoint it resumes.
+        self.engine, manifest = build_engine_and_resume(cfg, self.model, self.optimizer, self.device, self.autocast)
+        if manifest is not None:
+            self.log_resume(manifest)
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg))
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
-                 f"{self.state.tp_size} pp={self.state.pp_size} dp={self.dp_size}, device {self.device}")
-        self.node_log(f"joined: tp rank {self.state.tp_rank}, pp rank {self.state.pp_rank}, dp rank "
-                      f"{self.state.dp_rank}, device {self.device}")
+                 f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size}, device {self.device}")
+        self.node_log(f"joined: tp rank {self.layout.tp_rank}, pp rank {self.layout.pp_rank}, dp rank "
+                      f"{self.layout.dp_rank}, device {self.device}")
 
     def log(self, msg: str) -> None:
         if self.is_logger:
@@ -89,7 +80,7 @@ class Trainer:
         """One line from the first process of every other node, so each node's output shows it took part."""
         local, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         node_first = rank() - local
-        logger = self.world - 1 if self.state.pp_size > 1 else 0
+        logger = self.world - 1 if self.layout.pp_size > 1 else 0
         if self.world > 1 and local == 0 and not node_first <= logger < node_first + local_world:
             self._print(f"[rank {rank()} on {socket.gethostname()}] {msg}")
 
@@ -117,11 +108,9 @@ class Trainer:
             raise DataError(f"split '{d.split}' leaves no training documents")
 
     # ------------------------------------------------------------- resume
-    def resume(self, load: str) -> None:
-        finetune = self.cfg.checkpoint.finetune
-        optimizer = None if finetune or zero_stage(self.cfg) > 0 else self.optimizer
-        manifest = load_checkpoint(load, self.model, optimizer, weights_only=finetune)
-        if finetune:
+    def log_resume(self, manifest: dict) -> None:
+        load = self.cfg.checkpoint.load
+        if self.cfg.checkpoint.finetune:
             self.log(f"finetune: loaded weights from {load}; optimizer, iteration and data position reset")
             return
         self.iteration = manifest["iteration"]
@@ -131,7 +120,7 @@ class Trainer:
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
-        path = save_checkpoint(ck.save, self.iteration, self.model, self.engine.checkpoint_optimizer(),
+        path = save_checkpoint(ck.save, self.iteration, self.model, self.engine.optimizer_state(),
                                {"consumed_samples": self.consumed_samples}, config_to_tree(self.cfg),
                                ck.keep_last_n_checkpoints)
         self.log(f"saved checkpoint {path}")
@@ -141,11 +130,6 @@ class Trainer:
         if self.cfg.training.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def forward_backward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
-        """Sum over micro-batches of (loss / accum) backward; returns the mean micro-batch loss.
-        Pipelined runs go through the pipeline schedule (micro-batches = accumulation steps)."""
-        return self.engine.forward_backward(micro_batches)
 
     def train_step(self, micro_batches: List[torch.Tensor]) -> Dict[str, float]:
         lr = self.schedule.lr_at(self.iteration + 1)
@@ -160,26 +144,20 @@ class Trainer:
             return None
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        n = 0
         for it in range(self.cfg.training.eval_iters):
             micro_batches = [collate(self.valid_ds, idx) for idx in global_batch_indices(
                 it * self.global_batch, self.global_batch, self.micro, self.accum, self.dp_size,
-                self.state.dp_rank, len(self.valid_ds))]
-            total += self.engine.eval_loss(micro_batches)  # pipelined: loss from the last stage
-            n += 1
+                self.layout.dp_rank, len(self.valid_ds))]
+            total += self.engine.eval_loss(micro_batches)  # averaged over data-parallel ranks
         self.model.train()
-        loss = total / n
-        if self.dp_size > 1:
-            dist.all_reduce(loss, group=self.state.dp_group)
-            loss /= self.dp_size
-        return float(loss)
+        return float(total / self.cfg.training.eval_iters)
 
     # ---------------------------------------------------------------- loop
     def train(self) -> List[float]:
         cfg = self.cfg
         tr, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
         batches = train_batches(self.train_ds, self.consumed_samples, self.micro, self.accum,
-                                self.dp_size, self.state.dp_rank)
+                                self.dp_size, self.layout.dp_rank)
         tokens_per_iter = self.global_batch * cfg.model.seq_length
         losses: List[float] = []
         self.model.train()
@@ -207,7 +185,8 @@ class Trainer:
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 val = self.evaluate()
                 if val is not None:
-                    self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | ppl {torch.tensor(val).exp():.2f}")
+                    self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | "
+                             f"ppl {torch.tensor(val).exp():.2f}")
                     self.metrics.log(self.iteration, {"loss": val}, prefix="valid")
             saved = bool(ck.save and ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0)
             if saved:
@@ -224,5 +203,3 @@ class Trainer:
         self.node_log(f"finished at iteration {self.iteration}")
         return losses
 
-
-USER_ERRORS = (DataError, CheckpointError)

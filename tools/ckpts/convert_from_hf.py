@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.checkpointing import CheckpointError  # noqa: E402
-from megatron.convert import ConversionError, import_hf  # noqa: E402
+from megatron.convert import import_hf  # noqa: E402
+from megatron.errors import run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,14 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="write into a non-empty save directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        import_hf(args.input, args.save, args.config_out, args.tp, args.pp, args.seq_length,
-                  args.make_vocab_size_divisible_by, args.dtype, args.force, progress=not args.quiet)
-    except (ConversionError, CheckpointError) as e:
-        print(f"convert_from_hf: error: {e}", file=sys.stderr)
-        return 2
+    import_hf(args.input, args.save, args.config_out, args.tp, args.pp, args.seq_length,
+              args.make_vocab_size_divisible_by, args.dtype, args.force, progress=not args.quiet)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="convert_from_hf")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.checkpointing import CheckpointError  # noqa: E402
-from megatron.convert import ConversionError, export_hf  # noqa: E402
+from megatron.convert import export_hf  # noqa: E402
+from megatron.errors import run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,14 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: next to vocab_file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
-                  progress=not args.quiet)
-    except (ConversionError, CheckpointError) as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
-        return 2
+    export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
+              progress=not args.quiet)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="convert_to_hf")

@@ -23,21 +23,17 @@ def main(argv=None) -> int:
     p.add_argument("--weights-only", action="store_true", help="drop the optimizer state")
     args = p.parse_args(argv)
 
-    from megatron.checkpointing import CheckpointError
     from megatron.checkpointing.reshard import save_resharded
-    from megatron.config import ConfigError
+    from megatron.errors import CheckpointError
 
     if args.tp < 1 or args.pp < 1:
-        print("error: --tp and --pp must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        out = save_resharded(args.load, args.save, args.tp, args.pp, weights_only=args.weights_only)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CheckpointError("--tp and --pp must be >= 1")
+    out = save_resharded(args.load, args.save, args.tp, args.pp, weights_only=args.weights_only)
     print(f"wrote {out} (tp={args.tp}, pp={args.pp})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron.errors import run_cli
+
+    run_cli(main)

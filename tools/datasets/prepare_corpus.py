@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
-from html.parser import HTMLParser
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
