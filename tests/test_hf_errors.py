@@ -14,7 +14,7 @@ from megatron.checkpointing import save_checkpoint
 from megatron.config import config_from_tree, config_to_tree
 from megatron.convert import ConversionError, export_hf, import_hf
 from megatron.model import GPTModel
-from test_hf_common import safetensors_state, save_hf, tiny_llama, tiny_neox
+from test_hf_common import safetensors_state, save_hf, tiny_falcon, tiny_llama, tiny_neox
 
 
 def quiet(_: str) -> None:
@@ -126,7 +126,15 @@ def test_export_refuses_models_no_hf_class_expresses(tmp_path):
         export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
     ckpt = our_checkpoint(tmp_path, num_kv_heads=2)
     with pytest.raises(ConversionError, match="GPTNeoXForCausalLM has no grouped-query attention"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet,
+                  architecture="gpt_neox")
+    # GQA with layernorm goes to Falcon, whose sequential layout has one or all KV heads only
+    with pytest.raises(ConversionError, match="FalconForCausalLM with sequential attention \\+ MLP needs "
+                                              "num_kv_heads 1 or 4; this model has 2"):
         export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
+    with pytest.raises(ConversionError, match="unknown architecture 'MistralForCausalLM'"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet,
+                  architecture="MistralForCausalLM")
     with pytest.raises(ConversionError, match="vocab size 65 .* does not fit the checkpoint's 64"):
         export_hf(str(our_checkpoint(tmp_path)), str(tmp_path / "out"), vocab_size=65, progress=False, log=quiet)
 
@@ -141,13 +149,19 @@ def test_export_missing_model_shard_and_missing_checkpoint(neox_dir, tmp_path):
 
 
 def test_clis_print_one_line_and_exit_2(neox_dir, tmp_path):
-    edit_config(neox_dir, architectures=["FalconForCausalLM"], model_type="falcon")
+    edit_config(neox_dir, architectures=["MptForCausalLM"], model_type="mpt")
     res = run_cli(["tools/ckpts/convert_from_hf.py", "--input", str(neox_dir), "--save", str(tmp_path / "c"),
                    "--quiet"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        "convert_from_hf: error: config.json: unsupported architecture FalconForCausalLM; supported: "
-        "GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2)"]
+        "convert_from_hf: error: config.json: unsupported architecture MptForCausalLM; supported: "
+        "GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2), FalconForCausalLM (falcon)"]
+    falcon_rw = save_hf(tiny_falcon(alibi=True, parallel_attn=False, multi_query=False), tmp_path / "rw")
+    res = run_cli(["tools/ckpts/convert_from_hf.py", "--input", str(falcon_rw), "--save", str(tmp_path / "c2"),
+                   "--quiet"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "convert_from_hf: error: config.json: alibi = true (Falcon-RW's ALiBi positions) is not supported; "
+        "only rotary Falcon models convert"]
     res = run_cli(["tools/ckpts/convert_to_hf.py", "--input", str(tmp_path / "nowhere"), "--output",
                    str(tmp_path / "o"), "--quiet"])
     assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

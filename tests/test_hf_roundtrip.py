@@ -20,6 +20,12 @@ VARIANTS = {
     "llama_tied_biases": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                                         num_key_value_heads=1)),
     "gpt2": ("gpt2", {}),
+    "falcon_7b_multi_query": ("falcon", {}),
+    "falcon_40b_new_arch_gqa": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True,
+                                               tie_word_embeddings=False)),
+    "falcon_new_arch_one_norm": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2,
+                                                num_ln_in_parallel_attn=1)),
+    "falcon_sequential": ("falcon", dict(parallel_attn=False, multi_query=False, bias=True)),
 }
 
 

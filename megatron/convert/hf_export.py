@@ -74,7 +74,9 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size: Optional[int] = None,
               dtype: str = "auto", tokenizer_dir: Optional[str] = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> ExportResult:
+              log: Callable[[str], None] = print, architecture: Optional[str] = None) -> ExportResult:
+    """Write ``checkpoint`` as an HF model directory. ``architecture`` (an HF class or model_type)
+    overrides the choice made from the model's shape (and, for imported models, the import record)."""
     out = Path(output_dir)
     check_output_dir(out, force)
     if dtype != "auto" and dtype not in DTYPES:
@@ -88,12 +90,14 @@ def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size:
         cfg = config_from_tree(manifest["config"])
     except (ConfigError, KeyError) as e:
         raise ConversionError(f"'{ckpt_dir}/manifest.json' holds no valid config: {e}") from None
-    family = family_for_model(cfg)
+    recorded = ((manifest.get("trainer") or {}).get("source") or {}).get("architecture")
+    family = family_for_model(cfg, architecture or recorded)
     family.check_exportable(cfg)
 
     state = load_merged_state(ckpt_dir)
     if "embed.weight" not in state:
         raise ConversionError(f"checkpoint '{ckpt_dir}' has no 'embed.weight'")
+    family = family.for_export(cfg, state)
     padded = state["embed.weight"].shape[0]
     if not cfg.model.no_weight_tying:
         state.pop("lm_head.weight", None)  # the last pipeline stage's copy of the tied embedding

@@ -6,7 +6,9 @@
 
 --input is a save root (follows ``latest``) or a global_stepN directory. The architecture follows
 the model config: GPTNeoXForCausalLM (layernorm + rotary), LlamaForCausalLM (rmsnorm + swiglu),
-GPT2LMHeadModel (learned positions). SepLLM settings go into config.json under "sepllm".
+GPT2LMHeadModel (learned positions), FalconForCausalLM (layernorm + rotary + grouped-query attention,
+or a model imported from Falcon); --architecture overrides the choice. SepLLM settings go into
+config.json under "sepllm".
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, help="real (unpadded) vocab size; default: from the tokenizer")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weight dtype (auto: as stored in the checkpoint)")
+    p.add_argument("--architecture", choices=["gpt_neox", "llama", "gpt2", "falcon"],
+                   help="HF class to write (default: from the model's shape and its import record)")
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: next to vocab_file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
-                  progress=not args.quiet)
+                  progress=not args.quiet, architecture=args.architecture)
     except (ConversionError, CheckpointError) as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2
