@@ -63,7 +63,9 @@ def test_round_trip_logits_generation_and_weights(tmp_path, variant):
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, ref)
     config = json.loads((out / "config.json").read_text())
-    assert config["sepllm"]["mode"] == "sepllm" and config["vocab_size"] == VOCAB
+    # an imported HF model is a full-attention model: it comes back as the stock class, no remote code
+    assert config["sepllm"]["mode"] == "full" and config["vocab_size"] == VOCAB and "auto_map" not in config
+    assert not (out / "modeling_sepllm.py").exists()
 
 
 def test_tp2_pp2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):

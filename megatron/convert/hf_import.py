@@ -54,8 +54,10 @@ def build_config_tree(model_keys: Dict[str, Any], seq_length: Optional[int], div
     seq = seq_length or min(max_pos, DEFAULT_MAX_SEQ_LENGTH)
     if model_keys.get("pos_emb") == "learned" and seq > max_pos:
         raise ConversionError(f"--seq-length {seq} exceeds the model's {max_pos} learned positions")
+    # An HF model was trained with plain causal attention; a fine-tune overlay switches Sep-Attention on.
     return {**model_keys, "seq_length": seq, "make_vocab_size_divisible_by": divisible_by,
-            "model_parallel_size": tp, "pipe_parallel_size": pp, **data_keys}
+            "model_parallel_size": tp, "pipe_parallel_size": pp, **data_keys,
+            "attention": {"sepllm": {"mode": "full"}}}
 
 
 def checked_config(tree: Dict[str, Any], tp: int, pp: int) -> Config:

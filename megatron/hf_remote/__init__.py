@@ -6,11 +6,14 @@
 * ``sepllm_cache``     -- the bounded Streaming-SepLLM ``Cache`` for ``generate``;
 * ``sepllm_rule``      -- in an export, a verbatim copy of ``megatron/attention/sepllm_rule.py``.
 
-Apart from ``sepllm_rule`` (a stand-in here) these modules import only torch and transformers,
-so an exported directory works without this package.
+Apart from ``sepllm_rule`` (a stand-in here) these modules import only torch and transformers, so
+an exported directory works without this package. Importing this package itself needs neither
+(names load on first use), so the exporter can read ``EXPORT_FILES`` without transformers.
+
+    from megatron.hf_remote import enable_sepllm
+    enable_sepllm(model, n_init=4, n_local=256, tokenizer=tokenizer)
 """
-from megatron.hf_remote.sepllm_attach import SepLLMSettings, enable_sepllm, separator_ids_from_tokenizer
-from megatron.hf_remote.sepllm_cache import CacheBudget, SepLLMCache
+import importlib
 
 # Files written into an export, and where each comes from (relative to the megatron package).
 EXPORT_FILES = {"modeling_sepllm.py": "hf_remote/modeling_sepllm.py",
@@ -18,5 +21,13 @@ EXPORT_FILES = {"modeling_sepllm.py": "hf_remote/modeling_sepllm.py",
                 "sepllm_cache.py": "hf_remote/sepllm_cache.py",
                 "sepllm_rule.py": "attention/sepllm_rule.py"}
 
-__all__ = ["CacheBudget", "EXPORT_FILES", "SepLLMCache", "SepLLMSettings", "enable_sepllm",
-           "separator_ids_from_tokenizer"]
+_LAZY = {"enable_sepllm": "sepllm_attach", "separator_ids_from_tokenizer": "sepllm_attach",
+         "SepLLMSettings": "sepllm_attach", "SepLLMCache": "sepllm_cache", "CacheBudget": "sepllm_cache"}
+
+__all__ = ["EXPORT_FILES", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

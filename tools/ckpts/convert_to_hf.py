@@ -34,10 +34,24 @@ def main(argv=None) -> int:
                    help="HF class to write (default: from the model's shape and its import record)")
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: next to vocab_file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("default Streaming-SepLLM cache of generate() (Sep-Attention models; "
+                             "defaults as in tools/generate.py)")
+    g.add_argument("--cache-policy", choices=["sepllm", "streamingllm", "full"],
+                   help="default: streamingllm for a StreamingLLM-trained model, else sepllm")
+    for flag, what in (("init-cache-size", "a: initial tokens kept"), ("sep-cache-size", "s: separators kept"),
+                       ("local-size", "w: most recent tokens kept"), ("cache-size", "c: total budget per layer")):
+        g.add_argument(f"--{flag}", type=int, help=what)
+    g.add_argument("--no-pos-shift", action="store_true", help="rotate keys by stream position, not cache place")
+    g.add_argument("--decode-mask", choices=["cache", "rule"], help="cache (default) or rule")
     args = p.parse_args(argv)
+    cache = {key: value for key, value in (
+        ("policy", args.cache_policy), ("init_cache_size", args.init_cache_size),
+        ("sep_cache_size", args.sep_cache_size), ("local_size", args.local_size), ("cache_size", args.cache_size),
+        ("enable_pos_shift", False if args.no_pos_shift else None), ("decode_mask", args.decode_mask))
+        if value is not None}
     try:
         export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
-                  progress=not args.quiet, architecture=args.architecture)
+                  progress=not args.quiet, architecture=args.architecture, cache=cache)
     except (ConversionError, CheckpointError) as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2
