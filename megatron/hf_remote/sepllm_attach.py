@@ -176,6 +176,8 @@ class SepLLMState:
         self.parameters = forward_signature.parameters
         self.var_kw = next((n for n, p in self.parameters.items() if p.kind is p.VAR_KEYWORD), None)
         self.cache_kw = "cache" if "cache" in self.parameters else "past_key_values"
+        # GPT-2's learned positions end at n_positions (transformers would index past its table)
+        self.max_learned_position = getattr(model.config, "n_positions", None) if model_type == "gpt2" else None
         self.plan: Optional[ForwardPlan] = None
         self.handles: List[Any] = []
 
@@ -237,6 +239,10 @@ class SepLLMState:
         positions = self._plan(tokens, valid, cache, float_dtype)
         if call.get("position_ids") is None or positions is not None:
             call["position_ids"] = positions if positions is not None else self.plan.q["positions"]
+        if self.max_learned_position is not None and int(call["position_ids"].max()) >= self.max_learned_position:
+            raise ValueError(f"position {int(call['position_ids'].max())} is beyond the {self.max_learned_position} "
+                             "learned positions of this model; generate with a bounded SepLLM cache (positional shift "
+                             "keeps positions below cache_size)")
         call[self.cache_kw] = cache
         call["attention_mask"] = self.plan.mask(self.rules[0])
         return (), call
