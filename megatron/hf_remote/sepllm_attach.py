@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from .sepllm_cache import CacheBudget, SepLLMCache
+from .sepllm_budget import CacheBudget
+from .sepllm_cache import SepLLMCache
 from .sepllm_rule import MODES, SepRule, resolve_layer_rules, visible
 
 DEFAULT_SEPARATORS = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")

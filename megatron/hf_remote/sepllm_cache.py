@@ -7,8 +7,8 @@ Per layer the entries are kept in stream order and read as four regions::
 Nothing is evicted until appending would push the length past the budget ``cache_size`` c. Then the
 past window is compressed: its separators move into the separator region (the oldest beyond s are
 dropped) and its other entries are evicted. ``streamingllm`` keeps the first a entries and the most
-recent ones; ``full`` never evicts (grows like ``DynamicCache``). These are the policies of our
-``megatron/inference/kv_cache.py``; ``tools/generate.py`` and this cache make the same decisions.
+recent ones; ``full`` never evicts (grows like ``DynamicCache``). The decisions come from
+``sepllm_budget.plan_eviction``, which our own engine (tools/generate.py) uses too.
 
 All layers share one eviction decision (it depends on token ids only). The per-entry bookkeeping
 (stream position, separator flag, document, padding) lives in ``StreamLedger`` next to the tensors.
@@ -19,87 +19,12 @@ This file is shipped inside exported model directories: it imports only torch an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-POLICIES = ("sepllm", "streamingllm", "full")
-# "cache": a query sees every cached key (the reference Streaming-SepLLM behaviour);
-# "rule": a query sees the cached keys the Sep-Attention rule of its layer allows.
-DECODE_MASKS = ("cache", "rule")
-
-
-@dataclass(frozen=True)
-class CacheBudget:
-    """Budgets a (initial), s (separators), w (local window), c (total entries per layer)."""
-
-    policy: str = "sepllm"
-    init_cache_size: int = 4
-    sep_cache_size: int = 64
-    local_size: int = 256
-    cache_size: int = 800
-    enable_pos_shift: bool = True
-    decode_mask: str = "cache"
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"cache policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.decode_mask not in DECODE_MASKS:
-            raise ValueError(f"decode_mask must be one of {DECODE_MASKS}, got {self.decode_mask!r}")
-        a, s, w, c = self.init_cache_size, self.sep_cache_size, self.local_size, self.cache_size
-        if min(a, s, w) < 0 or c < 1:
-            raise ValueError(f"cache sizes must be >= 0 and cache_size >= 1; got init_cache_size={a}, "
-                             f"sep_cache_size={s}, local_size={w}, cache_size={c}")
-        if self.policy == "streamingllm" and a >= c:
-            raise ValueError(f"StreamingLLM cache needs init_cache_size < cache_size; got {a} >= {c}")
-        if self.policy == "sepllm" and c < a + w:
-            raise ValueError(f"cache_size {c} is smaller than init_cache_size + local_size = {a} + {w} = "
-                             f"{a + w}; raise cache_size or shrink the windows")
-        if self.policy == "sepllm" and a + s + w >= c:
-            raise ValueError(f"SepLLM cache needs init_cache_size + sep_cache_size + local_size < cache_size; "
-                             f"got {a} + {s} + {w} = {a + s + w} >= {c} (no room for new tokens after "
-                             "compression)")
-
-    @property
-    def bounded(self) -> bool:
-        return self.policy != "full"
-
-    @property
-    def max_new_per_forward(self) -> Optional[int]:
-        """Most tokens one forward may append (the room guaranteed after eviction); None = unbounded."""
-        if self.policy == "full":
-            return None
-        if self.policy == "streamingllm":
-            return self.cache_size - self.init_cache_size
-        return self.cache_size - (self.init_cache_size + self.sep_cache_size + self.local_size)
-
-
-def plan_eviction(budget: CacheBudget, length: int, sep_end: int, is_sep: torch.Tensor,
-                  n_new: int) -> Optional[Tuple[torch.Tensor, int]]:
-    """Which entries to keep so that ``n_new`` more fit: (ascending keep indices, new end of the
-    separator region), or None when nothing has to go. ``is_sep`` [length] holds the entries' flags."""
-    limit = budget.max_new_per_forward
-    if limit is not None and n_new > limit:
-        raise ValueError(f"cannot append {n_new} tokens in one forward; at most {limit} fit this cache "
-                         "budget (feed fewer tokens per forward, e.g. generate(..., prefill_chunk_size=N))")
-    if not budget.bounded or length + n_new <= budget.cache_size:
-        return None
-    a = budget.init_cache_size
-    if budget.policy == "streamingllm":
-        recent = budget.cache_size - a - n_new
-        return torch.cat([torch.arange(a), torch.arange(length - recent, length)]), a
-    s, w = budget.sep_cache_size, budget.local_size
-    sep_start = min(a, length)
-    sep_end = max(sep_end, sep_start)
-    past_end = length - w
-    past = torch.arange(sep_end, past_end)
-    seps = torch.cat([torch.arange(sep_start, sep_end), past[is_sep[sep_end:past_end].cpu()]])
-    seps = seps[len(seps) - s:] if len(seps) > s else seps
-    keep = torch.cat([torch.arange(sep_start), seps, torch.arange(past_end, length)])
-    return keep, sep_start + len(seps)
-
+from .sepllm_budget import CacheBudget, plan_eviction
 
 class StreamLedger:
     """Per-entry facts of the cached keys, each [B, n]: stream (rule) position, token id, separator
@@ -147,7 +72,7 @@ def turn_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -
     """Rotate rotate-half rotary keys [B, H, m, D] (first 2 * len(inv_freq) channels) by ``delta`` [m]
     more positions: R(p + delta) k = R(delta) R(p) k."""
     rot = 2 * inv_freq.numel()
-    angles = delta.to(torch.float64)[:, None] * inv_freq.to(torch.float64, copy=True).cpu().to(delta.device)[None]
+    angles = delta.to(torch.float64)[:, None] * inv_freq.to(device=delta.device, dtype=torch.float64)[None]
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(keys.dtype)
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(keys.dtype)
     part = keys[..., :rot]
