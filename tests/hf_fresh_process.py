@@ -2,11 +2,12 @@
 
     python -I tests/hf_fresh_process.py JOBS.json RESULTS.pt
 
-JOBS.json lists {"dir", "tokens" [[...]], "prompt" [...], "new_tokens", "plain"}; for each export this
-loads it with trust_remote_code, computes fp32 logits of ``tokens``, generates greedily from
-``prompt`` with the export's default cache and with an explicit ``model.sepllm_cache()`` (recording
-its length after every step), and, with ``plain``, the logits of the same directory loaded without
-remote code. Results go to RESULTS.pt (torch.save of a dict per directory). Used by test_hf_sepllm.py.
+JOBS.json lists {"dir", "tokens" [[...]], "prompt" [...], "new_tokens", "plain", "readme"}; for each
+export this loads it with trust_remote_code, computes fp32 logits of ``tokens``, generates greedily
+from ``prompt`` with the export's default cache and with an explicit ``model.sepllm_cache()``
+(recording its length after every step); with ``plain``, the logits of the same directory loaded
+without remote code; with ``readme``, the README's example on that text. Results go to RESULTS.pt
+(torch.save of a dict per directory). Used by test_hf_sepllm.py.
 """
 import json
 import sys
@@ -44,6 +45,11 @@ def run_job(job, transformers, torch):
                                                  **settings)[0, prompt.shape[1]:].tolist()
         out.update(cache_lengths=lengths, cache_size=cache.budget.cache_size, compressions=cache.compressions,
                    kept_token_ids=cache.kept_token_ids())
+    if job.get("readme"):  # README "Using a SepLLM model in transformers", as written there
+        tok = transformers.AutoTokenizer.from_pretrained(job["dir"])
+        inputs = tok(job["readme"], return_tensors="pt")
+        out["readme_prompt"] = inputs["input_ids"][0].tolist()
+        out["readme_generated"] = model.generate(**inputs, max_new_tokens=job["new_tokens"])[0].tolist()
     if job.get("plain"):
         plain = transformers.AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32).eval()
         out["plain_class"] = type(plain).__name__

@@ -50,6 +50,7 @@ VARIANTS = {"streamingllm": {"mode": "streamingllm", "n_init": 2, "n_local": 8},
 CACHE = dict(init_cache_size=2, sep_cache_size=4, local_size=8, cache_size=24)  # 10 new tokens per forward
 NEW_TOKENS = 40
 IMPORTED_SEPS = [3, 7, 11]
+README_TEXT = "The module"
 
 
 def quiet(_: str) -> None:
@@ -121,7 +122,8 @@ def exports(tiny_dataset, tmp_path_factory, tokenizer):
         item.update(tokens=job_tokens, prompt=prompt)
         generate = name in FAMILIES or name == "streamingllm"
         jobs.append({"dir": str(item["dir"]), "tokens": job_tokens, "prompt": prompt,
-                     "new_tokens": NEW_TOKENS if generate else 0, "plain": name == "neox"})
+                     "new_tokens": NEW_TOKENS if generate else 0, "plain": name == "neox",
+                     "readme": README_TEXT if name == "neox" else None})
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(root / "hf_home"), TRANSFORMERS_VERBOSITY="error")
     res = subprocess.run([sys.executable, "-I", str(ROOT / "tests" / "hf_fresh_process.py"), str(root / "jobs.json"),
@@ -188,6 +190,18 @@ def test_greedy_generation_equals_our_streaming_engine_with_a_bounded_cache(expo
         assert result["compressions"] == engine.cache.compressions > 2
 
 
+def test_readme_example_generates_what_tools_generate_does(exports, tokenizer):
+    """AutoTokenizer + generate(**inputs) with the export's defaults: stops at the end-of-text token."""
+    item = exports["neox"]
+    result = item["result"]
+    assert result["readme_prompt"] == tokenizer.encode(README_TEXT)
+    budget = json.loads((item["dir"] / "config.json").read_text())["sepllm"]["cache"]
+    model, _ = our_model(item, tokenizer)
+    ours = list(generate_tokens(StreamingEngine(model, CacheConfig(**budget)), result["readme_prompt"], NEW_TOKENS,
+                                SamplingConfig(greedy=True, vocab_limit=4096), stop_ids=(tokenizer.eod_id,)))
+    assert result["readme_generated"] == result["readme_prompt"] + ours
+
+
 def test_tools_generate_prints_the_same_text(exports, tokenizer):
     item = exports["neox"]
     res = run_cli(["tools/generate.py", "--load", str(item["ckpt"]), "--prompt", tokenizer.decode(item["prompt"]),
@@ -226,9 +240,10 @@ def test_import_export_import_keeps_weights_and_rule(exports, tmp_path):
     item = exports["falcon"]
     import_hf(str(item["dir"]), str(tmp_path / "again"), seq_length=32, divisible_by=8, progress=False, log=quiet)
     first, second = (read_manifest(resolve_checkpoint_dir(str(p))) for p in (item["ckpt"], tmp_path / "again"))
-    assert second["config"]["attention"]["sepllm"] == {**first["config"]["attention"]["sepllm"],
-                                                       "separator_ids": json.loads((item["dir"] / "config.json")
-                                                                                   .read_text())["sepllm"]["separator_ids"]}
+    exported_ids = json.loads((item["dir"] / "config.json").read_text())["sepllm"]["separator_ids"]
+    rule = first["config"]["attention"]["sepllm"]
+    assert rule["separator_ids"] is None and rule["full_attention_layers"] == [0]  # ids came from the tokenizer
+    assert second["config"]["attention"]["sepllm"] == {**rule, "separator_ids": exported_ids}
     a = torch.load(resolve_checkpoint_dir(str(item["ckpt"])) / "model_tp00_pp00.pt", weights_only=True)
     b = torch.load(resolve_checkpoint_dir(str(tmp_path / "again")) / "model_tp00_pp00.pt", weights_only=True)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

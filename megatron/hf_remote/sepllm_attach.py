@@ -173,10 +173,10 @@ class SepLLMState:
         layer_list, attention_name = FAMILIES[model_type]
         self.attention_modules = [getattr(layer, attention_name) for layer in getattr(self.base, layer_list)]
         self.rules = settings.rules(len(self.attention_modules))
-        forward_signature = inspect.signature(self.base.forward)
-        self.parameters = forward_signature.parameters
-        self.var_kw = next((n for n, p in self.parameters.items() if p.kind is p.VAR_KEYWORD), None)
-        self.cache_kw = "cache" if "cache" in self.parameters else "past_key_values"
+        self.signature = inspect.signature(self.base.forward)  # to read positional and keyword arguments alike
+        parameters = self.signature.parameters
+        self.var_kw = next((n for n, p in parameters.items() if p.kind is p.VAR_KEYWORD), None)
+        self.cache_kw = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5
         # GPT-2's learned positions end at n_positions (transformers would index past its table)
         self.max_learned_position = getattr(model.config, "n_positions", None) if model_type == "gpt2" else None
         self.plan: Optional[ForwardPlan] = None
@@ -214,11 +214,14 @@ class SepLLMState:
 
     # -- hooks
     def _arguments(self, args, kwargs) -> Dict[str, Any]:
-        bound = inspect.Signature(list(self.parameters.values())).bind_partial(*args, **kwargs).arguments
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
         extra = bound.pop(self.var_kw, {}) if self.var_kw else {}
         return {**bound, **extra}
 
     def before_forward(self, module, args, kwargs):
+        """Base-model pre-hook: evict, note the new tokens' stream facts, pass the mask and positions.
+        A forward without a cache but with use_cache gets an unbounded SepLLMCache under the exact rule
+        (continuing from it needs to know which cached tokens are separators); training uses none."""
         call = self._arguments(args, kwargs)
         impl = getattr(self.model.config, "_attn_implementation", "eager")
         if impl not in MASKABLE_ATTENTION:
@@ -272,7 +275,7 @@ class SepLLMState:
         entries, counters = annotate_tokens(self.settings, tokens, valid,
                                             (ledger.seen, ledger.docs, ledger.doc_start))
         ledger.append(entries, counters)
-        cache.committed(L)
+        cache.committed()
         keys = {name: getattr(ledger, name) for name in ledger.FIELDS}
         self.plan = ForwardPlan(entries, keys, cache.budget.decode_mask == "cache", float_dtype)
         if cache.budget.bounded and cache.budget.enable_pos_shift:
@@ -280,6 +283,7 @@ class SepLLMState:
         return None
 
     def layer_mask(self, index: int, module, args, kwargs):
+        """Attention pre-hook: the mask of this layer's rule (hybrid layers and windows differ)."""
         if "attention_mask" not in kwargs:
             raise RuntimeError(f"SepLLM: layer {index}'s attention was called without an attention_mask keyword")
         if self.plan is None:

@@ -216,7 +216,7 @@ class SepLLMCache(Cache):
         self.evicted += ledger.length - len(keep)
         ledger.retain(keep)
 
-    def committed(self, n_new: int) -> None:
+    def committed(self) -> None:
         """Called once the ledger holds the new entries: the initial region grows with the stream."""
         a = self.budget.init_cache_size
         self.sep_end = max(self.sep_end, min(a, self.ledger.length))
