@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TOKENIZER
+from megatron.attention.sepllm_rule import SepRule, document_ids, positions_in_document, separator_flags
 from megatron.hf_remote import SepLLMCache, enable_sepllm, separator_ids_from_tokenizer
 from megatron.hf_remote.sepllm_attach import SepLLMConfigError
 from megatron.tokenizer import build_tokenizer
@@ -83,6 +84,26 @@ def test_padded_batch_equals_each_row_alone(builder):
     out = greedy(model, batch, 8, attention_mask=mask, past_key_values=cache)
     for i, row in enumerate(rows):
         assert torch.equal(out[i], greedy(model, row[None], 8, use_cache=False)[0])
+
+
+@pytest.mark.parametrize("rule", [dict(separate_documents=True, eod_id=0), dict(mode="fixed_interval", interval=3),
+                                  dict(full_attention_layers=[0], layer_n_local={1: 3})])
+def test_chunked_forwards_through_the_cache_equal_one_forward(rule):
+    """The cache's bookkeeping (stream positions, documents, separator flags) continues across forwards."""
+    model = enable_sepllm(randomize(tiny_llama()), n_init=2, n_local=4, separator_ids=SEPS, **rule)
+    tokens = stream(23)
+    tokens[0, [6, 15]] = 0  # end-of-document tokens
+    cache = model.sepllm_cache(policy="full", decode_mask="rule")
+    with torch.no_grad():
+        whole = model(tokens, use_cache=False).logits
+        pieces = [model(tokens[:, a:b], cache=cache).logits for a, b in ((0, 5), (5, 6), (6, 14), (14, 23))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-5, rtol=0)
+    ledger = cache.ledger  # per entry, what the rule's own helpers say about the whole sequence
+    docs = document_ids(tokens, 0) if "eod_id" in rule else torch.zeros_like(tokens)
+    assert torch.equal(ledger.positions, torch.arange(23)[None]) and torch.equal(ledger.doc_ids, docs)
+    assert torch.equal(ledger.pos_in_doc, positions_in_document(docs))
+    base = SepRule(rule.get("mode", "sepllm"), interval=rule.get("interval", 5))
+    assert torch.equal(ledger.is_sep, separator_flags(tokens, base, torch.tensor(SEPS)))
 
 
 def test_beam_search_reorders_the_cache_bookkeeping():
