@@ -139,6 +139,28 @@ def test_export_refuses_models_no_hf_class_expresses(tmp_path):
         export_hf(str(our_checkpoint(tmp_path)), str(tmp_path / "out"), vocab_size=65, progress=False, log=quiet)
 
 
+def test_sep_attention_export_needs_separator_ids_and_a_sane_cache(tmp_path):
+    ckpt = our_checkpoint(tmp_path)  # mode sepllm, no tokenizer to derive separators from
+    with pytest.raises(ConversionError, match="the separator ids are unknown: .*set attention.sepllm.separator_ids"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
+    ckpt = our_checkpoint(tmp_path / "b", attention={"sepllm": {"separator_ids": [5]}})
+    with pytest.raises(ConversionError, match="cache settings: SepLLM cache needs init_cache_size \\+ sep_cache_size"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet, cache={"cache_size": 300})
+    learned = our_checkpoint(tmp_path / "c", pos_emb="learned", attention={"sepllm": {"separator_ids": [5]}})
+    res = run_cli(["tools/ckpts/convert_to_hf.py", "--input", str(learned), "--output", str(tmp_path / "o"),
+                   "--vocab-size", "60", "--quiet"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "convert_to_hf: error: cache_size 800 exceeds the model's 16 learned positions; pass a smaller --cache-size "
+        "(positional shift keeps positions below it)"]
+    res = run_cli(["tools/ckpts/convert_to_hf.py", "--input", str(learned), "--output", str(tmp_path / "o"),
+                   "--vocab-size", "60", "--quiet", "--cache-size", "16", "--local-size", "8", "--sep-cache-size", "2"])
+    assert res.returncode == 0, res.stderr
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_sepllm.SepLLMGPT2LMHeadModel"}
+    assert config["sepllm"]["cache"] == {"policy": "sepllm", "init_cache_size": 4, "sep_cache_size": 2, "local_size": 8,
+                                         "cache_size": 16, "enable_pos_shift": True, "decode_mask": "cache"}
+
+
 def test_export_missing_model_shard_and_missing_checkpoint(neox_dir, tmp_path):
     do_import(neox_dir, tmp_path / "ckpt", tp=2)
     (tmp_path / "ckpt" / "global_step0" / "model_tp01_pp00.pt").unlink()
