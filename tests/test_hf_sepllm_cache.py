@@ -10,7 +10,7 @@ import torch
 
 from conftest import TOKENIZER
 from megatron.attention.sepllm_rule import SepRule, document_ids, positions_in_document, separator_flags
-from megatron.hf_remote import SepLLMCache, enable_sepllm, separator_ids_from_tokenizer
+from megatron.hf_remote import enable_sepllm, separator_ids_from_tokenizer
 from megatron.hf_remote.sepllm_attach import SepLLMConfigError
 from megatron.tokenizer import build_tokenizer
 from test_hf_common import VOCAB, randomize, tiny_falcon, tiny_gpt2, tiny_llama, tiny_neox, transformers

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .sepllm_budget import CacheBudget, plan_eviction
 
+
 class StreamLedger:
     """Per-entry facts of the cached keys, each [B, n]: stream (rule) position, token id, separator
     flag, document id, position in the document, and whether the entry is a real token (not padding).

@@ -12,6 +12,8 @@ compression, so the cache never holds more than c entries, the new tokens includ
 
 ``streamingllm`` keeps the first a entries and the most recent ``c - a`` (one eviction per step);
 ``full`` never evicts (the comparison baseline, grows without bound).
+The budget checks and the eviction decision are ``megatron/hf_remote/sepllm_budget.py``'s, shared
+with the transformers cache that HF exports ship, so tools/generate.py and ``generate`` agree.
 
 Keys are stored before rotary; the stream position, token id and separator flag of every entry
 are kept alongside, so the engine can rotate keys by stream position or by place in the cache
@@ -31,7 +33,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from megatron.hf_remote.sepllm_budget import DECODE_MASKS, POLICIES, CacheBudget, plan_eviction
+from megatron.hf_remote.sepllm_budget import DECODE_MASKS, POLICIES, CacheBudget, plan_eviction  # noqa: F401
 from megatron.inference.errors import InferenceError
 
 
@@ -47,7 +49,7 @@ class CacheConfig:
 
     def __post_init__(self):
         try:
-            self.budget  # the checks live with the eviction policy (megatron/hf_remote/sepllm_budget.py)
+            _ = self.budget  # building it checks it: the rules live with the eviction policy (sepllm_budget.py)
         except ValueError as err:
             raise InferenceError(str(err)) from None
 
