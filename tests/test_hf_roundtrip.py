@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from megatron.convert import export_hf, import_hf
 from test_hf_common import (BUILDERS, VOCAB, hf_greedy, our_greedy, our_model, prompt_tokens,
@@ -66,6 +67,11 @@ def test_round_trip_logits_generation_and_weights(tmp_path, variant):
     # an imported HF model is a full-attention model: it comes back as the stock class, no remote code
     assert config["sepllm"]["mode"] == "full" and config["vocab_size"] == VOCAB and "auto_map" not in config
     assert not (out / "modeling_sepllm.py").exists()
+    again = import_hf(str(out), str(tmp_path / "again"), seq_length=32, divisible_by=64, progress=False, log=quiet)
+    assert yaml.safe_load(again.config_path.read_text()) == yaml.safe_load(result.config_path.read_text())
+    first, second = (torch.load(p / "global_step0" / "model_tp00_pp00.pt", weights_only=True)
+                     for p in (tmp_path / "ckpt", tmp_path / "again"))
+    assert sorted(first) == sorted(second) and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_tp2_pp2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
