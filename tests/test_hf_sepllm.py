@@ -28,7 +28,7 @@ from megatron.inference import CacheConfig, StreamingEngine
 from megatron.inference.generation import generate_tokens
 from megatron.inference.loading import load_model
 from megatron.inference.sampling import SamplingConfig
-from megatron.model import GPTModel
+from megatron.model import build_model
 from megatron.tokenizer import build_tokenizer
 from test_hf_common import VOCAB, safetensors_state, save_hf, tiny_llama, transformers
 
@@ -79,7 +79,7 @@ def random_export(name: str, rule: dict, root: Path, tokenizer) -> dict:
     cfg = config_from_tree(tiny_config_tree("unused", attention={"impl": "reference", "sepllm": rule}))
     seps = tokenizer.separator_ids(cfg.attention.sepllm.separator_tokens, True)
     torch.manual_seed(3)
-    model = GPTModel(cfg, 4096, seps, tokenizer.eod_id)
+    model = build_model(cfg, 4096, seps, tokenizer.eod_id)
     save = root / f"ckpt_{name}"
     save_checkpoint(str(save), 1, model, None, {"consumed_samples": 0}, config_to_tree(cfg))
     out = root / f"hf_{name}"
@@ -166,7 +166,7 @@ def test_without_remote_code_the_export_is_the_plain_architecture(exports, token
     model, cfg = our_model(item, tokenizer)
     tree = config_to_tree(cfg)
     tree["attention"] = {"impl": "sdpa", "sepllm": {"mode": "full"}}
-    full = GPTModel(config_from_tree(tree), model.vocab_size)
+    full = build_model(config_from_tree(tree), model.vocab_size)
     full.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = full.eval().full_logits(torch.tensor(item["tokens"]))[..., :result["logits"].shape[-1]]

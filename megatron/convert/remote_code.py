@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from megatron.config.schema import Config
 from megatron.convert.common import ConversionError
 from megatron.hf_remote import EXPORT_FILES
-from megatron.inference.errors import InferenceError
+from megatron.hf_remote.sepllm_budget import CacheBudget
 from megatron.inference.kv_cache import CacheConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the megatron package
@@ -37,8 +37,8 @@ def cache_settings(cfg: Config, overrides: Optional[Dict[str, Any]] = None) -> D
     policy = "streamingllm" if cfg.attention.sepllm.mode == "streamingllm" else "sepllm"
     settings = {**dataclasses.asdict(CacheConfig(policy=policy)), **(overrides or {})}
     try:
-        budget = CacheConfig(**settings)
-    except (InferenceError, TypeError) as err:
+        budget = CacheBudget(**settings)
+    except (ValueError, TypeError) as err:
         raise ConversionError(f"cache settings: {err}") from None
     m = cfg.model
     max_pos = m.max_position_embeddings or m.seq_length

@@ -70,10 +70,14 @@ class SepLLMSettings:
     def check(self, where: str) -> None:
         if self.mode not in MODES:
             raise SepLLMConfigError(f"{where}: mode must be one of {MODES}, got {self.mode!r}")
+        windows = [int(v) for v in self.layer_n_local.values()]
+        if self.n_init < 0 or self.n_local < 1 or self.interval < 1 or any(w < 1 for w in windows):
+            raise SepLLMConfigError(f"{where}: needs n_init >= 0, n_local >= 1 (also in layer_n_local), interval >= 1; "
+                                    f"got n_init={self.n_init}, n_local={self.n_local}, interval={self.interval}, "
+                                    f"layer_n_local={self.layer_n_local}")
         if self.separate_documents and self.eod_id is None:
             raise SepLLMConfigError(f"{where}: separate_documents needs eod_id (the end-of-document token)")
         self.budget()  # validates the cache entry
-        SepRule(self.mode, self.n_init, self.n_local, self.interval, self.separate_documents)
 
     def budget(self, **overrides) -> CacheBudget:
         policy = "streamingllm" if self.mode == "streamingllm" else "sepllm"
