@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron"
 LAYERS = [
     {"errors"},
     {"config", "kernels", "attention", "tokenizer"},
-    {"data", "parallel"},
+    {"data", "parallel", "hf_remote"},
     {"model"},
     {"checkpointing"},
     {"training", "inference", "convert", "launch"},

@@ -1,3 +1,4 @@
+import json
 import textwrap
 
 import pytest
@@ -97,6 +98,8 @@ def test_pipe_parallel_zero_means_one_and_string_floats():
 def test_round_trip_tree():
     cfg = config_from_tree({"num_layers": 3, "attention": {"sepllm": {"layer_n_local": {0: 8}}}})
     assert config_from_tree(config_to_tree(cfg)) == cfg
+    # a checkpoint manifest is JSON, which writes the integer layer keys as strings
+    assert config_from_tree(json.loads(json.dumps(config_to_tree(cfg)))) == cfg
 
 
 def test_layout_validation():

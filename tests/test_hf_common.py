@@ -53,7 +53,18 @@ def tiny_gpt2(**overrides):
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
 
 
-BUILDERS = {"neox": tiny_neox, "llama": tiny_llama, "gpt2": tiny_gpt2}
+def tiny_falcon(**overrides):
+    """Falcon-7B layout by default: old decoder architecture, multi-query, parallel attention + MLP
+    sharing one layernorm, no biases, tied embeddings."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, new_decoder_architecture=False, multi_query=True,
+               parallel_attn=True, bias=False, alibi=False, hidden_dropout=0.0, attention_dropout=0.0,
+               rope_theta=1000.0, bos_token_id=0, eos_token_id=0)
+    cfg.update(overrides)
+    return transformers.FalconForCausalLM(transformers.FalconConfig(**cfg))
+
+
+BUILDERS = {"neox": tiny_neox, "llama": tiny_llama, "gpt2": tiny_gpt2, "falcon": tiny_falcon}
 
 
 def save_hf(model, path: Path, seed: int = 0) -> Path:

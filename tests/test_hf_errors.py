@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli
 from safetensors.torch import save_file
-from test_hf_common import safetensors_state, save_hf, tiny_llama, tiny_neox
+from test_hf_common import safetensors_state, save_hf, tiny_falcon, tiny_llama, tiny_neox
 
 from megatron.checkpointing import save_checkpoint
 from megatron.config import config_from_tree, config_to_tree
@@ -127,9 +127,37 @@ def test_export_refuses_models_no_hf_class_expresses(tmp_path):
         export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
     ckpt = our_checkpoint(tmp_path, num_kv_heads=2)
     with pytest.raises(ConversionError, match="GPTNeoXForCausalLM has no grouped-query attention"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet,
+                  architecture="gpt_neox")
+    # GQA with layernorm goes to Falcon, whose sequential layout has one or all KV heads only
+    with pytest.raises(ConversionError, match="FalconForCausalLM with sequential attention \\+ MLP needs "
+                                              "num_kv_heads 1 or 4; this model has 2"):
         export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
+    with pytest.raises(ConversionError, match="unknown architecture 'MistralForCausalLM'"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet,
+                  architecture="MistralForCausalLM")
     with pytest.raises(ConversionError, match="vocab size 65 .* does not fit the checkpoint's 64"):
         export_hf(str(our_checkpoint(tmp_path)), str(tmp_path / "out"), vocab_size=65, progress=False, log=quiet)
+
+
+def test_sep_attention_export_needs_separator_ids_and_a_sane_cache(tmp_path):
+    ckpt = our_checkpoint(tmp_path)  # mode sepllm, no tokenizer to derive separators from
+    with pytest.raises(ConversionError, match="the separator ids are unknown: .*set attention.sepllm.separator_ids"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
+    ckpt = our_checkpoint(tmp_path / "b", attention={"sepllm": {"separator_ids": [5]}})
+    with pytest.raises(ConversionError, match="cache settings: SepLLM cache needs init_cache_size \\+ sep_cache_size"):
+        export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet, cache={"cache_size": 300})
+    learned = our_checkpoint(tmp_path / "c", pos_emb="learned", attention={"sepllm": {"separator_ids": [5]}})
+    with pytest.raises(ConversionError, match="^cache_size 800 exceeds the model's 16 learned positions; pass a "
+                                              "smaller --cache-size \\(positional shift keeps positions below it\\)$"):
+        export_hf(str(learned), str(tmp_path / "o"), vocab_size=60, progress=False, log=quiet)
+    res = run_cli(["tools/ckpts/convert_to_hf.py", "--input", str(learned), "--output", str(tmp_path / "o"),
+                   "--vocab-size", "60", "--quiet", "--cache-size", "16", "--local-size", "8", "--sep-cache-size", "2"])
+    assert res.returncode == 0, res.stderr
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_sepllm.SepLLMGPT2LMHeadModel"}
+    assert config["sepllm"]["cache"] == {"policy": "sepllm", "init_cache_size": 4, "sep_cache_size": 2, "local_size": 8,
+                                         "cache_size": 16, "enable_pos_shift": True, "decode_mask": "cache"}
 
 
 def test_export_missing_model_shard_and_missing_checkpoint(neox_dir, tmp_path):
@@ -142,13 +170,17 @@ def test_export_missing_model_shard_and_missing_checkpoint(neox_dir, tmp_path):
 
 
 def test_clis_print_one_line_and_exit_2(neox_dir, tmp_path):
-    edit_config(neox_dir, architectures=["FalconForCausalLM"], model_type="falcon")
+    edit_config(neox_dir, architectures=["MptForCausalLM"], model_type="mpt")
     res = run_cli(["tools/ckpts/convert_from_hf.py", "--input", str(neox_dir), "--save", str(tmp_path / "c"),
                    "--quiet"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        "convert_from_hf: error: config.json: unsupported architecture FalconForCausalLM; supported: "
-        "GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2)"]
+        "convert_from_hf: error: config.json: unsupported architecture MptForCausalLM; supported: "
+        "GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2), FalconForCausalLM (falcon)"]
+    falcon_rw = save_hf(tiny_falcon(alibi=True, parallel_attn=False, multi_query=False), tmp_path / "rw")
+    with pytest.raises(ConversionError, match="^config.json: alibi = true \\(Falcon-RW's ALiBi positions\\) is not "
+                                              "supported; only rotary Falcon models convert$"):
+        do_import(falcon_rw, tmp_path / "c2")
     res = run_cli(["tools/ckpts/convert_to_hf.py", "--input", str(tmp_path / "nowhere"), "--output",
                    str(tmp_path / "o"), "--quiet"])
     assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_hf_common import (
     BUILDERS,
     VOCAB,
@@ -31,6 +32,12 @@ VARIANTS = {
     "llama_tied_biases": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                                         num_key_value_heads=1)),
     "gpt2": ("gpt2", {}),
+    "falcon_7b_multi_query": ("falcon", {}),
+    "falcon_40b_new_arch_gqa": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True,
+                                               tie_word_embeddings=False)),
+    "falcon_new_arch_one_norm": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2,
+                                                num_ln_in_parallel_attn=1)),
+    "falcon_sequential": ("falcon", dict(parallel_attn=False, multi_query=False, bias=True)),
 }
 
 
@@ -68,7 +75,14 @@ def test_round_trip_logits_generation_and_weights(tmp_path, variant):
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, ref)
     config = json.loads((out / "config.json").read_text())
-    assert config["sepllm"]["mode"] == "sepllm" and config["vocab_size"] == VOCAB
+    # an imported HF model is a full-attention model: it comes back as the stock class, no remote code
+    assert config["sepllm"]["mode"] == "full" and config["vocab_size"] == VOCAB and "auto_map" not in config
+    assert not (out / "modeling_sepllm.py").exists()
+    again = import_hf(str(out), str(tmp_path / "again"), seq_length=32, divisible_by=64, progress=False, log=quiet)
+    assert yaml.safe_load(again.config_path.read_text()) == yaml.safe_load(result.config_path.read_text())
+    first, second = (torch.load(p / "global_step0" / "model_tp00_pp00.pt", weights_only=True)
+                     for p in (tmp_path / "ckpt", tmp_path / "again"))
+    assert sorted(first) == sorted(second) and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_tp2_pp2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):

@@ -74,8 +74,13 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
         kt, vt = typing.get_args(tp)
         if kt is object:
             return dict(value)
-        return {_coerce(k, kt, f"{key} key", where): _coerce(v, vt, f"{key}.{k}", where)
-                for k, v in value.items()}
+
+        def dict_key(k):
+            if kt is int and isinstance(k, str) and k.lstrip("-").isdigit():
+                k = int(k)  # JSON (a checkpoint's manifest) writes integer keys as strings
+            return _coerce(k, kt, f"{key} key", where)
+
+        return {dict_key(k): _coerce(v, vt, f"{key}.{k}", where) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad()

@@ -55,6 +55,12 @@ class TensorSource:
                                   f"{self.shape_hint} implies {shape_str(shape)}")
         return t
 
+    def peek(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """Like ``take`` but the tensor stays (for an HF tensor that two of ours are copies of)."""
+        tensor = self.take(name, shape)
+        self.tensors[name] = tensor
+        return tensor
+
     def discard(self, name: str) -> Optional[torch.Tensor]:
         return self.tensors.pop(name, None)
 

@@ -1,4 +1,4 @@
-"""The three HF model families we convert: GPT-NeoX/Pythia, Llama (incl. GQA), GPT-2.
+"""The HF model families we convert: GPT-NeoX/Pythia, Llama (incl. GQA), GPT-2, Falcon.
 
 Each family knows (1) how an HF ``config.json`` maps to our model keys and back, and (2) the
 per-layer tensor correspondence. Both directions walk the same table, so import and export cannot
@@ -10,11 +10,14 @@ drift apart. Weight layouts that need more than a rename:
 * Rotary: ours, HF GPT-NeoX and HF Llama all rotate the two halves of the first rotary_dim
   channels ("rotate-half"), so no permutation of q/k rows is needed.
 * Vocab: ours is padded (make_vocab_size_divisible_by x TP); HF holds the real size.
+* Falcon: ``query_key_value`` is our layout in all three of its variants (per head [q, k, v];
+  multi-query [q_1..q_H, k, v]; new decoder architecture [q_1..q_r, k, v] per KV group). Its
+  single-layernorm variants share one norm between attention and MLP: we hold two equal copies.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -28,7 +31,8 @@ from megatron.model.transformer import ffn_size
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_fast": "gelu_tanh", "relu": "relu"}
 OUR_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-SUPPORTED = "GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2)"
+SUPPORTED = ("GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2), "
+             "FalconForCausalLM (falcon)")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class NormMap:
     hf: str
     size: int
     bias: bool
+    shared: bool = False  # the HF norm is also read by the next NormMap (read it without consuming)
 
 
 def rope_settings(hf: Dict[str, Any], default_partial: float) -> Tuple[float, float, str]:
@@ -89,6 +94,13 @@ class Family:
     prefix = ""  # HF name prefix of the base model
     ignorable: Tuple[str, ...] = ()  # non-parameter buffers some HF checkpoints carry
 
+    # -- variants: a family whose HF layout depends on the checkpoint returns a configured copy
+    def for_hf_config(self, hf: Dict[str, Any]) -> "Family":
+        return self
+
+    def for_export(self, cfg: Config, state: Dict[str, torch.Tensor]) -> "Family":
+        return self
+
     # -- configs
     def model_keys(self, hf: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
@@ -128,9 +140,10 @@ class Family:
         for i in tqdm(range(m.num_layers), desc="layers", disable=not progress):
             norms, linears = self.layer_tables(cfg, i)
             for n in norms:
-                out[n.ours + ".weight"] = src.take(n.hf + ".weight", (n.size,))
+                get = src.peek if n.shared else src.take
+                out[n.ours + ".weight"] = get(n.hf + ".weight", (n.size,))
                 if n.bias:
-                    out[n.ours + ".bias"] = src.take(n.hf + ".bias", (n.size,))
+                    out[n.ours + ".bias"] = get(n.hf + ".bias", (n.size,))
             out.update(self.import_qkv(src, cfg, i))
             for lin in linears:
                 shape = (lin.inp, lin.out) if lin.conv1d else (lin.out, lin.inp)
@@ -429,7 +442,159 @@ class GPT2Family(Family):
         return {hf + ".weight": w.t().contiguous(), hf + ".bias": b}
 
 
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (NeoXFamily(), LlamaFamily(), GPT2Family())}
+@dataclass(frozen=True)
+class FalconVariant:
+    """Which of Falcon's decoder layouts a checkpoint uses (config.json keys of the same names)."""
+
+    new_decoder_architecture: bool = True
+    parallel_attn: bool = True
+    multi_query: bool = False
+    num_ln_in_parallel_attn: int = 2  # 1: one norm shared by attention and MLP
+
+    @property
+    def norm_names(self) -> Tuple[str, str]:
+        """HF names of the norms before attention and before the MLP (equal when shared)."""
+        if self.new_decoder_architecture and self.num_ln_in_parallel_attn == 2:
+            return "ln_attn", "ln_mlp"
+        if self.parallel_attn or self.new_decoder_architecture:
+            return "input_layernorm", "input_layernorm"
+        return "input_layernorm", "post_attention_layernorm"
+
+
+def falcon_kv_heads(cfg: Config) -> int:
+    m = cfg.model
+    return m.num_kv_heads or m.num_attention_heads
+
+
+def falcon_key(hf: Dict[str, Any], *names: str, default: Any = None) -> Any:
+    """A Falcon config value under its transformers name or the older RefinedWeb spelling."""
+    return next((hf[n] for n in names if hf.get(n) is not None), default)
+
+
+class FalconFamily(Family):
+    name, architecture, model_type, prefix = "falcon", "FalconForCausalLM", "falcon", "transformer."
+    ignorable = (".rotary_emb.inv_freq",)
+
+    def __init__(self, variant: FalconVariant = FalconVariant()):
+        self.variant = variant
+
+    def for_hf_config(self, hf: Dict[str, Any]) -> "FalconFamily":
+        new = bool(hf.get("new_decoder_architecture", False))
+        return FalconFamily(FalconVariant(
+            new_decoder_architecture=new, parallel_attn=new or bool(hf.get("parallel_attn", True)),
+            multi_query=not new and bool(hf.get("multi_query", True)),
+            num_ln_in_parallel_attn=int(hf.get("num_ln_in_parallel_attn") or 2) if new else 1))
+
+    def for_export(self, cfg: Config, state: Dict[str, torch.Tensor]) -> "FalconFamily":
+        """Falcon-7B's layout (old architecture, one shared norm) when the model fits it, else the
+        new decoder architecture (any number of KV heads; one or two norms)."""
+        m, kv = cfg.model, falcon_kv_heads(cfg)
+        old_kv = kv in (1, m.num_attention_heads)
+        if not m.gpt_j_residual:
+            if not old_kv:
+                raise ConversionError(f"FalconForCausalLM with sequential attention + MLP needs num_kv_heads 1 or "
+                                      f"{m.num_attention_heads}; this model has {kv}")
+            return FalconFamily(FalconVariant(False, False, kv == 1 and m.num_attention_heads > 1, 1))
+        shared = all(torch.equal(state[f"layers.{i}.input_norm.{p}"], state[f"layers.{i}.post_attention_norm.{p}"])
+                     for i in range(m.num_layers) for p in ("weight", "bias"))
+        if shared and old_kv:
+            return FalconFamily(FalconVariant(False, True, kv == 1 and m.num_attention_heads > 1, 1))
+        return FalconFamily(FalconVariant(True, True, False, 1 if shared else 2))
+
+    def model_keys(self, hf: Dict[str, Any]) -> Dict[str, Any]:
+        H = falcon_key(hf, "hidden_size", "n_embed")
+        layers, heads = falcon_key(hf, "num_hidden_layers", "n_layer"), falcon_key(hf, "num_attention_heads", "n_head")
+        if None in (H, layers, heads) or hf.get("vocab_size") is None:
+            raise ConversionError("config.json lacks one of hidden_size, num_hidden_layers, num_attention_heads, "
+                                  "vocab_size")
+        if hf.get("alibi"):
+            raise ConversionError("config.json: alibi = true (Falcon-RW's ALiBi positions) is not supported; "
+                                  "only rotary Falcon models convert")
+        theta, partial, rope_type = rope_settings(hf, default_partial=1.0)
+        if rope_type != "default" or partial != 1.0:
+            raise ConversionError(f"config.json: rope type '{rope_type}' with partial factor {partial} is not "
+                                  "supported; Falcon import expects the default rotary over the whole head")
+        v, bias = self.for_hf_config(hf).variant, bool(hf.get("bias", False))
+        kv = (falcon_key(hf, "num_kv_heads", "n_head_kv", default=heads) if v.new_decoder_architecture
+              else 1 if v.multi_query else heads)
+        return dict(
+            num_layers=layers, hidden_size=H, num_attention_heads=heads, num_kv_heads=kv,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="layernorm",
+            layernorm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), pos_emb="rotary", rotary_pct=1.0,
+            rotary_emb_base=theta, rotary_interleaved=False, gpt_j_residual=v.parallel_attn,
+            activation=activation_from_hf(hf.get("activation", "gelu"), "activation"),
+            intermediate_size=hf.get("ffn_hidden_size") or 4 * H,
+            no_weight_tying=not hf.get("tie_word_embeddings", True),
+            use_bias_in_attn_linear=bias, use_bias_in_mlp=bias)
+
+    def check_exportable(self, cfg: Config) -> None:
+        super().check_exportable(cfg)
+        m = cfg.model
+        if m.pos_emb != "rotary" or m.rotary_pct != 1.0 or m.norm != "layernorm" or m.activation == "swiglu":
+            raise ConversionError("FalconForCausalLM needs rotary over the whole head (rotary_pct 1.0), layernorm "
+                                  "and a non-gated MLP")
+
+    def hf_config(self, cfg: Config, vocab_size: int) -> Dict[str, Any]:
+        m, v = cfg.model, self.variant
+        config = {
+            "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": vocab_size,
+            "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
+            "num_attention_heads": m.num_attention_heads,
+            "num_kv_heads": falcon_kv_heads(cfg) if v.new_decoder_architecture else m.num_attention_heads,
+            "new_decoder_architecture": v.new_decoder_architecture, "parallel_attn": v.parallel_attn,
+            "multi_query": v.multi_query, "alibi": False,
+            "bias": m.use_bias_in_attn_linear or m.use_bias_in_mlp, "ffn_hidden_size": ffn_size(cfg.model),
+            "activation": OUR_ACTIVATIONS[m.activation], "layer_norm_epsilon": m.layernorm_epsilon,
+            "max_position_embeddings": m.max_position_embeddings or m.seq_length,
+            "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_emb_base},
+            "rope_theta": m.rotary_emb_base,  # transformers v4 spelling
+            "tie_word_embeddings": not m.no_weight_tying, "hidden_dropout": m.hidden_dropout,
+            "attention_dropout": m.attention_dropout, "initializer_range": m.init_method_std, "use_cache": True,
+        }
+        if v.new_decoder_architecture:
+            config["num_ln_in_parallel_attn"] = v.num_ln_in_parallel_attn
+        return config
+
+    def globals_table(self, cfg: Config) -> Dict[str, str]:
+        p = self.prefix
+        return {"embed": p + "word_embeddings.weight", "final_norm": p + "ln_f", "head": "lm_head.weight"}
+
+    def layer_tables(self, cfg: Config, i: int) -> Tuple[List[NormMap], List[Linear]]:
+        m, ours, hf = cfg.model, f"layers.{i}.", f"{self.prefix}h.{i}."
+        H, F = m.hidden_size, ffn_size(cfg.model)
+        bias, ab, mb = m.use_bias_in_attn_linear or m.use_bias_in_mlp, m.use_bias_in_attn_linear, m.use_bias_in_mlp
+        before_attention, before_mlp = self.variant.norm_names
+        norms = [NormMap(ours + "input_norm", hf + before_attention, H, True, shared=before_attention == before_mlp),
+                 NormMap(ours + "post_attention_norm", hf + before_mlp, H, True)]
+        linears = [Linear(ours + "attention.dense", hf + "self_attention.dense", H, H, ab, bias),
+                   Linear(ours + "mlp.fc_in", hf + "mlp.dense_h_to_4h", F, H, mb, bias),
+                   Linear(ours + "mlp.fc_out", hf + "mlp.dense_4h_to_h", H, F, mb, bias)]
+        return norms, linears
+
+    def _qkv(self, cfg: Config, i: int) -> Tuple[str, int]:
+        m = cfg.model
+        rows = (m.num_attention_heads + 2 * falcon_kv_heads(cfg)) * (m.hidden_size // m.num_attention_heads)
+        return f"{self.prefix}h.{i}.self_attention.query_key_value", rows
+
+    def import_qkv(self, src: TensorSource, cfg: Config, i: int) -> Dict[str, torch.Tensor]:
+        hf, rows = self._qkv(cfg, i)
+        out = {f"layers.{i}.attention.qkv.weight": src.take(hf + ".weight", (rows, cfg.model.hidden_size))}
+        if cfg.model.use_bias_in_attn_linear:
+            out[f"layers.{i}.attention.qkv.bias"] = src.take(hf + ".bias", (rows,))
+        return out  # all three Falcon layouts are ours already
+
+    def export_qkv(self, src: TensorSource, cfg: Config, i: int) -> Dict[str, torch.Tensor]:
+        hf, rows = self._qkv(cfg, i)
+        m = cfg.model
+        out = {hf + ".weight": src.take(f"layers.{i}.attention.qkv.weight", (rows, m.hidden_size))}
+        if m.use_bias_in_attn_linear:
+            out[hf + ".bias"] = src.take(f"layers.{i}.attention.qkv.bias", (rows,))
+        elif m.use_bias_in_mlp:  # Falcon has one bias switch for every linear
+            out[hf + ".bias"] = out[hf + ".weight"].new_zeros(rows)
+        return out
+
+
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (NeoXFamily(), LlamaFamily(), GPT2Family(), FalconFamily())}
 ARCHITECTURES = {f.architecture: f for f in FAMILIES.values()}
 
 
@@ -437,17 +602,26 @@ def family_from_hf_config(hf: Dict[str, Any]) -> Family:
     archs = hf.get("architectures") or []
     for arch in archs:
         if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
+            return ARCHITECTURES[arch].for_hf_config(hf)
     model_type = hf.get("model_type")
     if model_type in FAMILIES and not archs:
-        return FAMILIES[model_type]
+        return FAMILIES[model_type].for_hf_config(hf)
     found = ", ".join(archs) if archs else f"model_type {model_type!r}"
     raise ConversionError(f"config.json: unsupported architecture {found}; supported: {SUPPORTED}")
 
 
-def family_for_model(cfg: Config) -> Family:
-    """Which HF class can express our model: decided by positions, norm and MLP kind."""
+def family_for_model(cfg: Config, architecture: Optional[str] = None) -> Family:
+    """Which HF class expresses our model: ``architecture`` (an HF class or model_type) when given,
+    else decided by positions, norm, MLP kind and grouped-query attention."""
     m = cfg.model
+    if architecture:
+        family = ARCHITECTURES.get(architecture) or FAMILIES.get(architecture)
+        if family is None:
+            raise ConversionError(f"unknown architecture {architecture!r}; choose one of {SUPPORTED}")
+        return family
+    if m.pos_emb == "rotary" and m.norm == "layernorm" and m.activation in OUR_ACTIVATIONS \
+            and falcon_kv_heads(cfg) != m.num_attention_heads:
+        return FAMILIES["falcon"]  # GPT-NeoX has no grouped-query attention; Falcon does
     if m.pos_emb == "learned":
         return FAMILIES["gpt2"]
     if m.pos_emb == "rotary" and m.norm == "rmsnorm" and m.activation == "swiglu":
@@ -456,7 +630,7 @@ def family_for_model(cfg: Config) -> Family:
         return FAMILIES["gpt_neox"]
     raise ConversionError(f"no HF architecture matches pos_emb={m.pos_emb}, norm={m.norm}, activation="
                           f"{m.activation}; exportable: rotary+layernorm+gelu/relu (GPT-NeoX), "
-                          "rotary+rmsnorm+swiglu (Llama), learned+layernorm (GPT-2)")
+                          "rotary+rmsnorm+swiglu (Llama), learned+layernorm (GPT-2), rotary+layernorm+GQA (Falcon)")
 
 
 def strip_gpt2_prefix(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

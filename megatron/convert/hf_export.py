@@ -1,7 +1,9 @@
 """Our checkpoint (any TP/PP layout, merged on the fly) -> an HF model directory.
 
 Writes config.json (with the SepLLM settings as an extra "sepllm" key, for streaming and
-training-free inference), model.safetensors, generation_config.json and the tokenizer files.
+training-free inference), model.safetensors, generation_config.json and the tokenizer files. A model
+trained with a Sep-Attention rule also gets the modeling code that makes transformers compute that
+rule (``auto_map``, see ``megatron/convert/remote_code.py``).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from megatron.checkpointing.reshard import load_full_state_dict
 from megatron.config import Config, config_from_tree
 from megatron.convert.common import DTYPES, TensorSource, prepare_output_dir, write_json, write_safetensors
 from megatron.convert.families import family_for_model
+from megatron.convert.remote_code import auto_map, cache_settings, needs_remote_code, write_remote_code
 from megatron.convert.tokenizer_files import (
     copy_tokenizer_files,
+    project_tokenizer,
     resolved_separator_ids,
     special_token_ids,
     tokenizer_vocab_size,
@@ -46,12 +50,23 @@ def load_merged_state(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
-def sepllm_settings(cfg: Config) -> Dict[str, Any]:
-    """What streaming / training-free inference needs to reproduce the training-time attention."""
+def sepllm_settings(cfg: Config, cache: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What streaming / training-free inference needs to reproduce the training-time attention, and
+    the cache budget ``generate`` uses by default."""
     settings = dataclasses.asdict(cfg.attention.sepllm)
     settings["layer_n_local"] = {str(k): v for k, v in settings["layer_n_local"].items()}  # JSON keys
     settings["separator_ids"] = resolved_separator_ids(cfg)
     settings["attention_impl"] = cfg.attention.impl
+    tokenizer = project_tokenizer(cfg.data)
+    settings["eod_id"] = int(tokenizer.eod_id) if tokenizer is not None else None
+    settings["cache"] = cache_settings(cfg, cache) if needs_remote_code(cfg) else None
+    if needs_remote_code(cfg):
+        if settings["mode"] == "sepllm" and settings["separator_ids"] is None:
+            raise ConversionError("the separator ids are unknown: the tokenizer of data.vocab_file is not readable; "
+                                  "set attention.sepllm.separator_ids or point vocab_file at the tokenizer")
+        if settings["separate_documents"] and settings["eod_id"] is None:
+            raise ConversionError("attention.sepllm.separate_documents needs the tokenizer's end-of-document id, but "
+                                  "the tokenizer of data.vocab_file is not readable")
     return settings
 
 
@@ -77,7 +92,11 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size: Optional[int] = None,
               dtype: str = "auto", tokenizer_dir: Optional[str] = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> ExportResult:
+              log: Callable[[str], None] = print, architecture: Optional[str] = None,
+              cache: Optional[Dict[str, Any]] = None) -> ExportResult:
+    """Write ``checkpoint`` as an HF model directory. ``architecture`` (an HF class or model_type)
+    overrides the choice made from the model's shape (and, for imported models, the import record);
+    ``cache`` overrides the default Streaming-SepLLM budget (CacheConfig fields) stored for generate."""
     out = Path(output_dir)
     check_output_dir(out, force)
     if dtype != "auto" and dtype not in DTYPES:
@@ -91,12 +110,14 @@ def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size:
         cfg = config_from_tree(manifest["config"])
     except (ConfigError, KeyError) as e:
         raise ConversionError(f"'{ckpt_dir}/manifest.json' holds no valid config: {e}") from None
-    family = family_for_model(cfg)
+    recorded = ((manifest.get("trainer") or {}).get("source") or {}).get("architecture")
+    family = family_for_model(cfg, architecture or recorded)
     family.check_exportable(cfg)
 
     state = load_merged_state(ckpt_dir)
     if "embed.weight" not in state:
         raise ConversionError(f"checkpoint '{ckpt_dir}' has no 'embed.weight'")
+    family = family.for_export(cfg, state)
     padded = state["embed.weight"].shape[0]
     if not cfg.model.no_weight_tying:
         state.pop("lm_head.weight", None)  # the last pipeline stage's copy of the tied embedding
@@ -115,13 +136,17 @@ def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size:
     special = special_token_ids(tok_src) if tok_src else {}
     weight_dtype = next(iter(hf_state.values())).dtype
     config = {**family.hf_config(cfg, vocab), **special,
-              "torch_dtype": TORCH_DTYPE_NAMES.get(weight_dtype, "float32"), "sepllm": sepllm_settings(cfg)}
+              "torch_dtype": TORCH_DTYPE_NAMES.get(weight_dtype, "float32"), "sepllm": sepllm_settings(cfg, cache)}
+    if needs_remote_code(cfg):
+        config["auto_map"] = auto_map(family.architecture)
 
     prepare_output_dir(out, force)
     write_safetensors(hf_state, out / "model.safetensors")
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", {"_from_model_config": True, **special})
     files = ["config.json", "model.safetensors", "generation_config.json"]
+    if needs_remote_code(cfg):
+        files += write_remote_code(out)
     if tok_src is not None:
         files += copy_tokenizer_files(tok_src, out)
     log(f"exported {family.architecture} ({cfg.model.num_layers} layers, vocab {vocab}) from {ckpt_dir} "

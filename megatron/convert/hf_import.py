@@ -35,14 +35,34 @@ class ImportResult:
     padded_vocab_size: int
 
 
+SEPLLM_RULE_KEYS = ("mode", "n_init", "n_local", "interval", "separator_tokens", "include_space_prefixed",
+                    "separator_ids", "full_attention_layers", "layer_n_local", "separate_documents")
+
+
+def imported_attention(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """The attention section of the imported config: the Sep-Attention rule our export wrote under
+    config.json 'sepllm' (so import -> export -> import keeps the method), else plain causal
+    attention, which is what any other HF model was trained with (a fine-tune overlay switches
+    Sep-Attention on)."""
+    sep = hf.get("sepllm")
+    if not isinstance(sep, dict) or sep.get("mode", "full") == "full":
+        return {"sepllm": {"mode": "full"}}
+    rule = {k: sep[k] for k in SEPLLM_RULE_KEYS if sep.get(k) is not None}
+    if isinstance(rule.get("layer_n_local"), dict):
+        rule["layer_n_local"] = {int(k): v for k, v in rule["layer_n_local"].items()}
+    return {"sepllm": rule}
+
+
 def build_config_tree(model_keys: Dict[str, Any], seq_length: Optional[int], divisible_by: int, tp: int,
-                      pp: int, data_keys: Dict[str, str]) -> Dict[str, Any]:
+                      pp: int, data_keys: Dict[str, str],
+                      attention: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     max_pos = model_keys["max_position_embeddings"]
     seq = seq_length or min(max_pos, DEFAULT_MAX_SEQ_LENGTH)
     if model_keys.get("pos_emb") == "learned" and seq > max_pos:
         raise ConversionError(f"--seq-length {seq} exceeds the model's {max_pos} learned positions")
     return {**model_keys, "seq_length": seq, "make_vocab_size_divisible_by": divisible_by,
-            "model_parallel_size": tp, "pipe_parallel_size": pp, **data_keys}
+            "model_parallel_size": tp, "pipe_parallel_size": pp, **data_keys,
+            "attention": attention or {"sepllm": {"mode": "full"}}}
 
 
 def checked_config(tree: Dict[str, Any], tp: int, pp: int) -> Config:
@@ -109,7 +129,8 @@ def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: 
     family = family_from_hf_config(hf)
     tok_dir = save / "tokenizer"
     data_keys = tokenizer_data_keys(src_dir, tok_dir.resolve())
-    tree = build_config_tree(family.model_keys(hf), seq_length, divisible_by, tp, pp, data_keys)
+    tree = build_config_tree(family.model_keys(hf), seq_length, divisible_by, tp, pp, data_keys,
+                             imported_attention(hf))
     cfg = checked_config(tree, tp, pp)  # fail on config problems before reading gigabytes of weights
     vocab_size = int(hf["vocab_size"])
     padded = padded_vocab_size(vocab_size, divisible_by, tp)

@@ -12,6 +12,8 @@ compression, so the cache never holds more than c entries, the new tokens includ
 
 ``streamingllm`` keeps the first a entries and the most recent ``c - a`` (one eviction per step);
 ``full`` never evicts (the comparison baseline, grows without bound).
+The budget checks and the eviction decision are ``megatron/hf_remote/sepllm_budget.py``'s, shared
+with the transformers cache that HF exports ship, so tools/generate.py and ``generate`` agree.
 
 Keys are stored before rotary; the stream position, token id and separator flag of every entry
 are kept alongside, so the engine can rotate keys by stream position or by place in the cache
@@ -32,54 +34,19 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from megatron.errors import InferenceError
-
-POLICIES = ("sepllm", "streamingllm", "full")
-# "cache": a query sees every cached key (the reference Streaming-SepLLM behaviour);
-# "rule": a query sees the cached keys the Sep-Attention rule of its layer allows.
-DECODE_MASKS = ("cache", "rule")
+from megatron.hf_remote.sepllm_budget import DECODE_MASKS, POLICIES, CacheBudget, plan_eviction  # noqa: F401
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    policy: str = "sepllm"
-    init_cache_size: int = 4
-    sep_cache_size: int = 64
-    local_size: int = 256
-    cache_size: int = 800
-    enable_pos_shift: bool = True
-    decode_mask: str = "cache"
+class CacheConfig(CacheBudget):
+    """The cache budget (``sepllm_budget.CacheBudget``: fields, defaults and checks defined once, shared
+    with the HF export's cache), with a bad budget reported as a user error."""
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise InferenceError(f"cache policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.decode_mask not in DECODE_MASKS:
-            raise InferenceError(f"decode_mask must be one of {DECODE_MASKS}, got {self.decode_mask!r}")
-        a, s, w, c = self.init_cache_size, self.sep_cache_size, self.local_size, self.cache_size
-        if min(a, s, w) < 0 or c < 1:
-            raise InferenceError(f"cache sizes must be >= 0 and cache_size >= 1; got init_cache_size={a}, "
-                                 f"sep_cache_size={s}, local_size={w}, cache_size={c}")
-        if self.policy == "full":
-            return
-        if self.policy == "streamingllm":  # keeps the initial a + the most recent c - a; local_size unused
-            if a >= c:
-                raise InferenceError(f"StreamingLLM cache needs init_cache_size < cache_size; got {a} >= {c}")
-            return
-        if c < a + w:
-            raise InferenceError(f"cache_size {c} is smaller than init_cache_size + local_size = {a} + {w} = "
-                                 f"{a + w}; raise cache_size or shrink the windows")
-        if a + s + w >= c:
-            raise InferenceError(f"SepLLM cache needs init_cache_size + sep_cache_size + local_size < cache_size; "
-                                 f"got {a} + {s} + {w} = {a + s + w} >= {c} (no room for new tokens after "
-                                 "compression)")
-
-    @property
-    def max_new_per_forward(self) -> Optional[int]:
-        """Most tokens one forward may append (the room guaranteed after eviction); None = unbounded."""
-        if self.policy == "full":
-            return None
-        if self.policy == "streamingllm":
-            return self.cache_size - self.init_cache_size
-        return self.cache_size - (self.init_cache_size + self.sep_cache_size + self.local_size)
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise InferenceError(str(err)) from None
 
 
 class StreamingKVCache:
@@ -143,41 +110,25 @@ class StreamingKVCache:
 
     # ------------------------------------------------------------------ eviction
     def make_room(self, n_new: int) -> None:
-        """Evict (per the policy) so that ``n_new`` more entries fit in the budget."""
+        """Evict (per the policy, ``sepllm_budget.plan_eviction``) so that ``n_new`` more entries fit."""
         cfg = self.config
-        limit = cfg.max_new_per_forward
-        if limit is not None and n_new > limit:
-            raise InferenceError(f"cannot append {n_new} tokens in one forward; at most {limit} fit this "
-                                 "cache budget (use a smaller prefill chunk)")
+        try:
+            plan = plan_eviction(cfg, self.length, self.sep_end, self.is_sep[:self.length], n_new)
+        except ValueError as err:
+            raise InferenceError(str(err)) from None
         if cfg.policy == "full":
             if self.length + n_new > self.capacity:
                 self._allocate(max(self.length + n_new, 2 * self.capacity, 64))
             return
-        if self.length + n_new <= cfg.cache_size:
+        if plan is None:
             return
-        if cfg.policy == "streamingllm":
+        keep, self.sep_end = plan
+        if cfg.policy == "streamingllm":  # keep = the first a and a recent tail: one slice move
             a = cfg.init_cache_size
-            recent = cfg.cache_size - a - n_new
-            keep = torch.cat([torch.arange(a), torch.arange(self.length - recent, self.length)])
-            self.sep_end = a
-            self._retain(keep.to(self.device), drop=(a, self.length - recent))
+            self._retain(keep.to(self.device), drop=(a, self.length - (len(keep) - a)))
         else:
-            self._retain(self._sepllm_keep().to(self.device))
-
-    def _sepllm_keep(self) -> torch.Tensor:
-        cfg = self.config
-        a, s, w = cfg.init_cache_size, cfg.sep_cache_size, cfg.local_size
-        sep_start = min(a, self.length)
-        sep_end = max(self.sep_end, sep_start)
-        past_end = self.length - w
-        old_seps = torch.arange(sep_start, sep_end)
-        past = torch.arange(sep_end, past_end)
-        new_seps = past[self.is_sep[sep_end:past_end].cpu()]
-        seps = torch.cat([old_seps, new_seps])
-        seps = seps[len(seps) - s:] if len(seps) > s else seps
-        self.sep_end = sep_start + len(seps)
-        self.compressions += 1
-        return torch.cat([torch.arange(sep_start), seps, torch.arange(past_end, self.length)])
+            self.compressions += 1
+            self._retain(keep.to(self.device))
 
     def _retain(self, keep: torch.Tensor, drop: Optional[Tuple[int, int]] = None) -> None:
         """Keep entries ``keep`` (ascending) at the front. ``drop=(start, end)`` says keep is everything

@@ -6,7 +6,9 @@
 
 --input is a save root (follows ``latest``) or a global_stepN directory. The architecture follows
 the model config: GPTNeoXForCausalLM (layernorm + rotary), LlamaForCausalLM (rmsnorm + swiglu),
-GPT2LMHeadModel (learned positions). SepLLM settings go into config.json under "sepllm".
+GPT2LMHeadModel (learned positions), FalconForCausalLM (layernorm + rotary + grouped-query attention,
+or a model imported from Falcon); --architecture overrides the choice. SepLLM settings go into
+config.json under "sepllm".
 """
 from __future__ import annotations
 
@@ -28,11 +30,27 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, help="real (unpadded) vocab size; default: from the tokenizer")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weight dtype (auto: as stored in the checkpoint)")
+    p.add_argument("--architecture", choices=["gpt_neox", "llama", "gpt2", "falcon"],
+                   help="HF class to write (default: from the model's shape and its import record)")
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: next to vocab_file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("default Streaming-SepLLM cache of generate() (Sep-Attention models; "
+                             "defaults as in tools/generate.py)")
+    g.add_argument("--cache-policy", choices=["sepllm", "streamingllm", "full"],
+                   help="default: streamingllm for a StreamingLLM-trained model, else sepllm")
+    for flag, what in (("init-cache-size", "a: initial tokens kept"), ("sep-cache-size", "s: separators kept"),
+                       ("local-size", "w: most recent tokens kept"), ("cache-size", "c: total budget per layer")):
+        g.add_argument(f"--{flag}", type=int, help=what)
+    g.add_argument("--no-pos-shift", action="store_true", help="rotate keys by stream position, not cache place")
+    g.add_argument("--decode-mask", choices=["cache", "rule"], help="cache (default) or rule")
     args = p.parse_args(argv)
+    cache = {key: value for key, value in (
+        ("policy", args.cache_policy), ("init_cache_size", args.init_cache_size),
+        ("sep_cache_size", args.sep_cache_size), ("local_size", args.local_size), ("cache_size", args.cache_size),
+        ("enable_pos_shift", False if args.no_pos_shift else None), ("decode_mask", args.decode_mask))
+        if value is not None}
     export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
-              progress=not args.quiet)
+              progress=not args.quiet, architecture=args.architecture, cache=cache)
     return 0
 
 
