@@ -131,3 +131,15 @@ def test_two_ranks_through_deepy_equal_one(eval_checkpoint, task_data, tmp_path)
             if isinstance(value, float):
                 assert outs[2][task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
     assert list((tmp_path / "r1" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_standard_task_without_hub_is_one_line(eval_checkpoint, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "empty_cache"))
+    proc = subprocess.run([sys.executable, "eval.py", "--load", str(eval_checkpoint), "--tasks", "lambada_openai",
+                           "--limit", "2", "--output-path", str(tmp_path / "r.json")], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: task data could not be fetched: Couldn't reach 'EleutherAI/lambada_openai'")

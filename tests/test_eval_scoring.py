@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_helpers import VOCAB, eval_checkpoint, eval_model_tree, make_model, save_tiny_checkpoint  # noqa: F401
+from conftest import TOKENIZER
+from eval_helpers import VOCAB, eval_checkpoint, eval_model_tree, make_model  # noqa: F401
 from megatron.evaluation.scoring import Scorer, stream_cache_for
 from megatron.inference import StreamingEngine
 from megatron.inference.errors import InferenceError
 from megatron.inference.streaming_eval import evaluate_stream
 from megatron.tokenizer import build_tokenizer
-from conftest import TOKENIZER
 
 
 def random_requests(seed: int, count: int, max_total: int, sep_ids=(), vocab: int = VOCAB):

@@ -123,7 +123,9 @@ def build_eval_model(settings: EvalSettings, log: Callable[[str], None] = print)
             eod = tokenizer.eod_id if cfg.attention.sepllm.separate_documents else model.eod_id
             model = GPTModel(cfg, state["embed.weight"].shape[0], separator_ids_for(cfg, tokenizer), eod)
             model.load_state_dict(state)
-            log(f"attention overridden by the config: {settings.attention_overrides}")
+            log("attention overridden by the config: " + ", ".join(
+                f"{k} {_get_dotted(ckpt_cfg, k)!r} -> {v!r}" for k, v in settings.attention_overrides.items()
+                if _get_dotted(ckpt_cfg, k) != v))
     if settings.dtype not in DTYPES:
         raise InferenceError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
     try:
@@ -172,11 +174,16 @@ def evaluate(settings: EvalSettings, log: Callable[[str], None] = print, lm=None
         check_task_names(split_task_names(settings.tasks), task_manager)
     if lm is None:
         lm, _ = make_lm(settings, log)
-    return lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
-        bootstrap_iters=settings.bootstrap_iters, log_samples=settings.log_samples, task_manager=task_manager,
-        random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-        fewshot_random_seed=settings.seed)
+    try:
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
+            batch_size=settings.batch_size, device=str(lm.device),  # recorded in the results' config
+            bootstrap_iters=settings.bootstrap_iters, log_samples=settings.log_samples, task_manager=task_manager,
+            random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed)
+    except ConnectionError as err:  # a standard task's data on an unreachable hub
+        raise InferenceError(f"task data could not be fetched: {str(err).splitlines()[0]} (standard tasks download "
+                             "from the HF hub; local tasks: --tasks docs)") from None
 
 
 def output_files(settings: EvalSettings, results: Dict[str, Any]) -> Tuple[Path, Path]:
