@@ -145,7 +145,7 @@ def test_generation_equals_greedy_full_forwards():
     assert scorer.generate(ctx, 12, lambda ids: len(ids) == 5) == got[:5]
 
 
-def test_stream_cache_follows_the_rule():
+def test_stream_cache_follows_the_rule_and_bad_settings():
     for mode, policy in (("sepllm", "sepllm"), ("fixed_interval", "sepllm"), ("streamingllm", "streamingllm"),
                          ("full", "streamingllm")):
         cache = stream_cache_for(make_model(eval_model_tree(mode)), 64)
@@ -155,6 +155,11 @@ def test_stream_cache_follows_the_rule():
         stream_cache_for(make_model(eval_model_tree()), 10)
     with pytest.raises(InferenceError, match="long_context must be one of"):
         Scorer(make_model(eval_model_tree()), VOCAB, 64, long_context="chop")
+    truncating = Scorer(make_model(eval_model_tree()), VOCAB, 8, long_context="truncate")
+    with pytest.raises(InferenceError, match="continuation of 9 tokens does not fit max_length 8"):
+        truncating.loglikelihoods([([5, 6], [7] * 9)])
+    with pytest.raises(InferenceError, match="must both be non-empty"):
+        truncating.loglikelihoods([([], [7])])
 
 
 def test_sharded_checkpoint_scores_like_the_original(eval_checkpoint, tmp_path):

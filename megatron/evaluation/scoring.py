@@ -91,6 +91,9 @@ class Scorer:
         for i, (ctx, cont) in enumerate(requests):
             if not ctx or not cont:
                 raise InferenceError(f"request {i}: context and continuation must both be non-empty")
+            if self.long_context == "truncate" and len(cont) > self.max_length:
+                raise InferenceError(f"request {i}: a continuation of {len(cont)} tokens does not fit max_length "
+                                     f"{self.max_length} (long_context 'truncate'); use 'stream'")
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
         short = [i for i, (c, x) in enumerate(requests) if self.fits(c, x) or self.long_context == "truncate"]
         long = sorted(set(range(len(requests))) - set(short))
