@@ -6,6 +6,10 @@ torchrun (gloo on CPU, nccl on GPU); a hostfile (``host slots=N`` per line) give
 torchrun commands started over ssh, or one ``deepspeed`` launcher command with ``--launcher
 deepspeed``. ``--node-rank K`` runs only node K's command here (for schedulers that start one
 launcher per node); ``--dry-run`` prints the commands.
+
+Script arguments: the YAML files follow the script; options deepy does not know (``--tasks x``), with
+their values, and everything after a bare ``--``, are passed on to the script in order, as in NeoX's
+``deepy.py eval.py my.yml --eval_tasks ...``. deepy's own options may come before or after the script.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from pathlib import Path
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # no prefix matching: a script's --dev must not become ours
     p.add_argument("--num-procs", "--num_gpus", "--num-gpus", dest="num_procs", type=int, default=None,
                    help="processes on this node (default: GPUs present, else tp x pp)")
     p.add_argument("--hostfile", "-H", default=None, help="DeepSpeed-format hostfile: 'host slots=N' lines")
@@ -30,7 +35,11 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="print the launch commands and exit")
     p.add_argument("script", help="training script, e.g. train.py")
     p.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
-    return p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, verbatim = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args, unknown = p.parse_known_args(own)
+    args.script_args = unknown + verbatim  # passed to the script after the configs
+    return args
 
 
 def main(argv=None) -> int:
@@ -51,8 +60,8 @@ def main(argv=None) -> int:
             num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
                                                       cfg.parallel.pipe_parallel_size)
         validate_launch(cfg, world_size(num_procs, args.hostfile))  # fail here, not in every rank
-        commands = build_commands(args.script, configs, num_procs, args.hostfile, args.master_addr,
-                                  args.master_port, args.launcher)
+        commands = build_commands(args.script, configs + args.script_args, num_procs, args.hostfile,
+                                  args.master_addr, args.master_port, args.launcher)
     except UserError as e:
         return report(e)
     print("resolved config:\n" + dump_config(cfg), flush=True)

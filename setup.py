@@ -13,6 +13,7 @@ setup(
     version="0.1.0",
     description="GPT-NeoX-style distributed LLM pretraining with SepLLM Sep-Attention",
     packages=find_packages(include=["megatron", "megatron.*"]),
+    package_data={"megatron.evaluation": ["tasks/*.yaml"]},  # the local lm-eval tasks
     python_requires=">=3.10",
     install_requires=read_requirements("base.txt"),
     extras_require={

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Fixtures of the evaluation tests (a tiny checkpoint, local task data), shared by several test files.
+pytest_plugins = ["eval_helpers"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 TOKENIZER = SAMPLE / "tokenizer.json"

@@ -29,6 +29,10 @@ def test_smoke_run_writes_table_from_its_logs(tmp_path):
                  if "valid/loss" in line]
         assert r["valid_ppl"] == pytest.approx(math.exp(valid[-1]))
         assert f"| {variant} | {r['valid_ppl']:.2f} |" in table
+        # Local-task accuracies through eval.py's harness, 16 examples each in smoke mode.
+        assert r["task_examples"] == {"docs_lambada": 16, "docs_cloze": 16}
+        assert 0 <= r["cloze_acc"] <= 1 and r["lambada_ppl"] > 1
+        assert f"| {100 * r['cloze_acc']:.1f}% / {100 * r['cloze_acc_norm']:.1f}% |" in table
     full, sep, stream = results["full"], results["sepllm"], results["streamingllm"]
     assert full["kv_kept_frac"] == pytest.approx(1.0)
     assert sep["kv_kept"] < full["kv_kept"] and stream["kv_kept"] < sep["kv_kept"]

@@ -11,7 +11,9 @@ For every variant in ``configs/experiments/`` (full, sepllm, streamingllm, fixed
 * average keys attended per query and attention FLOPs per token, counted with the Sep-Attention rule on
   held-out sequences of the training length (exact counts, not timings);
 * streaming perplexity over a held-out stream 8x the training length, token by token through the bounded
-  KV cache of the matching policy (full attention keeps every key).
+  KV cache of the matching policy (full attention keeps every key);
+* accuracies on the local lm-eval tasks built from held-out text (docs_lambada: last word, docs_cloze:
+  which of four sentences ends the paragraph), through eval.py's harness, each model with its own rule.
 
 The table goes into ``bench/RESULTS.md`` between the ``experiments`` markers (``--smoke``: into
 ``OUT/RESULTS.md``) and the loss curves into ``bench/plots/``, all from this run's logs.
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 VARIANTS = ("full", "sepllm", "streamingllm", "fixed_interval")
+TASKS = ("docs_lambada", "docs_cloze")  # local lm-eval tasks (megatron/evaluation/tasks/)
 POLICY = {"full": "full", "sepllm": "sepllm", "streamingllm": "streamingllm", "fixed_interval": "sepllm"}
 BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
 # Overrides that make the smoke run small; everything else comes from configs/experiments/.
@@ -66,14 +69,24 @@ def prepare_data(args, out: Path) -> Dict[str, str]:
                 "--output-prefix", str(prefix), "--vocab-file", "data/sample/tokenizer.json", "--quiet"],
                out / "data" / "preprocess.log")
         p = f"{prefix}_text_document"
-        return {"train": p, "heldout": p, "tokenizer": "data/sample/tokenizer.json"}
+        tasks = build_task_data("data/sample/corpus.jsonl", out / "data" / "eval", args.task_limit)
+        return {"train": p, "heldout": p, "tokenizer": "data/sample/tokenizer.json", "tasks": tasks}
     d = Path(args.corpus_dir)
     if not Path(f"{d}/corpus_text_document.idx").exists():
         print(f"# {d} has no corpus yet: running tools/datasets/prepare_corpus.py", flush=True)
         d.mkdir(parents=True, exist_ok=True)
         sh([sys.executable, "tools/datasets/prepare_corpus.py", "--out", str(d)], d / "prepare.log")
     return {"train": f"{d}/corpus_text_document", "heldout": f"{d}/heldout_text_document",
-            "tokenizer": f"{d}/tokenizer.json"}
+            "tokenizer": f"{d}/tokenizer.json", "tasks": build_task_data(f"{d}/heldout.jsonl", d / "eval", 500)}
+
+
+def build_task_data(source: str, out: Path, examples: int) -> str:
+    """The local evaluation tasks' data (tools/datasets/build_eval_tasks.py), unless already there."""
+    if not (out / "docs_cloze.jsonl").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        sh([sys.executable, "tools/datasets/build_eval_tasks.py", "--input", source, "--out", str(out),
+            "--max-examples", str(examples)], out / "build.log")
+    return str(out)
 
 
 def train(variant: str, args, out: Path, data: Dict[str, str]) -> Path:
@@ -163,6 +176,21 @@ def streaming_numbers(model, variant: str, tokens, seq_len: int, args) -> Dict[s
                 r.tokens_per_s for r in reports), "curve": [(r.tokens, r.ppl) for r in reports]}
 
 
+def task_numbers(run_dir: Path, data: Dict[str, str], args) -> Dict[str, float]:
+    """Local-task accuracies through eval.py's harness (in process), the model under its own rule."""
+    from megatron.evaluation.runner import EvalSettings, quiet_lm_eval
+    from megatron.evaluation.runner import evaluate as run_tasks
+
+    quiet_lm_eval()
+    settings = EvalSettings(load=str(run_dir / "ckpt"), tasks=list(TASKS), task_data=data["tasks"],
+                            vocab_file=data["tokenizer"], tokenizer_type="HFTokenizer", limit=args.task_limit,
+                            bootstrap_iters=0, progress=False, device="cpu")
+    res = run_tasks(settings, log=lambda _: None)["results"]
+    return {"lambada_acc": res["docs_lambada"]["acc,none"], "lambada_ppl": res["docs_lambada"]["perplexity,none"],
+            "cloze_acc": res["docs_cloze"]["acc,none"], "cloze_acc_norm": res["docs_cloze"]["acc_norm,none"],
+            "task_examples": {t: res[t]["sample_len"] for t in TASKS}}
+
+
 def evaluate(variant: str, run_dir: Path, data: Dict[str, str], args) -> Dict[str, object]:
     import torch
 
@@ -179,6 +207,8 @@ def evaluate(variant: str, run_dir: Path, data: Dict[str, str], args) -> Dict[st
     print(f"# streaming {variant}: {args.stream_factor * L} tokens, policy {POLICY[variant]}", flush=True)
     res.update(streaming_numbers(model, variant, heldout_tokens(data["heldout"], args.stream_factor * L + 1), L,
                                  args))
+    print(f"# local tasks {variant}: {', '.join(TASKS)}", flush=True)
+    res.update(task_numbers(run_dir, data, args))
     return res
 
 
@@ -194,14 +224,16 @@ def table(results: Dict[str, Dict[str, object]], args, out: Path) -> str:
         "",
         f"| variant | valid ppl | train loss (last) | train tokens/s | keys per query | KV kept vs full "
         f"| attention MFLOP/token (fwd) | stream ppl @{args.stream_factor}x | stream ppl, last {any_r['seq_length']} "
-        f"| stream KV avg / max |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| stream KV avg / max | docs_lambada acc / ppl | docs_cloze acc / acc_norm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v, r in results.items():
         lines.append(
             f"| {v} | {r['valid_ppl']:.2f} | {r['final_loss']:.3f} | {r['tokens_per_s']:.0f} | {r['kv_kept']:.1f} "
             f"| {100 * r['kv_kept_frac']:.1f}% | {r['attn_flops'] / 1e6:.2f} | {r['stream_ppl']:.2f} "
-            f"| {r['stream_ppl_last']:.2f} | {r['stream_kv_avg']:.0f} / {r['stream_kv_max']} |")
+            f"| {r['stream_ppl_last']:.2f} | {r['stream_kv_avg']:.0f} / {r['stream_kv_max']} "
+            f"| {100 * r['lambada_acc']:.1f}% / {r['lambada_ppl']:.0f} "
+            f"| {100 * r['cloze_acc']:.1f}% / {100 * r['cloze_acc_norm']:.1f}% |")
     lines += [
         "",
         "- valid ppl: exp of the last validation loss, each model with its own attention rule. "
@@ -213,6 +245,10 @@ def table(results: Dict[str, Dict[str, object]], args, out: Path) -> str:
         f"the KV cache of the variant's policy (sepllm and fixed_interval: SepLLM cache a={a} s={s} w={w} c={c}; "
         f"streamingllm: a={a} c={c}; full: every key kept), positions shifted to places in the cache; "
         f"full attention therefore runs past its trained positions.",
+        f"- docs_lambada / docs_cloze: local lm-eval tasks from held-out text (tools/datasets/build_eval_tasks.py; "
+        f"{any_r['task_examples']['docs_lambada']} / {any_r['task_examples']['docs_cloze']} examples), run through "
+        f"eval.py's harness with each model's own rule; lambada acc = the last word is the greedy continuation, "
+        f"cloze = the right one of four paragraph endings (chance 25%; acc_norm divides by length in characters).",
     ]
     return "\n".join(lines)
 
@@ -271,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=int, nargs=4, metavar=("A", "S", "W", "C"), default=None,
                    help="streaming cache: initial, separators, local window, budget (default 4 64 128 256)")
     p.add_argument("--skip-train", action="store_true", help="reuse the runs already in --out-dir")
+    p.add_argument("--task-limit", type=int, default=None,
+                   help="examples per local task (default: all, at most 500; smoke: 16)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
@@ -281,6 +319,7 @@ def main(argv=None) -> int:
         args.cache = (4, 16, 32, 64) if args.smoke else (4, 64, 128, 256)
     if args.smoke:
         args.rule_seqs = min(args.rule_seqs, 4)
+        args.task_limit = args.task_limit or 16
     out = ROOT / (args.out_dir or ("runs/smoke" if args.smoke else "runs/experiments"))
     out.mkdir(parents=True, exist_ok=True)
     try:
