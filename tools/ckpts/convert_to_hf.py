@@ -30,9 +30,11 @@ def main(argv=None) -> int:
                    help="weight dtype (auto: as stored in the checkpoint)")
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: next to vocab_file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="export even if weights hold NaN/inf (refused by default: the run diverged)")
     args = p.parse_args(argv)
     export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
-              progress=not args.quiet)
+              progress=not args.quiet, allow_non_finite=args.allow_non_finite)
     return 0
 
 
