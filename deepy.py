@@ -14,8 +14,8 @@ their values, and everything after a bare ``--``, are passed on to the script in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -75,11 +75,18 @@ def main(argv=None) -> int:
             print(f"error: --node-rank {args.node_rank} needs --hostfile with more than {args.node_rank} hosts",
                   file=sys.stderr)
             return 2
-        return subprocess.call(commands[args.node_rank].argv, env=env)
-    procs = [subprocess.Popen(c.argv if not c.remote else c.shell(), shell=c.remote, env=env) for c in commands]
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
+        commands = [dataclasses.replace(commands[args.node_rank], remote=False)]  # this node's share, here
+    # Stop signals are forwarded to the ranks (they save and exit 0); the children get SIGTERM if this
+    # launcher dies, even by SIGKILL: no orphan ranks (megatron/launch/signals.py).
+    from megatron.launch.signals import start_local, wait_all
+
+    procs = [start_local(c.shell() if c.remote else c.argv, env, shell=c.remote) for c in commands]
+    return wait_all(procs, [["ssh", c.host] if c.remote else c.argv for c in commands])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the ranks started (after, it is forwarded to them)
+        print("deepy.py: interrupted", file=sys.stderr)
+        sys.exit(130)

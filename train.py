@@ -1,5 +1,10 @@
 #!/usr/bin/env python
-"""Train a model: ``python train.py configs/a.yml [configs/b.yml ...]`` (usually via deepy.py)."""
+"""Train a model: ``python train.py configs/a.yml [configs/b.yml ...]`` (usually via deepy.py).
+
+Exit codes: 0 finished, or stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint; 2 bad config,
+data or checkpoint (one ``error:`` line); 3 training diverged (non-finite steps, see
+max_skipped_steps); 128 + N: signal N arrived before training started.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,23 +16,47 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
     args = parser.parse_args(argv)
+    # Before the heavy imports: stop signals (preemption, Ctrl-C) and the launcher's death are handled.
+    from megatron.launch.signals import die_with_parent, launched_by_launcher
+    from megatron.training import exit_signals
 
-    from megatron.config import dump_config, load_config
-    from megatron.errors import UserError, report
+    if launched_by_launcher():
+        die_with_parent()
+    exit_signals.install()  # stays installed until exit: no traceback from a late signal either
+    return run(args.configs, int(os.environ.get("RANK", "0")))
 
-    rank = int(os.environ.get("RANK", "0"))
-    log = print if rank == 0 else (lambda *_: None)
+
+def run(configs, rank: int) -> int:
+    from megatron.training.exit_signals import Interrupted
+
+    trained = False
     try:
-        cfg, _ = load_config(args.configs, log=log)
-        if rank == 0 and not os.environ.get("SEPLLM_CONFIG_PRINTED"):
-            print("resolved config:\n" + dump_config(cfg), flush=True)
-        from megatron.parallel.distributed import shutdown_distributed
-        from megatron.training.trainer import Trainer
+        from megatron.config import dump_config, load_config
+        from megatron.errors import UserError, report
+        from megatron.training.guards import TrainingDiverged
 
-        Trainer(cfg).train()
-        shutdown_distributed()
-    except UserError as e:
-        return report(e)
+        log = print if rank == 0 else (lambda *_: None)
+        try:
+            cfg, _ = load_config(configs, log=log)
+            if rank == 0 and not os.environ.get("SEPLLM_CONFIG_PRINTED"):
+                print("resolved config:\n" + dump_config(cfg), flush=True)
+            from megatron.parallel.distributed import shutdown_distributed
+            from megatron.training.trainer import Trainer
+
+            Trainer(cfg).train()
+            trained = True
+            shutdown_distributed()
+        except UserError as e:
+            return report(e)
+        except TrainingDiverged as e:
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 3
+    except Interrupted as e:  # outside the training loop (inside it, a signal saves and stops cleanly)
+        if rank == 0:
+            print(f"{e} {'after training had finished' if trained else 'before training started; nothing saved'}",
+                  file=sys.stderr)
+        return 0 if trained else 128 + e.signum
     return 0
 
 

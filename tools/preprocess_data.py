@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -51,7 +52,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    preprocess(PreprocessOptions(**vars(args)))
+    received = []
+
+    def on_sigterm(signum, frame):  # unwinds like Ctrl-C: the dataset builder removes its temporary files
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        preprocess(PreprocessOptions(**vars(args)))
+    except KeyboardInterrupt:
+        if not received:
+            raise  # Ctrl-C: run_cli's one line
+        print("interrupted by SIGTERM; no output written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

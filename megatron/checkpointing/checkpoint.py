@@ -8,9 +8,13 @@ Layout of ``SAVE/global_stepN/``::
     meta_tp00_pp00.json    shape and tensor-parallel dim of every parameter of that shard
     rng_rank00000.pt       RNG states of each global rank
 
-Every rank writes into ``SAVE/.tmp-global_stepN``; after a barrier rank 0 renames it to its final
-name and then atomically rewrites ``SAVE/latest``. A crash at any point leaves the previous
-checkpoint and ``latest`` untouched.
+Every rank writes into ``SAVE/.tmp-global_stepN-<host>-<pid>`` (unique per run; rank 0 names it);
+each file is hashed while written and fsynced, and the manifest records every file's size and
+checksum (``megatron.checkpointing.integrity``). After all ranks are done, rank 0 fsyncs the
+directory, renames it to its final name and then atomically rewrites ``SAVE/latest``. A crash at any
+point leaves the previous checkpoint and ``latest`` untouched. With a ``SaveSession`` (the Trainer's),
+the run owns the directory and prunes by lineage (``megatron.checkpointing.session``). Loading
+verifies each file's size and checksum (one clear error naming the file).
 """
 from __future__ import annotations
 
@@ -18,12 +22,23 @@ import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from megatron.checkpointing.integrity import (
+    fsync_dir,
+    load_shard,
+    read_json_file,
+    read_manifest_file,
+    write_shard,
+    write_text,
+)
+from megatron.checkpointing.session import SaveSession, checkpoint_steps, remove_checkpoint_dir
 from megatron.errors import CheckpointError
 from megatron.parallel import ParallelLayout
 from megatron.parallel.distributed import barrier
@@ -92,37 +107,39 @@ def layout_of(model: torch.nn.Module) -> ParallelLayout:
 
 
 def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optimizer_state: Optional[NamedState],
-                    extra: Dict[str, Any], config_tree: Dict[str, Any], keep_last: Optional[int] = None) -> Path:
+                    extra: Dict[str, Any], config_tree: Dict[str, Any], keep_last: Optional[int] = None,
+                    session: Optional[SaveSession] = None) -> Path:
     """Collective: every rank calls it. ``optimizer_state`` is this shard's named optimizer state (the
-    engine's ``optimizer_state()``), ``extra`` holds trainer state (consumed samples, ...)."""
+    engine's ``optimizer_state()``), ``extra`` holds trainer state (consumed samples, ...). ``session``
+    (the Trainer's): ownership check, lineage set-aside and pruning; without one, ``keep_last`` keeps
+    the highest step numbers (and always the one just written)."""
     st = layout_of(model)
     root = Path(save_dir)
     final = root / step_dir_name(iteration)
-    tmp = root / f".tmp-{step_dir_name(iteration)}"
-    if global_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftover of an interrupted save
-        tmp.mkdir()
-    barrier()
+    tmp = _make_tmp_dir(root, iteration, session)
+    files: Dict[str, Dict[str, Any]] = {}
     if st.dp_rank == 0:
-        torch.save(model.state_dict(), tmp / shard_name("model", st.tp_rank, st.pp_rank))
+        files.update(write_shard(model.state_dict(), tmp / shard_name("model", st.tp_rank, st.pp_rank)))
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / shard_name("optim", st.tp_rank, st.pp_rank))
-    torch.save(rng_state(), tmp / f"rng_rank{global_rank():05d}.pt")
+            files.update(write_shard(optimizer_state, tmp / shard_name("optim", st.tp_rank, st.pp_rank)))
+        meta = {"params": shard_metadata(model)}
+        files.update(write_text(tmp / f"meta_tp{st.tp_rank:02d}_pp{st.pp_rank:02d}.json", json.dumps(meta)))
+    files.update(write_shard(rng_state(), tmp / f"rng_rank{global_rank():05d}.pt"))
+    files = _gather_file_records(files)
     if global_rank() == 0:
         manifest = {
             "format_version": FORMAT_VERSION, "iteration": iteration,
             "layout": {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size},
             "config": config_tree, "trainer": extra,
             "has_optimizer": optimizer_state is not None,
+            "files": files,
         }
+        if session is not None:
+            manifest["lineage"] = {"parent": session.parent, "run": session.run_id}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
-    if st.dp_rank == 0:
-        meta = {"params": shard_metadata(model)}
-        atomic_write_text(tmp / f"meta_tp{st.tp_rank:02d}_pp{st.pp_rank:02d}.json", json.dumps(meta))
-    barrier()
-    if global_rank() == 0:
+        fsync_dir(tmp)
+        if session is not None:
+            session.before_publish()
         if final.exists():
             old = root / f".old-{step_dir_name(iteration)}"
             shutil.rmtree(old, ignore_errors=True)
@@ -131,18 +148,59 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fsync_dir(root)
         atomic_write_text(root / LATEST, step_dir_name(iteration) + "\n")
-        if keep_last:
-            prune_checkpoints(root, keep_last)
+        fsync_dir(root)
+        if session is not None:
+            session.after_publish(iteration, keep_last)
+        elif keep_last:
+            prune_checkpoints(root, keep_last, protect=iteration)
+    elif session is not None:
+        session.record(iteration)
     barrier()
     return final
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    steps = sorted((int(p.name[len("global_step"):]), p) for p in root.glob("global_step*")
-                   if p.name[len("global_step"):].isdigit())
-    for _, path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+def _make_tmp_dir(root: Path, iteration: int, session: Optional[SaveSession]) -> Path:
+    """Rank 0 checks it still owns the directory and creates this run's temporary directory; every
+    rank gets its path, or the same CheckpointError."""
+    box = [None, None]  # [path, error]
+    if global_rank() == 0:
+        try:
+            if session is not None and session.lock is not None:
+                session.lock.check_held()
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".tmp-{step_dir_name(iteration)}-{socket.gethostname()}-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)  # leftover of an interrupted save of this same process
+            tmp.mkdir()
+            box[0] = str(tmp)
+        except (CheckpointError, OSError) as e:
+            box[1] = str(e) if isinstance(e, CheckpointError) else f"cannot write into '{root}': {e}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CheckpointError(box[1])
+    return Path(box[0])
+
+
+def _gather_file_records(files: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Every rank's file records, merged on rank 0 (after this, every rank has finished writing)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return files
+    gathered = [None] * dist.get_world_size() if global_rank() == 0 else None
+    dist.gather_object(files, gathered, dst=0)
+    merged: Dict[str, Dict[str, Any]] = {}
+    for part in gathered or []:
+        merged.update(part)
+    return merged
+
+
+def prune_checkpoints(root: Path, keep_last: int, protect: Optional[int] = None) -> None:
+    """Without a session: keep the highest ``keep_last`` step numbers, and always ``protect``."""
+    for step in checkpoint_steps(root)[:-keep_last]:
+        if step != protect:
+            remove_checkpoint_dir(root / step_dir_name(step))
 
 
 def resolve_checkpoint_dir(load: str) -> Path:
@@ -163,7 +221,8 @@ def resolve_checkpoint_dir(load: str) -> Path:
 
 
 def read_manifest(ckpt_dir: Path) -> Dict[str, Any]:
-    return json.loads((ckpt_dir / MANIFEST).read_text())
+    """The manifest, or one CheckpointError line (missing, not JSON, missing keys)."""
+    return read_manifest_file(Path(ckpt_dir))
 
 
 def load_checkpoint(load: str, model: torch.nn.Module) -> Dict[str, Any]:
@@ -182,8 +241,7 @@ def load_checkpoint(load: str, model: torch.nn.Module) -> Dict[str, Any]:
     model_file = ckpt / shard_name("model", st.tp_rank, st.pp_rank)
     if not model_file.is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' is missing shard {model_file.name}")
-    missing, unexpected = model.load_state_dict(torch.load(model_file, map_location="cpu",
-                                                           weights_only=True), strict=False)
+    missing, unexpected = model.load_state_dict(load_shard(model_file, True, manifest), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{model_file}' does not match the model: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
@@ -194,7 +252,7 @@ def read_shard_meta(ckpt: Path, tp_rank: int, pp_rank: int) -> Dict[str, Dict[st
     path = ckpt / f"meta_tp{tp_rank:02d}_pp{pp_rank:02d}.json"
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' is missing {path.name}")
-    return json.loads(path.read_text())["params"]
+    return read_json_file(path, read_manifest(ckpt))["params"]
 
 
 def named_from_numbered(optim_sd: Dict[str, Any], meta: Dict[str, Dict[str, Any]], where: str) -> NamedState:
@@ -217,7 +275,7 @@ def read_optimizer_shard(ckpt: Path, tp_rank: int, pp_rank: int, manifest: Dict[
     path = ckpt / shard_name("optim", tp_rank, pp_rank)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' is missing shard {path.name}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_shard(path, False, manifest)
     if manifest.get("format_version", 1) < 2:
         state = named_from_numbered(state, read_shard_meta(ckpt, tp_rank, pp_rank), str(path))
     return state
@@ -234,6 +292,7 @@ def load_optimizer_state(load: str, layout: ParallelLayout) -> Optional[NamedSta
 
 def restore_rng_state(load: str) -> None:
     """This global rank's RNG states as saved (absent when the world was smaller: left as they are)."""
-    rng_file = resolve_checkpoint_dir(load) / f"rng_rank{global_rank():05d}.pt"
+    ckpt = resolve_checkpoint_dir(load)
+    rng_file = ckpt / f"rng_rank{global_rank():05d}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_shard(rng_file, False, read_manifest(ckpt)))

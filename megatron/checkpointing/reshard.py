@@ -35,6 +35,7 @@ from megatron.checkpointing.checkpoint import (
     shard_name,
     step_dir_name,
 )
+from megatron.checkpointing.integrity import file_digest, load_shard, write_shard, write_text
 from megatron.errors import CheckpointError
 
 TIED_COPY = "lm_head.weight"
@@ -44,7 +45,7 @@ StateDict = Dict[str, torch.Tensor]
 def _load(path: Path, weights_only: bool = True) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path.parent}' is missing shard {path.name}")
-    return torch.load(path, map_location="cpu", weights_only=weights_only)
+    return load_shard(path, weights_only)  # size and checksum verified against the manifest
 
 
 def is_tied(manifest: Dict[str, Any]) -> bool:
@@ -159,6 +160,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     used = set()
+    files: Dict[str, Dict[str, Any]] = {}
     for p in range(pp):
         for t in range(tp):
             model = build_stage_model(cfg, vocab_size, tp, pp, t, p)
@@ -174,10 +176,11 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                                           f"{tuple(ref.shape)} at tp {t} pp {p}")
                 shard[name] = value
                 used.add(src)
-            torch.save(shard, tmp / shard_name("model", t, p))
-            atomic_write_text(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", json.dumps({"params": meta}))
+            files.update(write_shard(shard, tmp / shard_name("model", t, p)))
+            files.update(write_text(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", json.dumps({"params": meta})))
             if full_optim:
-                torch.save(_reshard_optimizer(meta, full_optim, groups, tied, t, tp), tmp / shard_name("optim", t, p))
+                files.update(write_shard(_reshard_optimizer(meta, full_optim, groups, tied, t, tp),
+                                         tmp / shard_name("optim", t, p)))
     unused = set(full) - used
     if unused:
         raise CheckpointError(f"parameters not placed in any target shard: {sorted(unused)[:5]}")
@@ -187,7 +190,9 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
         rng = src_ckpt / f"rng_rank{r:05d}.pt"
         if rng.is_file():
             shutil.copy(rng, tmp / rng.name)
+            files.update(file_digest(tmp / rng.name))
     new_manifest = dict(manifest, config=tree, has_optimizer=bool(full_optim), format_version=FORMAT_VERSION,
+                        files=files,
                         layout={"tp": tp, "pp": pp, "dp": 1},
                         resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
     atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=1, default=str))

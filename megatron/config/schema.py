@@ -131,6 +131,7 @@ class TrainingConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     exit_interval: Optional[int] = None  # stop (after saving) once iteration % exit_interval == 0
+    max_skipped_steps: int = 20  # stop (exit 3) after this many consecutive non-finite (skipped) steps
 
 
 @dataclass

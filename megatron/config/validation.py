@@ -189,6 +189,7 @@ def validate(cfg: Config, source: Optional[Dict[str, str]] = None, log=print) ->
         "gradient_accumulation_steps": tr.gradient_accumulation_steps, "train_iters": tr.train_iters,
         "model_parallel_size": par.model_parallel_size, "log_interval": cfg.logging.log_interval,
         "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "max_skipped_steps": tr.max_skipped_steps,
     }
     for key, value in positive.items():
         if value < 1:

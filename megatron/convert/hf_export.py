@@ -90,13 +90,26 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise ConversionError(f"output directory '{out}' is not empty; pass --force to overwrite")
 
 
+def check_finite(state: Dict[str, torch.Tensor], ckpt_dir: Path, allow: bool, log: Callable[[str], None]) -> None:
+    """A diverged model (NaN/inf weights) is refused unless ``allow`` (then a warning)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    what = f"{len(bad)} tensor(s) with NaN/inf values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+    if not allow:
+        raise ConversionError(f"checkpoint '{ckpt_dir}' has {what}: the run diverged; export an earlier "
+                              "checkpoint, or pass --allow-non-finite to export it anyway")
+    log(f"warning: exporting {what} (--allow-non-finite)")
+
+
 def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size: Optional[int] = None,
               dtype: str = "auto", tokenizer_dir: Optional[str] = None, progress: bool = True,
               log: Callable[[str], None] = print, architecture: Optional[str] = None,
-              cache: Optional[Dict[str, Any]] = None) -> ExportResult:
+              cache: Optional[Dict[str, Any]] = None, allow_non_finite: bool = False) -> ExportResult:
     """Write ``checkpoint`` as an HF model directory. ``architecture`` (an HF class or model_type)
     overrides the choice made from the model's shape (and, for imported models, the import record);
-    ``cache`` overrides the default Streaming-SepLLM budget (CacheConfig fields) stored for generate."""
+    ``cache`` overrides the default Streaming-SepLLM budget (CacheConfig fields) stored for generate;
+    non-finite weights (a diverged run) are refused unless ``allow_non_finite``."""
     out = Path(output_dir)
     check_output_dir(out, force)
     if dtype != "auto" and dtype not in DTYPES:
@@ -115,6 +128,7 @@ def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size:
     family.check_exportable(cfg)
 
     state = load_merged_state(ckpt_dir)
+    check_finite(state, ckpt_dir, allow_non_finite, log)
     if "embed.weight" not in state:
         raise ConversionError(f"checkpoint '{ckpt_dir}' has no 'embed.weight'")
     family = family.for_export(cfg, state)

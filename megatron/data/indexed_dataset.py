@@ -24,6 +24,7 @@ from typing import BinaryIO, List, Optional, Sequence, Union
 
 import numpy as np
 
+from megatron.data.token_range import write_token_range
 from megatron.errors import DataError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -213,6 +214,7 @@ class IndexedDatasetBuilder:
         self._sizes: List[int] = []
         self._doc_idx: List[int] = [0]
         self.num_tokens = 0
+        self._id_range: Optional[List[int]] = None  # [min, max] token id, cached beside the index
 
     def add_item(self, tokens: Union[Sequence[int], np.ndarray]) -> None:
         """One sequence (of the current document)."""
@@ -220,6 +222,10 @@ class IndexedDatasetBuilder:
         self._bin.write(arr.tobytes(order="C"))
         self._sizes.append(len(arr))
         self.num_tokens += len(arr)
+        if len(arr):
+            lo, hi = int(arr.min()), int(arr.max())
+            self._id_range = ([lo, hi] if self._id_range is None else
+                              [min(lo, self._id_range[0]), max(hi, self._id_range[1])])
 
     def end_document(self) -> None:
         self._doc_idx.append(len(self._sizes))
@@ -247,6 +253,7 @@ class IndexedDatasetBuilder:
             os.fsync(fh.fileno())
         os.replace(self._tmp_bin, data_file_path(self.prefix))
         os.replace(self._tmp_idx, index_file_path(self.prefix))
+        write_token_range(self.prefix, *(self._id_range or (0, -1)))  # no scan when a run opens it
 
     def abort(self) -> None:
         if self._bin is not None:

@@ -6,6 +6,7 @@ are consumed in submission order, so the output is identical for any worker coun
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -44,7 +45,10 @@ _worker_state: dict = {}
 
 
 def init_worker(tokenizer_type: str, vocab_file: str, merge_file: Optional[str], json_key: str,
-                append_eod: bool, dtype_name: str) -> None:
+                append_eod: bool, dtype_name: str, in_pool: bool = False) -> None:
+    if in_pool:  # the main process handles stop signals and ends the pool; workers just go
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
     _worker_state.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod,
                          dtype=np.dtype(dtype_name))
@@ -123,14 +127,45 @@ def results_in_order(workers: int, all_batches: Iterator[List[Item]], init_args:
             yield tokenize_batch(batch)
         return
     import multiprocessing as mp
-    with mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # A process pool that notices a worker's death (an out-of-memory kill is SIGKILL): the pending
+    # results fail with BrokenProcessPool instead of waiting forever, as multiprocessing.Pool would.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=init_worker,
+                               initargs=(*init_args, True))
+    try:
         pending: deque = deque()
         for batch in all_batches:
-            pending.append(pool.apply_async(tokenize_batch, (batch,)))
+            pending.append(pool.submit(tokenize_batch, batch))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise DataError(f"a tokenizer worker process died ({dead_worker_cause(pool)}); nothing written. "
+                        "If it ran out of memory, use fewer --workers or smaller input files") from None
+    finally:
+        stop_pool(pool)
+
+
+def dead_worker_cause(pool) -> str:
+    codes = [p.exitcode for p in list(getattr(pool, "_processes", {}).values()) if p.exitcode]
+    signals = [-c for c in codes if c < 0]
+    if signals:
+        return f"killed by signal {signals[0]}{', as the out-of-memory killer does' if signals[0] == 9 else ''}"
+    return f"exit code {codes[0]}" if codes else "killed"
+
+
+def stop_pool(pool) -> None:
+    """End the workers now (on success they are idle; on errors and signals nothing waits for them)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=5)
 
 
 def write_results(results: list, builder: IndexedDatasetBuilder, stats: PreprocessStats, skip_bad_lines: bool,

@@ -20,6 +20,7 @@ from megatron.parallel.data_parallel import (
     allreduce_tied_embedding_grads,
     average_over_dp,
 )
+from megatron.training.guards import non_finite_reason, skip_step
 from megatron.training.optimizer import NamedState, clip_grad_norm_, load_named_optimizer_state, named_optimizer_state
 from megatron.training.pipeline import PipelineRunner
 
@@ -76,8 +77,12 @@ class DenseEngine:
         allreduce_gradients(params, self.layout)
         allreduce_tied_embedding_grads(self.model)
         grad_norm = clip_grad_norm_(params, self.clip_grad, self.layout)
+        stats = {"loss": float(average_over_dp(loss, self.layout)), "lr": lr, "grad_norm": grad_norm}
+        reason = non_finite_reason(stats["loss"], grad_norm)  # same on every rank: both are reduced
+        if reason:
+            return skip_step(self.optimizer, stats, reason)  # no update (megatron/training/guards.py)
         self.optimizer.step()
-        return {"loss": float(average_over_dp(loss, self.layout)), "lr": lr, "grad_norm": grad_norm}
+        return stats
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:

@@ -1,13 +1,25 @@
-"""Training metrics to stdout, a JSONL file, wandb (offline by default) and tensorboard."""
+"""Training metrics to stdout, a JSONL file, wandb (offline by default) and tensorboard.
+
+``metrics.jsonl`` is strict JSON, one object per line: a non-finite value (the loss of a skipped
+step) is written as ``null``; wandb and tensorboard get the float itself.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Dict, Optional
 
 from megatron.config.schema import Config
+
+
+def json_number(value):
+    """NaN and infinities are not JSON: metrics.jsonl holds ``null`` for them (a skipped step's loss)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 class MetricsLogger:
@@ -38,9 +50,9 @@ class MetricsLogger:
         if not self.is_writer:
             return
         record = {"iteration": iteration, "time": time.time(),
-                  **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+                  **{f"{prefix}/{k}": json_number(v) for k, v in metrics.items()}}
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb:
             self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=iteration)
         if self.tb:

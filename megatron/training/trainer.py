@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -10,26 +11,32 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron.checkpointing import ensure_writable, save_checkpoint
+from megatron.checkpointing import ensure_writable, resolve_checkpoint_dir, save_checkpoint
+from megatron.checkpointing.session import SaveSession
 from megatron.config import Config, config_to_tree, validate_launch
-from megatron.data import build_dataset, build_train_valid_test_datasets
+from megatron.data import MMapIndexedDataset, build_dataset, build_train_valid_test_datasets
+from megatron.data.token_range import check_token_ids
 from megatron.errors import DataError
 from megatron.model import build_model, num_parameters
 from megatron.parallel import layout_from_config
 from megatron.parallel.distributed import device_for_rank, init_distributed, rank
 from megatron.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.training.batches import collate, global_batch_indices, train_batches
+from megatron.training.exit_signals import agreed_exit_signal, deferred_exit_signals, signal_name
+from megatron.training.guards import NonFiniteGuard, TrainingDiverged, non_finite_state
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer
 from megatron.training.resume import build_engine_and_resume
 
 
-def check_data_prefix(prefix: str, key: str) -> None:
+def check_data_prefix(prefix: str, key: str, vocab_size: int) -> None:
     for ext in (".bin", ".idx"):
         if not Path(prefix + ext).is_file():
             raise DataError(f"{key} '{prefix}': file '{prefix}{ext}' not found; expected an indexed "
                             "dataset made by tools/preprocess_data.py")
+    # Token ids against the vocabulary, from the cached range (not a scan per run).
+    check_token_ids(prefix, vocab_size, key, lambda: MMapIndexedDataset(prefix).token_array)
 
 
 class Trainer:
@@ -47,6 +54,8 @@ class Trainer:
         self.micro, self.accum = tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps
         self.global_batch = self.micro * self.accum * self.dp_size
         self.iteration, self.consumed_samples = 0, 0
+        self.session = self.open_save_session()  # own `save:` before doing anything
+        self.guard = NonFiniteGuard(tr.max_skipped_steps, self.log)
 
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
@@ -93,19 +102,31 @@ class Trainer:
         evals = (tr.train_iters // max(1, tr.eval_interval) + 1) * n_eval
         if d.train_data_paths:
             for i, p in enumerate(d.train_data_paths + (d.valid_data_paths or [])):
-                check_data_prefix(p, "train_data_paths" if i < len(d.train_data_paths) else "valid_data_paths")
+                check_data_prefix(p, "train_data_paths" if i < len(d.train_data_paths) else "valid_data_paths",
+                                  self.vocab_size)
             self.train_ds = build_dataset(d.train_data_paths, d.train_data_weights, seq, tr.seed, n_train,
                                           d.data_cache_dir)
             self.valid_ds = (build_dataset(d.valid_data_paths, None, seq, tr.seed, evals, d.data_cache_dir)
                              if d.valid_data_paths else None)
         elif d.data_path:
-            check_data_prefix(d.data_path, "data_path")
+            check_data_prefix(d.data_path, "data_path", self.vocab_size)
             self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
                 [d.data_path], None, d.split, seq, tr.seed, (n_train, evals, 0), d.data_cache_dir)
         else:
             raise DataError("no training data: set 'data_path' or 'train_data_paths'")
         if self.train_ds is None:
             raise DataError(f"split '{d.split}' leaves no training documents")
+
+    # ------------------------------------------------------------- save dir
+    def open_save_session(self) -> Optional[SaveSession]:
+        """Lock the save directory (a second run fails here, naming the holder), clean leftovers of
+        dead runs, and note the loaded checkpoint for lineage pruning (megatron/checkpointing/session.py)."""
+        ck = self.cfg.checkpoint
+        if not ck.save:
+            return None
+        ensure_writable(ck.save)
+        loaded = resolve_checkpoint_dir(ck.load) if ck.load else None
+        return SaveSession.open(ck.save, loaded, self.log)
 
     # ------------------------------------------------------------- resume
     def log_resume(self, manifest: dict) -> None:
@@ -120,9 +141,15 @@ class Trainer:
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
-        path = save_checkpoint(ck.save, self.iteration, self.model, self.engine.optimizer_state(),
+        optimizer_state = self.engine.optimizer_state()
+        bad = non_finite_state(self.model, optimizer_state, self.device)
+        if bad:  # nothing non-finite is ever saved
+            raise TrainingDiverged(f"not saving the checkpoint of iteration {self.iteration}: {bad}; "
+                                   f"the last good checkpoint is {self.guard.last_checkpoint or 'none'}")
+        path = save_checkpoint(ck.save, self.iteration, self.model, optimizer_state,
                                {"consumed_samples": self.consumed_samples}, config_to_tree(self.cfg),
-                               ck.keep_last_n_checkpoints)
+                               ck.keep_last_n_checkpoints, session=self.session)
+        self.guard.last_checkpoint = str(path)
         self.log(f"saved checkpoint {path}")
 
     # ---------------------------------------------------------------- step
@@ -154,6 +181,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def train(self) -> List[float]:
+        try:
+            with deferred_exit_signals():  # SIGTERM/SIGINT/SIGUSR1: save and stop after the current step
+                return self.train_loop()
+        finally:
+            self.metrics.close()
+            if self.session is not None:
+                self.session.close()
+
+    def train_loop(self) -> List[float]:
         cfg = self.cfg
         tr, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
         batches = train_batches(self.train_ds, self.consumed_samples, self.micro, self.accum,
@@ -164,17 +200,20 @@ class Trainer:
         window_time, window_iters = 0.0, 0  # training time only: evaluation and saving are not counted
         self.log(f"training iterations {self.iteration + 1}..{tr.train_iters}, global batch "
                  f"{self.global_batch} x {cfg.model.seq_length} tokens")
-        start_iteration, saved = self.iteration, False
+        start_iteration, saved, save_due = self.iteration, False, False
         while self.iteration < tr.train_iters:
             step_start = time.perf_counter()
             stats = self.train_step(next(batches))
             window_time += time.perf_counter() - step_start
+            stats = self.guard.after_step(self.iteration, stats)  # skipped steps counted; stops a divergence
             losses.append(stats["loss"])
             window_iters += 1
             if self.iteration % lg.log_interval == 0 or self.iteration == tr.train_iters:
-                # Logged loss: mean over the logging window (Megatron's "lm loss"); last step's kept too.
+                # Logged loss: mean over the logging window (Megatron's "lm loss"), non-finite losses of
+                # skipped steps left out; last step's kept too.
+                finite = [x for x in losses[-window_iters:] if math.isfinite(x)]
                 stats["last_loss"] = stats["loss"]
-                stats["loss"] = sum(losses[-window_iters:]) / window_iters
+                stats["loss"] = sum(finite) / len(finite) if finite else float("nan")
                 stats["tokens_per_sec"] = tokens_per_iter * window_iters / window_time
                 stats["iter_time"] = window_time / window_iters
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
@@ -188,18 +227,30 @@ class Trainer:
                     self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | "
                              f"ppl {torch.tensor(val).exp():.2f}")
                     self.metrics.log(self.iteration, {"loss": val}, prefix="valid")
-            saved = bool(ck.save and ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0)
+            save_due = save_due or bool(ck.save and ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0)
+            saved = save_due and not self.guard.in_skip_streak  # after skipped steps: at the next good one
             if saved:
                 self.save()
+                save_due = False
             if tr.exit_interval and self.iteration % tr.exit_interval == 0:
                 if ck.save and not saved:
                     self.save()
                 self.log(f"exit_interval {tr.exit_interval} reached at iteration {self.iteration}")
                 break
+            signum = agreed_exit_signal(self.device)  # every rank stops after the same step
+            if signum:
+                self.stop_on_signal(signum, saved)
+                break
         else:
             if ck.save and self.iteration > start_iteration and not saved:
                 self.save()
-        self.metrics.close()
         self.node_log(f"finished at iteration {self.iteration}")
         return losses
 
+    def stop_on_signal(self, signum: int, saved: bool) -> None:
+        ck = self.cfg.checkpoint
+        if ck.save and not saved:
+            self.save()
+        where = (f"checkpoint {self.guard.last_checkpoint} saved; resume with load: {ck.save}" if ck.save
+                 else "no 'save' directory configured, nothing saved")
+        self.log(f"stopped by {signal_name(signum)} after iteration {self.iteration}: {where}")

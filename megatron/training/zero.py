@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -23,6 +24,7 @@ from megatron.model import micro_batch_loss
 from megatron.parallel import ParallelLayout
 from megatron.parallel.data_parallel import average_over_dp, sequence_parallel_params
 from megatron.parallel.mappings import sum_over_tp
+from megatron.training.guards import non_finite_reason, skip_step
 from megatron.training.optimizer import NamedState, param_groups
 
 
@@ -97,15 +99,25 @@ class ZeroEngine:
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for mb in micro_batches:
+        skipped_before = self.engine.skipped_steps
+        for i, mb in enumerate(micro_batches):
             with self.autocast():
                 loss = micro_batch_loss(self.engine, mb.to(self.device))
+            total += loss.detach().float()
+            if i == len(micro_batches) - 1:  # before the boundary step: the reduced mean loss
+                mean_loss = float(average_over_dp(total / len(micro_batches), self.layout))
+                if not math.isfinite(mean_loss):
+                    # Non-finite gradients make DeepSpeed's overflow check skip the update (non-finite
+                    # guard): guaranteed here even if this rank's own gradients came out finite.
+                    loss = loss * float("nan")
             self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
             self.engine.step()  # reduce-scatter, clip and update at the accumulation boundary
-            total += loss.detach().float()
-        loss = average_over_dp(total / len(micro_batches), self.layout)
         norm = self.engine.get_global_grad_norm()
-        return {"loss": float(loss), "lr": lr, "grad_norm": float(norm) if norm is not None else 0.0}
+        stats = {"loss": mean_loss, "lr": lr, "grad_norm": float(norm) if norm is not None else 0.0}
+        reason = non_finite_reason(mean_loss, stats["grad_norm"])
+        if reason or self.engine.skipped_steps > skipped_before:  # DeepSpeed already dropped the update
+            return skip_step(None, stats, reason or "DeepSpeed skipped the step (gradient overflow)")
+        return stats
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:

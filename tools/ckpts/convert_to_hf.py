@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                    help="HF class to write (default: from the model's shape and its import record)")
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: next to vocab_file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="export even if weights hold NaN/inf (refused by default: the run diverged)")
     g = p.add_argument_group("default Streaming-SepLLM cache of generate() (Sep-Attention models; "
                              "defaults as in tools/generate.py)")
     g.add_argument("--cache-policy", choices=["sepllm", "streamingllm", "full"],
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
         ("enable_pos_shift", False if args.no_pos_shift else None), ("decode_mask", args.decode_mask))
         if value is not None}
     export_hf(args.input, args.output, args.force, args.vocab_size, args.dtype, args.tokenizer_dir,
-              progress=not args.quiet, architecture=args.architecture, cache=cache)
+              progress=not args.quiet, architecture=args.architecture, cache=cache,
+              allow_non_finite=args.allow_non_finite)
     return 0
 
 
