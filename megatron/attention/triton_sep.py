@@ -42,14 +42,26 @@ import triton
 import triton.language as tl
 
 from megatron.attention.sepllm_rule import SepRule
+from megatron.kernels.dispatch import interpret_enabled
 from megatron.attention.triton_plan import NEVER, SepTilePlan, cached_tile_plan
 
 LOG2E = 1.4426950408889634
+_NEVER = tl.constexpr(NEVER)  # padding slot position, as the kernels see it
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared device helpers
 # ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """fp32-accumulated a @ b. PRECISION "upcast" (bf16 under the interpreter only, whose tl.dot
+    multiplies bf16 bit patterns, triton-lang/triton#11584) does the same product in fp32."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
 
 @triton.jit
 def _tile_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
@@ -97,7 +109,7 @@ def _keep(rows, cols, key_pos_ptr, key_doc_ptr, q_doc, n_keys, W,
     """[rows, cols] visibility of a boundary tile (rows are query positions)."""
     col_ok = cols < n_keys
     if SPECIAL:
-        k_pos = tl.load(key_pos_ptr + cols, mask=col_ok, other=NEVER)
+        k_pos = tl.load(key_pos_ptr + cols, mask=col_ok, other=_NEVER)
         keep = k_pos[None, :] <= rows[:, None] - W
     else:
         dist = rows[:, None] - cols[None, :]
@@ -113,7 +125,7 @@ def _keep(rows, cols, key_pos_ptr, key_doc_ptr, q_doc, n_keys, W,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, k_base, v_base, stride_l, t_lo, t_hi, n_keys,
+def _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, k_base, v_base, k_stride, v_stride, t_lo, t_hi, n_keys,
                key_pos_ptr, key_doc_ptr, W, qk_scale,
                SPECIAL: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, D: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -121,10 +133,9 @@ def _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, k_base, v_base, stride_l, t_lo, t_
     for t in range(t_lo, t_hi):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_mask = (cols[:, None] < n_keys) & (dcol[None, :] < D)
-        offs = cols[:, None] * stride_l + dcol[None, :]
-        k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k = tl.load(k_base + cols[:, None] * k_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * v_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASKED:
             keep = _keep(rows, cols, key_pos_ptr, key_doc_ptr, q_doc, n_keys, W, SPECIAL, HAS_DOCS)
             s = tl.where(keep, s, float("-inf"))
@@ -132,7 +143,7 @@ def _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, k_base, v_base, stride_l, t_lo, t_
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -141,7 +152,7 @@ def _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, k_base, v_base, stride_l, t_lo, t_
 def _sep_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, lse_ptr,
                     spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_start_ptr,
                     L, S, n_q_heads, group, W, qk_scale,
-                    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, so_b, so_h, so_l,
+                    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
                     HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -169,22 +180,22 @@ def _sep_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, lse_ptr,
     spos, sdoc = spos_ptr + b * S, sdoc_ptr + b * S
     t_lo, f_lo, f_hi, t_hi = _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
                                             HAS_DOCS, CONTIGUOUS, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, ks, vs, D, t_lo, f_lo, S, spos, sdoc, W,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, ks, vs, D, D, t_lo, f_lo, S, spos, sdoc, W,
                                qk_scale, True, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, ks, vs, D, f_lo, f_hi, S, spos, sdoc, W,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, ks, vs, D, D, f_lo, f_hi, S, spos, sdoc, W,
                                qk_scale, True, False, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, ks, vs, D, f_hi, t_hi, S, spos, sdoc, W,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, ks, vs, D, D, f_hi, t_hi, S, spos, sdoc, W,
                                qk_scale, True, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
 
     kb = k_ptr + b64 * sk_b + hk64 * sk_h
-    vb = v_ptr + b64 * sk_b + hk64 * sk_h
+    vb = v_ptr + b64 * sv_b + hk64 * sv_h
     docs = doc_ptr + b * L
     t_lo, f_lo, f_hi, t_hi = _local_tiles(b, m0, q_last, L, W, run_start_ptr, HAS_DOCS, CONTIGUOUS, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, t_lo, f_lo, L, spos, docs, W,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, sv_l, t_lo, f_lo, L, spos, docs, W,
                                qk_scale, False, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, f_lo, f_hi, L, spos, docs, W,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, sv_l, f_lo, f_hi, L, spos, docs, W,
                                qk_scale, False, False, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, f_hi, t_hi, L, spos, docs, W,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, sv_l, f_hi, t_hi, L, spos, docs, W,
                                qk_scale, False, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -199,7 +210,7 @@ def _sep_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, lse_ptr,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, k_base, v_base, stride_l, t_lo, t_hi, n_keys,
+def _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, k_base, v_base, k_stride, v_stride, t_lo, t_hi, n_keys,
               key_pos_ptr, key_doc_ptr, W, qk_scale,
               SPECIAL: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -207,17 +218,16 @@ def _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, k_base, v_base, stride_l, t_l
     for t in range(t_lo, t_hi):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_mask = (cols[:, None] < n_keys) & (dcol[None, :] < D)
-        offs = cols[:, None] * stride_l + dcol[None, :]
-        k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k = tl.load(k_base + cols[:, None] * k_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * v_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASKED:
             keep = _keep(rows, cols, key_pos_ptr, key_doc_ptr, q_doc, n_keys, W, SPECIAL, HAS_DOCS)
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
     return dq
 
 
@@ -225,7 +235,7 @@ def _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, k_base, v_base, stride_l, t_l
 def _sep_dq_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                    spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_start_ptr,
                    L, S, n_q_heads, group, W, qk_scale, sm_scale,
-                   sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l,
+                   sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l,
                    HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -255,22 +265,22 @@ def _sep_dq_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_p
     spos, sdoc = spos_ptr + b * S, sdoc_ptr + b * S
     t_lo, f_lo, f_hi, t_hi = _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
                                             HAS_DOCS, CONTIGUOUS, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, ks, vs, D, t_lo, f_lo, S, spos, sdoc, W, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, ks, vs, D, D, t_lo, f_lo, S, spos, sdoc, W, qk_scale,
                    True, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, ks, vs, D, f_lo, f_hi, S, spos, sdoc, W, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, ks, vs, D, D, f_lo, f_hi, S, spos, sdoc, W, qk_scale,
                    True, False, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, ks, vs, D, f_hi, t_hi, S, spos, sdoc, W, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, ks, vs, D, D, f_hi, t_hi, S, spos, sdoc, W, qk_scale,
                    True, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
 
     kb = k_ptr + b64 * sk_b + hk64 * sk_h
-    vb = v_ptr + b64 * sk_b + hk64 * sk_h
+    vb = v_ptr + b64 * sv_b + hk64 * sv_h
     docs = doc_ptr + b * L
     t_lo, f_lo, f_hi, t_hi = _local_tiles(b, m0, q_last, L, W, run_start_ptr, HAS_DOCS, CONTIGUOUS, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, t_lo, f_lo, L, spos, docs, W, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, sv_l, t_lo, f_lo, L, spos, docs, W, qk_scale,
                    False, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, f_lo, f_hi, L, spos, docs, W, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, sv_l, f_lo, f_hi, L, spos, docs, W, qk_scale,
                    False, False, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, f_hi, t_hi, L, spos, docs, W, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, sv_l, f_hi, t_hi, L, spos, docs, W, qk_scale,
                    False, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
     tl.store(dq_ptr + b64 * sdq_b + h64 * sdq_h + rows[:, None] * sdq_l + dcol[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=io_mask)
@@ -295,7 +305,7 @@ def _dkdv_tiles(dk, dv, k, v, cols, k_pos, k_doc, q_base, do_base, sq_l, sdo_l, 
         do = tl.load(do_base + rows[:, None] * sdo_l + dcol[None, :], mask=io_mask, other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
         if MASKED:
             if SPECIAL:
                 keep = k_pos[:, None] <= rows[None, :] - W
@@ -308,10 +318,10 @@ def _dkdv_tiles(dk, dv, k, v, cols, k_pos, k_doc, q_base, do_base, sq_l, sdo_l, 
                 keep = keep & (k_doc[:, None] == q_doc[None, :])
             s_t = tl.where(keep, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv += _dot(p_t.to(do.dtype), do, PRECISION)
+        dp_t = _dot(v, tl.trans(do), PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
 
@@ -344,7 +354,8 @@ def _dkdv_group(dk, dv, k, v, cols, k_pos, k_doc, q_ptr, do_ptr, lse_ptr, delta_
 def _sep_dkdv_local_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                            doc_ptr, run_end_ptr,
                            L, n_q_heads, group, W, qk_scale, sm_scale,
-                           sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sdo_b, sdo_h, sdo_l, sdk_b, sdk_h, sdk_l,
+                           sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
+                           sdk_b, sdk_h, sdk_l,
                            HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            PRECISION: tl.constexpr):
@@ -358,7 +369,7 @@ def _sep_dkdv_local_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
     col_ok = cols < L
     kv_mask = col_ok[:, None] & (dcol[None, :] < D)
     k = tl.load(k_ptr + b64 * sk_b + hk64 * sk_h + cols[:, None] * sk_l + dcol[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b64 * sk_b + hk64 * sk_h + cols[:, None] * sk_l + dcol[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b64 * sv_b + hk64 * sv_h + cols[:, None] * sv_l + dcol[None, :], mask=kv_mask, other=0.0)
     k_last = tl.minimum(n0 + BLOCK_N, L) - 1
     # Query q sees key j through the band iff j <= q < j + W (and q is in j's document).
     q_hi = tl.minimum(k_last + W, L)
@@ -401,13 +412,13 @@ def _sep_dkdv_special_kernel(q_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, 
     slot_ok = slots < count
     kv_mask = slot_ok[:, None] & (dcol[None, :] < D)
     spos = spos_ptr + b64 * S
-    k_pos = tl.load(spos + slots, mask=slot_ok, other=NEVER)
+    k_pos = tl.load(spos + slots, mask=slot_ok, other=_NEVER)
     special = (b64 * n_kv_heads + hk64) * S * D + slots[:, None] * D + dcol[None, :]
     k = tl.load(ks_ptr + special, mask=kv_mask, other=0.0)
     v = tl.load(vs_ptr + special, mask=kv_mask, other=0.0)
     live = s0 < count
-    p_first = tl.load(spos + s0, mask=live, other=NEVER)
-    p_last = tl.load(spos + tl.minimum(s0 + BLOCK_N, count) - 1, mask=live, other=NEVER)
+    p_first = tl.load(spos + s0, mask=live, other=_NEVER)
+    p_last = tl.load(spos + tl.minimum(s0 + BLOCK_N, count) - 1, mask=live, other=_NEVER)
     # Query q sees special key p iff q >= p + W (and q is in p's document).
     q_lo = tl.minimum(p_first + W, L)
     q_hi = L
@@ -460,7 +471,7 @@ CONFIGS: Dict[Tuple[str, int, bool], KernelConfig] = {
     ("dq", 128, True): KernelConfig(64, 32, 4, 2),
     ("dq", 256, True): KernelConfig(32, 32, 4, 1),
     ("dkdv", 64, True): KernelConfig(32, 128, 4, 2),
-    ("dkdv", 128, True): KernelConfig(32, 64, 4, 2),
+    ("dkdv", 128, True): KernelConfig(32, 64, 8, 2),
     ("dkdv", 256, True): KernelConfig(32, 32, 4, 1),
     ("fwd", 64, False): KernelConfig(64, 32, 4, 2),
     ("fwd", 128, False): KernelConfig(64, 32, 4, 2),
@@ -485,8 +496,11 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype) -> KernelConfig:
     return CONFIGS[(kernel, max(64, padded_head_dim(D)), dtype != torch.float32)]
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get IEEE fp32 dots (TF32 would miss the fp64 reference); 16-bit ones ignore it."""
+def dot_precision(dtype: torch.dtype, interpreting: bool = False) -> str:
+    """fp32 inputs get IEEE fp32 dots (TF32 would miss the fp64 reference); 16-bit ones ignore it,
+    except bf16 in Triton's interpreter, which must upcast (see ``_dot``)."""
+    if interpreting and dtype == torch.bfloat16:
+        return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -541,9 +555,9 @@ def sep_forward(q, k, v, plan: SepTilePlan, launch: Launch):
     _sep_fwd_kernel[(triton.cdiv(L, cfg.block_m), B * Hq)](
         q, k, v, ks, vs, out, lse, spos, sdoc, n_before, doc, run_start,
         L, S, Hq, group, launch.window, launch.scale * LOG2E,
-        *_strides(q), *_strides(k), *_strides(out),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         HAS_DOCS=plan.has_docs, CONTIGUOUS=plan.contiguous_docs, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=padded_head_dim(D), PRECISION=dot_precision(q.dtype),
+        BLOCK_D=padded_head_dim(D), PRECISION=dot_precision(q.dtype, interpret_enabled()),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
@@ -560,14 +574,14 @@ def sep_backward(grad_out, q, k, v, out, lse, plan: SepTilePlan, launch: Launch)
     dq, dk, dv = _like_model_layout(q), _like_model_layout(k), _like_model_layout(v)
     spos, sdoc, n_before, doc, run_start, run_end = _plan_args(plan, q)
     common = dict(HAS_DOCS=plan.has_docs, CONTIGUOUS=plan.contiguous_docs, D=D, BLOCK_D=padded_head_dim(D),
-                  PRECISION=dot_precision(q.dtype))
+                  PRECISION=dot_precision(q.dtype, interpret_enabled()))
     qk_scale, W = launch.scale * LOG2E, launch.window
 
     cfg = launch.config("dq", D, q.dtype)
     _sep_dq_kernel[(triton.cdiv(L, cfg.block_m), B * Hq)](
         q, k, v, ks, vs, grad_out, lse, delta, dq, spos, sdoc, n_before, doc, run_start,
         L, S, Hq, group, W, qk_scale, launch.scale,
-        *_strides(q), *_strides(k), *_strides(grad_out), *_strides(dq),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
     cfg = launch.config("dkdv", D, q.dtype)
@@ -575,7 +589,7 @@ def sep_backward(grad_out, q, k, v, out, lse, plan: SepTilePlan, launch: Launch)
     _sep_dkdv_local_kernel[(triton.cdiv(L, cfg.block_n), B * Hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, doc, run_end,
         L, Hq, group, W, qk_scale, launch.scale,
-        *_strides(q), *_strides(k), *_strides(grad_out), *_strides(dk),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     _sep_dkdv_special_kernel[(triton.cdiv(S, cfg.block_n), B * Hkv)](
         q, ks, vs, grad_out, lse, delta, dk, dv, spos, sdoc, n_before, doc, run_end,
