@@ -9,17 +9,17 @@ Run: ``python -m megatron.kernels.aot_check --sep-attention --arch 90`` (TRITON_
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, Tuple
 
 import torch
 
-from megatron.attention import triton_sep
+from megatron.attention import triton_sep, triton_sep_kernels
 from megatron.kernels.aot_check import CompileReport, compile_kernel
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # (kernel name in CONFIGS, the jit function)
-_KERNELS = (("fwd", triton_sep._sep_fwd_kernel), ("dq", triton_sep._sep_dq_kernel),
-            ("dkdv", triton_sep._sep_dkdv_local_kernel), ("dkdv", triton_sep._sep_dkdv_special_kernel))
+_KERNELS = (("fwd", triton_sep_kernels.sep_fwd_kernel), ("dq", triton_sep_kernels.sep_dq_kernel),
+            ("dkdv", triton_sep_kernels.sep_dkdv_local_kernel), ("dkdv", triton_sep_kernels.sep_dkdv_special_kernel))
 _INT_TABLES = ("spos_ptr", "sdoc_ptr", "n_before_ptr", "doc_ptr", "run_start_ptr", "run_end_ptr")
 _FP32_BUFFERS = ("lse_ptr", "delta_ptr")
 _STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk)_[bhl]$")  # tensor strides: multiples of the head dim
@@ -36,8 +36,8 @@ def shipped_variants(quick: bool = False) -> Iterator[Tuple[str, object, int, to
                     yield name, kernel, D, dtype, has_docs, contiguous
 
 
-def compile_sep_attention(arch: int = 90, quick: bool = False) -> List[CompileReport]:
-    reports: List[CompileReport] = []
+def compile_sep_attention(arch: int = 90, quick: bool = False) -> Iterator[CompileReport]:
+    """One report per shipped variant, yielded as each compiles (a full sweep takes minutes)."""
     for name, kernel, D, dtype, has_docs, contiguous in shipped_variants(quick):
         cfg = triton_sep.kernel_config(name, D, dtype)
         meta: Dict[str, object] = dict(HAS_DOCS=has_docs, CONTIGUOUS=contiguous, D=D,
@@ -49,6 +49,5 @@ def compile_sep_attention(arch: int = 90, quick: bool = False) -> List[CompileRe
         aligned = tuple(p.name for p in kernel.params if p.name.endswith("_ptr") or _STRIDE.match(p.name))
         tag = (f"D={D},{_DTYPE_NAMES[dtype]},docs={'none' if not has_docs else 'contig' if contiguous else 'ids'},"
                f"M={cfg.block_m},N={cfg.block_n}")
-        reports.append(compile_kernel(tag, kernel, meta, cfg.num_warps, arch, pointers, _DTYPE_NAMES[dtype],
-                                      num_stages=cfg.num_stages, divisible_by_16=aligned))
-    return reports
+        yield compile_kernel(tag, kernel, meta, cfg.num_warps, arch, pointers, _DTYPE_NAMES[dtype],
+                             num_stages=cfg.num_stages, divisible_by_16=aligned)

@@ -131,4 +131,5 @@ if __name__ == "__main__":
     else:
         reports = compile_all(args.arch)
     for report in reports:
-        print(f"{report.name:<70} warps={report.num_warps:<3} regs={report.registers} spill={report.spill_bytes}")
+        print(f"{report.name:<70} warps={report.num_warps:<3} regs={report.registers} spill={report.spill_bytes}",
+              flush=True)
