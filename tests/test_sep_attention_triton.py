@@ -38,6 +38,7 @@ CASES = {
     "documents_gqa": (2, 2, 1, 90, 16, [0.1, 0.3], 3, 12, 20, (16, 16)),
     "shipped_blocks_head_dim_64": (1, 2, 1, 150, 64, 0.12, 3, 16, 60, None),
 }
+SPECIAL_CHUNKS = {"gqa_window_above_block": 2, "documents_gqa": 3, "all_separators": 5}  # else 1 (CPU default)
 HALF_CASES = {  # 16-bit inputs, fp32 accumulation: (dtype, head dim)
     "bf16_head_dim_128": (torch.bfloat16, 128),
     "fp16_head_dim_64": (torch.float16, 64),
@@ -46,7 +47,7 @@ HALF_CASES = {  # 16-bit inputs, fp32 accumulation: (dtype, head dim)
 
 def check_case(B, Hq, Hkv, L, D, density, n_init, n_local, doc_len, blocks, dtype=torch.float32,
                mode: str = "sepllm", is_sep: Optional[torch.Tensor] = None, docs: Optional[torch.Tensor] = None,
-               strided: bool = False, device: str = "cpu") -> str:
+               strided: bool = False, device: str = "cpu", chunks: Optional[int] = None) -> str:
     """Run the kernels fwd + bwd and compare with the fp64 reference; returns the worst errors."""
     from megatron.attention.triton_sep import triton_sep_attention
 
@@ -59,8 +60,8 @@ def check_case(B, Hq, Hkv, L, D, density, n_init, n_local, doc_len, blocks, dtyp
         docs = random_documents(B, L, doc_len)
     is_sep, docs = is_sep.to(device), (docs.to(device) if docs is not None else None)
     rule = SepRule(mode, n_init, n_local, separate_documents=docs is not None)
-    got = run_with_grads(lambda a, b, c: triton_sep_attention(a, b, c, is_sep, rule, docs, blocks=blocks),
-                         q, k, v, grad)
+    got = run_with_grads(lambda a, b, c: triton_sep_attention(a, b, c, is_sep, rule, docs, blocks=blocks,
+                                                              special_chunks=chunks), q, k, v, grad)
     want = reference_fp64(q, k, v, grad, is_sep, rule, docs)
     tol = FP32_RTOL if dtype == torch.float32 else BF16_RTOL
     errors = {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
@@ -125,7 +126,8 @@ def train_losses(data_prefix: str, impl: str) -> list:
 
 def interpreter_checks(only: Optional[str]) -> Dict[str, str]:
     """Runs in the TRITON_INTERPRET=1 subprocess: every case through the real kernels."""
-    checks: Dict[str, Callable[[], str]] = {name: (lambda c=c: check_case(*c)) for name, c in CASES.items()}
+    checks: Dict[str, Callable[[], str]] = {name: (lambda c=c, n=name: check_case(*c, chunks=SPECIAL_CHUNKS.get(n)))
+                                            for name, c in CASES.items()}
     for name, (dtype, D) in HALF_CASES.items():
         checks[name] = lambda dtype=dtype, D=D: check_case(1, 2, 1, 37, D, 0.15, 2, 8, 15, (16, 16), dtype=dtype)
     checks.update(mode_cases())

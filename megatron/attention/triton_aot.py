@@ -21,7 +21,7 @@ _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 _KERNELS = (("fwd", triton_sep_kernels.sep_fwd_kernel), ("dq", triton_sep_kernels.sep_dq_kernel),
             ("dkdv", triton_sep_kernels.sep_dkdv_local_kernel), ("dkdv", triton_sep_kernels.sep_dkdv_special_kernel))
 _INT_TABLES = ("spos_ptr", "sdoc_ptr", "n_before_ptr", "doc_ptr", "run_start_ptr", "run_end_ptr")
-_FP32_BUFFERS = ("lse_ptr", "delta_ptr")
+_FP32_BUFFERS = ("lse_ptr", "delta_ptr", "dkp_ptr", "dvp_ptr")
 _STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk)_[bhl]$")  # tensor strides: multiples of the head dim
 DOC_VARIANTS = ((False, True), (True, True), (True, False))  # (HAS_DOCS, CONTIGUOUS)
 

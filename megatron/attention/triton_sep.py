@@ -15,14 +15,16 @@ Backward: three kernels, no atomics, deterministic.
   * ``dq``: per query block, the same tile lists as the forward, recomputing P from the lse.
   * ``dkdv_local``: per key tile of the original sequence, the query blocks whose local band
     covers it (``[j, j + n_local)``); it owns its dK/dV rows and writes them.
-  * ``dkdv_special``: per tile of special slots, every later query block that sees it
-    (``[pos + n_local, end of document)``); it then adds its dK/dV into the slots' original
-    rows, read-modify-write. It runs after ``dkdv_local`` on the same stream and each
-    position is one slot at most, so no two programs ever touch one row.
-Why not FlashAttention-2's single pass with dQ atomics: a special tile is seen by every later
-query block, so one program per key tile loops over O(L / BLOCK_M) query blocks while the dQ
-rows receive adds from every key tile (atomics on fp32 buffers, non-deterministic sums, a
-zeroed fp32 dQ and a cast). Two passes recompute QK^T and dO V^T once more (7 matmuls
+  * ``dkdv_special``: per tile of special slots and chunk of the later query blocks that see
+    it (``[pos + n_local, end of document)``), fp32 partial dK/dV; the chunks are summed in a
+    fixed order and added to the slots' original rows (``scatter_add_``; each position is one
+    slot at most, so no two adds meet). A special tile is seen by every later query block:
+    unchunked, its S / BLOCK_N programs would each loop over up to L / BLOCK_M blocks -- too few
+    programs for a GPU -- so on CUDA the query range is cut into enough chunks to fill the SMs
+    twice (``default_special_chunks``).
+Why not FlashAttention-2's single pass with dQ atomics: dQ rows would receive adds from every
+key tile that covers them, special tiles included (atomics on a zeroed fp32 dQ, then a cast,
+and non-deterministic sums). Two passes recompute QK^T and dO V^T once more (7 matmuls
 instead of 5 for the backward) but are deterministic and atomic-free; which is faster on a
 given GPU is a benchmark question (bench/RESULTS.md, OPEN).
 
@@ -71,7 +73,7 @@ class KernelConfig:
 # tile size. Speed on a GPU is still OPEN.
 CONFIGS: Dict[Tuple[str, int, bool], KernelConfig] = {
     ("fwd", 64, True): KernelConfig(128, 64, 8, 3),
-    ("fwd", 128, True): KernelConfig(128, 64, 8, 3),
+    ("fwd", 128, True): KernelConfig(128, 64, 8, 2),
     ("fwd", 256, True): KernelConfig(32, 32, 4, 1),
     ("dq", 64, True): KernelConfig(128, 32, 4, 2),
     ("dq", 128, True): KernelConfig(64, 32, 4, 2),
@@ -117,7 +119,8 @@ class Launch:
 
     window: int
     scale: float
-    blocks: Optional[Tuple[int, int]]  # tests: (BLOCK_M, BLOCK_N) for every kernel
+    blocks: Optional[Tuple[int, int]] = None  # tests: (BLOCK_M, BLOCK_N) for every kernel
+    special_chunks: Optional[int] = None  # tests: query chunks of the special dK/dV pass
 
     def config(self, kernel: str, D: int, dtype: torch.dtype) -> KernelConfig:
         cfg = kernel_config(kernel, D, dtype)
@@ -198,12 +201,30 @@ def sep_backward(grad_out, q, k, v, out, lse, plan: SepTilePlan, launch: Launch)
         L, Hq, group, W, qk_scale, launch.scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    sep_dkdv_special_kernel[(triton.cdiv(S, cfg.block_n), B * Hkv)](
-        q, ks, vs, grad_out, lse, delta, dk, dv, spos, sdoc, n_before, doc, run_end,
-        L, S, Hq, group, W, qk_scale, launch.scale,
-        *_strides(q), *_strides(grad_out), *_strides(dk),
+    slot_tiles, query_blocks = triton.cdiv(S, cfg.block_n), triton.cdiv(L, cfg.block_m)
+    chunks = launch.special_chunks or default_special_chunks(slot_tiles * B * Hkv, query_blocks, q.device)
+    chunk_blocks = triton.cdiv(query_blocks, chunks)
+    chunks = triton.cdiv(query_blocks, chunk_blocks)
+    dk_part = torch.zeros(chunks, B, Hkv, S, D, dtype=torch.float32, device=q.device)
+    dv_part = torch.zeros_like(dk_part)
+    sep_dkdv_special_kernel[(slot_tiles, chunks, B * Hkv)](
+        q, ks, vs, grad_out, lse, delta, dk_part, dv_part, spos, sdoc, n_before, doc, run_end,
+        L, S, Hq, group, W, qk_scale, launch.scale, chunk_blocks,
+        *_strides(q), *_strides(grad_out),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    index = plan.special_idx[:, None, :, None].expand(B, Hkv, S, D)
+    dk.scatter_add_(2, index, dk_part.sum(0).to(dk.dtype))  # padding slots add zeros
+    dv.scatter_add_(2, index, dv_part.sum(0).to(dv.dtype))
     return dq, dk, dv
+
+
+def default_special_chunks(programs: int, query_blocks: int, device: torch.device) -> int:
+    """Query chunks per special tile: enough programs for two per SM on CUDA, one chunk elsewhere
+    (the interpreter runs programs one by one), never chunks of fewer than 4 query blocks."""
+    if device.type != "cuda" or programs == 0:
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(target, programs), query_blocks // 4))
 
 
 class TritonSepAttention(torch.autograd.Function):
@@ -229,12 +250,14 @@ def _unit_last_dim(x: torch.Tensor) -> torch.Tensor:
 def triton_sep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tensor,
                          rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
                          scale: Optional[float] = None, plan: Optional[SepTilePlan] = None,
-                         blocks: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                         blocks: Optional[Tuple[int, int]] = None, special_chunks: Optional[int] = None
+                         ) -> torch.Tensor:
     """Sep-Attention, q [B, Hq, L, D], k/v [B, Hkv, L, D], is_sep [B, L] -> [B, Hq, L, D].
 
     ``plan`` (``triton_plan.build_tile_plan``) may be shared between layers; by default the plan
     of the most recent flags is reused. ``blocks`` = (BLOCK_M, BLOCK_N) overrides the tile sizes
-    of all kernels (tests use small ones so short sequences cross many tiles).
+    of all kernels (tests use small ones so short sequences cross many tiles); ``special_chunks``
+    the query chunks of the special dK/dV pass (default: ``default_special_chunks``).
     """
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"triton Sep-Attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
@@ -250,6 +273,6 @@ def triton_sep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_s
         return q.new_zeros(q.shape)
     if plan is None:
         plan = cached_tile_plan(is_sep, rule, doc_ids)
-    launch = Launch(rule.n_local, q.shape[-1] ** -0.5 if scale is None else float(scale), blocks)
+    launch = Launch(rule.n_local, q.shape[-1] ** -0.5 if scale is None else float(scale), blocks, special_chunks)
     q, k, v = (_unit_last_dim(t) for t in (q, k, v))
     return TritonSepAttention.apply(q, k, v, plan, launch)

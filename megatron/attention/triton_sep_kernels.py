@@ -360,15 +360,18 @@ def sep_dkdv_local_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 
 
 @triton.jit
-def sep_dkdv_special_kernel(q_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                             spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_end_ptr,
-                             L, S, n_q_heads, group, W, qk_scale, sm_scale,
-                             sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, sdk_b, sdk_h, sdk_l,
-                             HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr):
+def sep_dkdv_special_kernel(q_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, dkp_ptr, dvp_ptr,
+                            spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_end_ptr,
+                            L, S, n_q_heads, group, W, qk_scale, sm_scale, chunk_blocks,
+                            sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l,
+                            HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """dK/dV of one tile of special slots from one chunk of ``chunk_blocks`` query blocks, as fp32
+    partials [chunk, B, Hkv, S, D]; the caller sums the chunks and adds them to the original rows."""
     s0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    chunk = tl.program_id(1)
+    bh = tl.program_id(2)
     n_kv_heads = n_q_heads // group
     b = bh // n_kv_heads
     b64 = b.to(tl.int64)
@@ -399,15 +402,18 @@ def sep_dkdv_special_kernel(q_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, d
             q_hi = tl.load(run_end + p_last, mask=live, other=0)
         k_doc = tl.load(sdoc_ptr + b64 * S + slots, mask=slot_ok, other=-2)
     t_lo, f_lo, f_hi, t_hi = _tile_range(q_lo, q_hi, tl.minimum(p_last + W, L), full_hi, BLOCK_M)
+    c_lo = chunk * chunk_blocks  # this program's share of the query blocks (order is kept by clamping)
+    c_hi = c_lo + chunk_blocks
+    t_lo = tl.minimum(tl.maximum(t_lo, c_lo), c_hi)
+    f_lo = tl.minimum(tl.maximum(f_lo, c_lo), c_hi)
+    f_hi = tl.minimum(tl.maximum(f_hi, c_lo), c_hi)
+    t_hi = tl.minimum(tl.maximum(t_hi, c_lo), c_hi)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_group(dk, dv, k, v, slots, k_pos, k_doc, q_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr,
                          b64, hk64, group, n_q_heads, t_lo, f_lo, f_hi, t_hi, L, W, qk_scale,
                          sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, True, HAS_DOCS, D, BLOCK_M, BLOCK_D, PRECISION)
-    # Back to the original rows, added to what the local pass wrote there.
-    rows = tl.where(slot_ok, k_pos, 0)
-    out = b64 * sdk_b + hk64 * sdk_h + rows[:, None] * sdk_l + dcol[None, :]
-    dk_old = tl.load(dk_ptr + out, mask=kv_mask, other=0.0).to(tl.float32)
-    dv_old = tl.load(dv_ptr + out, mask=kv_mask, other=0.0).to(tl.float32)
-    tl.store(dk_ptr + out, (dk_old + dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out, (dv_old + dv).to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    # Padding slots (and columns of other rows' padding) stay at the buffer's zeros.
+    part = (chunk.to(tl.int64) * tl.num_programs(2) + bh) * S * D + slots[:, None] * D + dcol[None, :]
+    tl.store(dkp_ptr + part, dk * sm_scale, mask=kv_mask)
+    tl.store(dvp_ptr + part, dv, mask=kv_mask)
