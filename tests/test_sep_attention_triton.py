@@ -263,8 +263,9 @@ def check_aot(args, expect_lines: int) -> None:
 
 
 def test_sep_attention_kernels_lower_to_sm90_quick():
-    """bf16, head dim 128, documents: the four kernels compile for sm_90 without spills."""
-    check_aot(["--quick", "--arch", "90"], expect_lines=4)
+    """bf16, head dim 128, documents: the forward and the special dK/dV kernel (the two largest)
+    compile for sm_90 without spills; the slow test below lowers every shipped variant."""
+    check_aot(["--quick", "--arch", "90"], expect_lines=2)
 
 
 @pytest.mark.slow

@@ -67,18 +67,18 @@ class KernelConfig:
 
 # Shipped configurations, keyed by (kernel, padded head dim, 16-bit inputs). The 16-bit rows are the
 # GPU training path: for each, the largest tiles (in a short preference list) that ptxas compiles
-# without register spills for sm_90 (python -m megatron.kernels.aot_check --sep-attention; registers
-# in bench/RESULTS.md). The fp32 rows are a correctness fallback (GPU training runs bf16): IEEE fp32
-# dots go to FMA units, which hold whole head-dim rows per thread, so head dims >= 128 spill at any
-# tile size. Speed on a GPU is still OPEN.
+# without register spills for both sm_90 and sm_80 (python -m megatron.kernels.aot_check
+# --sep-attention --arch 90|80; registers in bench/RESULTS.md). The fp32 rows are a correctness fallback (GPU training runs bf16): IEEE fp32
+# dots run on FMA units and spilled at head dim >= 128 with every tile size tried; these rows are the
+# smallest spills found. Speed on a GPU is still OPEN.
 CONFIGS: Dict[Tuple[str, int, bool], KernelConfig] = {
     ("fwd", 64, True): KernelConfig(128, 64, 8, 3),
-    ("fwd", 128, True): KernelConfig(128, 64, 8, 2),
+    ("fwd", 128, True): KernelConfig(128, 32, 8, 3),
     ("fwd", 256, True): KernelConfig(32, 32, 4, 1),
-    ("dq", 64, True): KernelConfig(128, 32, 4, 2),
+    ("dq", 64, True): KernelConfig(128, 32, 8, 2),
     ("dq", 128, True): KernelConfig(64, 32, 4, 2),
     ("dq", 256, True): KernelConfig(32, 32, 4, 1),
-    ("dkdv", 64, True): KernelConfig(32, 128, 8, 2),
+    ("dkdv", 64, True): KernelConfig(32, 128, 8, 1),
     ("dkdv", 128, True): KernelConfig(64, 32, 4, 1),
     ("dkdv", 256, True): KernelConfig(32, 32, 8, 1),
     ("fwd", 64, False): KernelConfig(64, 32, 8, 2),
@@ -129,7 +129,7 @@ class Launch:
         return KernelConfig(self.blocks[0], self.blocks[1], cfg.num_warps, cfg.num_stages)
 
 
-def _plan_args(plan: SepTilePlan, ref: torch.Tensor):
+def _plan_args(plan: SepTilePlan):
     """(special_pos, special_doc, n_before, doc, run_start, run_end); unused tables point at n_before."""
     dummy = plan.n_before
     return (plan.special_pos, plan.special_doc if plan.has_docs else dummy, plan.n_before,
@@ -143,10 +143,10 @@ def _gather_specials(x: torch.Tensor, plan: SepTilePlan) -> torch.Tensor:
     return x.gather(2, idx).contiguous()
 
 
-def _like_model_layout(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def _like_model_layout(x: torch.Tensor) -> torch.Tensor:
     """Empty [B, H, L, D] stored as [B, L, H, D]: the layout the model reshapes for free."""
     B, H, L, D = x.shape
-    return torch.empty(B, L, H, D, dtype=dtype or x.dtype, device=x.device).transpose(1, 2)
+    return torch.empty(B, L, H, D, dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
 def _strides(x: torch.Tensor):
@@ -161,7 +161,7 @@ def sep_forward(q, k, v, plan: SepTilePlan, launch: Launch):
     out = _like_model_layout(q)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     cfg = launch.config("fwd", D, q.dtype)
-    spos, sdoc, n_before, doc, run_start, _ = _plan_args(plan, q)
+    spos, sdoc, n_before, doc, run_start, _ = _plan_args(plan)
     sep_fwd_kernel[(triton.cdiv(L, cfg.block_m), B * Hq)](
         q, k, v, ks, vs, out, lse, spos, sdoc, n_before, doc, run_start,
         L, S, Hq, group, launch.window, launch.scale * LOG2E,
@@ -182,7 +182,7 @@ def sep_backward(grad_out, q, k, v, out, lse, plan: SepTilePlan, launch: Launch)
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), [B, Hq, L]
     ks, vs = _gather_specials(k, plan), _gather_specials(v, plan)
     dq, dk, dv = _like_model_layout(q), _like_model_layout(k), _like_model_layout(v)
-    spos, sdoc, n_before, doc, run_start, run_end = _plan_args(plan, q)
+    spos, sdoc, n_before, doc, run_start, run_end = _plan_args(plan)
     common = dict(HAS_DOCS=plan.has_docs, CONTIGUOUS=plan.contiguous_docs, D=D, BLOCK_D=padded_head_dim(D),
                   PRECISION=dot_precision(q.dtype, interpret_enabled()))
     qk_scale, W = launch.scale * LOG2E, launch.window
