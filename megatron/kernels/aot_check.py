@@ -123,7 +123,8 @@ if __name__ == "__main__":
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)")
     parser.add_argument("--sep-attention", action="store_true",
                         help="the Sep-Attention kernels' shipped configurations instead of the fused kernels")
-    parser.add_argument("--quick", action="store_true", help="with --sep-attention: forward and special dK/dV kernels, bf16, head dim 128, documents")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --sep-attention: forward and special dK/dV kernels, bf16, head dim 128, documents")
     args = parser.parse_args()
     if args.sep_attention:
         from megatron.attention.triton_aot import compile_sep_attention
