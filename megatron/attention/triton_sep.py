@@ -68,9 +68,9 @@ class KernelConfig:
 # Shipped configurations, keyed by (kernel, padded head dim, 16-bit inputs). The 16-bit rows are the
 # GPU training path: for each, the largest tiles (in a short preference list) that ptxas compiles
 # without register spills for both sm_90 and sm_80 (python -m megatron.kernels.aot_check
-# --sep-attention --arch 90|80; registers in bench/RESULTS.md). The fp32 rows are a correctness fallback (GPU training runs bf16): IEEE fp32
-# dots run on FMA units and spilled at head dim >= 128 with every tile size tried; these rows are the
-# smallest spills found. Speed on a GPU is still OPEN.
+# --sep-attention --arch 90|80; registers in bench/RESULTS.md). The fp32 rows are a correctness
+# fallback (GPU training runs bf16): IEEE fp32 dots run on FMA units and spill on sm_90 at head dim
+# 128 with every tile size tried; these rows are the smallest spills found. Speed on a GPU is OPEN.
 CONFIGS: Dict[Tuple[str, int, bool], KernelConfig] = {
     ("fwd", 64, True): KernelConfig(128, 64, 8, 3),
     ("fwd", 128, True): KernelConfig(128, 32, 8, 3),
