@@ -44,6 +44,8 @@ def _tile_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 @triton.jit
 def _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
                    HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Special-slot tiles of query block [m0, q_last]: slots [doc floor, #specials <= q_last - W),
+    full where every query sees the slot (position <= m0 - W, in q_last's document)."""
     nb = n_before_ptr + b * (L + 1)
     lo = 0
     full_lo = 0
@@ -60,6 +62,8 @@ def _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
 @triton.jit
 def _local_tiles(b, m0, q_last, L, W, run_start_ptr,
                  HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Local-band key tiles of query block [m0, q_last]: keys [m0 - W + 1, q_last], full where every
+    query sees the key (q_last - W < key <= m0, in q_last's document)."""
     lo = tl.maximum(m0 - W + 1, 0)
     full_lo = tl.maximum(q_last - W + 1, 0)
     if HAS_DOCS:
@@ -117,12 +121,12 @@ def _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, k_base, v_base, k_stride, v_stride
 
 @triton.jit
 def sep_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, lse_ptr,
-                    spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_start_ptr,
-                    L, S, n_q_heads, group, W, qk_scale,
-                    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
-                    HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                   spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_start_ptr,
+                   L, S, n_q_heads, group, W, qk_scale,
+                   sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
+                   HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // n_q_heads
@@ -200,12 +204,12 @@ def _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, k_base, v_base, k_stride, v_s
 
 @triton.jit
 def sep_dq_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                   spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_start_ptr,
-                   L, S, n_q_heads, group, W, qk_scale, sm_scale,
-                   sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l,
-                   HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                  spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_start_ptr,
+                  L, S, n_q_heads, group, W, qk_scale, sm_scale,
+                  sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l,
+                  HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // n_q_heads
@@ -319,13 +323,13 @@ def _dkdv_group(dk, dv, k, v, cols, k_pos, k_doc, q_ptr, do_ptr, lse_ptr, delta_
 
 @triton.jit
 def sep_dkdv_local_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                           doc_ptr, run_end_ptr,
-                           L, n_q_heads, group, W, qk_scale, sm_scale,
-                           sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
-                           sdk_b, sdk_h, sdk_l,
-                           HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                          doc_ptr, run_end_ptr,
+                          L, n_q_heads, group, W, qk_scale, sm_scale,
+                          sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
+                          sdk_b, sdk_h, sdk_l,
+                          HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     n_kv_heads = n_q_heads // group
@@ -361,12 +365,12 @@ def sep_dkdv_local_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 
 @triton.jit
 def sep_dkdv_special_kernel(q_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, dkp_ptr, dvp_ptr,
-                            spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_end_ptr,
-                            L, S, n_q_heads, group, W, qk_scale, sm_scale, chunk_blocks,
-                            sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l,
-                            HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            PRECISION: tl.constexpr):
+                           spos_ptr, sdoc_ptr, n_before_ptr, doc_ptr, run_end_ptr,
+                           L, S, n_q_heads, group, W, qk_scale, sm_scale, chunk_blocks,
+                           sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l,
+                           HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """dK/dV of one tile of special slots from one chunk of ``chunk_blocks`` query blocks, as fp32
     partials [chunk, B, Hkv, S, D]; the caller sums the chunks and adds them to the original rows."""
     s0 = tl.program_id(0) * BLOCK_N
