@@ -1,12 +1,14 @@
 """Sep-Attention benchmark: dense causal vs Sep-Attention fast path vs the dense-mask reference.
 
     python bench/attention.py                       # CPU: sdpa, compact, reference at 1k-8k
-    python bench/attention.py --device cuda --seqs 4096,8192,16384,32768   # sdpa, flash, flex, ...
+    python bench/attention.py --device cuda --seqs 4096,8192,16384,32768   # sdpa, flash, flex, triton, ...
 
 Per sequence length it prints forward and forward+backward times (median of ``--repeats``,
 impls interleaved within each repeat so machine noise hits them alike), the useful FLOPs
 (attended q-k pairs only: 4*D per pair forward, 3x that for forward+backward) and the achieved
-FLOP rate, all as ratios against dense causal attention measured in the same run.
+FLOP rate, all as ratios against dense causal attention measured in the same run. With both
+``flex`` and ``triton`` it also prints triton's speedup over flex, the figure that decides whether
+``attention.impl: auto`` may pick triton on that device (``megatron/attention/dispatch.py``).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default fp32 on cpu, bf16 on cuda")
     p.add_argument("--impls", default=None,
-                   help="comma list (default cpu: sdpa,compact,reference; cuda: sdpa,flash,flex,reference)")
+                   help="comma list (default cpu: sdpa,compact,reference; cuda: sdpa,flash,flex,triton,reference)")
     p.add_argument("--ref-max-seq", type=int, default=None,
                    help="skip the dense-mask reference above this length (default 8192)")
     p.add_argument("--repeats", type=int, default=5)
@@ -55,7 +57,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     cuda = args.device == "cuda"
     args.seqs = [int(s) for s in (args.seqs or ("4096,8192,16384,32768" if cuda else
                                                 "1024,2048,4096,8192")).split(",")]
-    args.impls = (args.impls or ("sdpa,flash,flex,reference" if cuda else "sdpa,compact,reference")).split(",")
+    args.impls = (args.impls or ("sdpa,flash,flex,triton,reference" if cuda else "sdpa,compact,reference")).split(",")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.kv_heads = args.kv_heads or args.heads
     args.ref_max_seq = args.ref_max_seq or 8192
@@ -201,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"median of {args.repeats}")
     print("# speedup = dense causal time / this time; GFLOP/s counts attended q-k pairs only "
           "(ratio to the dense baseline's rate in brackets)")
-    summary, table, vs_ref = [], [], []
+    summary, table, vs_ref, vs_flex = [], [], [], []
     for L in args.seqs:
         res = bench_length(args, L, rule)
         pairs = res["_pairs"]
@@ -211,9 +213,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("\n".join(rows), flush=True)
         table += rows
         ref = res.get("reference", {})
-        for fast in (n for n in ("compact", "flex") if n in res and ref):
+        for fast in (n for n in ("compact", "flex", "triton") if n in res and ref):
             vs_ref.append(f"| {L} | {fast} | " + " | ".join(
                 f"{ref[m] / res[fast][m]:.2f}x" if m in ref and m in res[fast] else "-"
+                for m in ("fwd", "fwdbwd")) + " |")
+        if "flex" in res and "triton" in res:
+            vs_flex.append(f"| {L} | " + " | ".join(
+                f"{res['flex'][m] / res['triton'][m]:.2f}x" if m in res["triton"] and m in res["flex"] else "-"
                 for m in ("fwd", "fwdbwd")) + " |")
     print("\n| L | attended pairs / causal pairs | causal FLOPs / Sep FLOPs |\n|---|---|---|")
     print("\n".join(summary))
@@ -224,6 +230,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("\n| L | fast impl | fwd speedup vs dense-mask reference | fwd+bwd speedup vs reference |"
               "\n|---|---|---|---|")
         print("\n".join(vs_ref))
+    if vs_flex:
+        print(f"\n| L | triton speedup over flex, fwd | fwd+bwd |  ({dev})\n|---|---|---|")
+        print("\n".join(vs_flex))
 
 
 if __name__ == "__main__":

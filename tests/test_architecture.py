@@ -9,9 +9,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron"
 # Lower layers first; a package may import its own modules and any package of a lower layer.
 LAYERS = [
     {"errors"},
-    {"config", "kernels", "attention", "tokenizer"},
-    {"data", "parallel", "hf_remote"},
-    {"model"},
+    {"config", "kernels", "tokenizer"},
+    {"attention", "data", "parallel"},
+    {"hf_remote", "model"},
     {"checkpointing"},
     {"training", "inference", "convert", "launch"},
     {"evaluation"},

@@ -4,22 +4,62 @@ impls:
   * ``reference`` -- dense L x L mask from the rule + SDPA (slow, obviously right);
   * ``compact``   -- Sep-Attention over the compact layout, fused CPU kernel, fwd + bwd (CPU);
   * ``flex``      -- FlexAttention over the compact layout (compiled to Triton on CUDA);
+  * ``triton``    -- our own fused Triton kernels over the compact layout, fwd + bwd
+                     (``triton_sep.py``); CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests);
   * ``sdpa``      -- dense causal attention, ignoring the rule (the baseline);
   * ``flash``     -- dense causal attention through ``flash_attn`` (the GPU baseline);
-  * ``auto``      -- ``flex`` on CUDA, ``compact`` elsewhere.
+  * ``auto``      -- ``compact`` on CPU; on CUDA ``triton`` if the device's name is in
+                     ``TRITON_BEATS_FLEX``, else ``flex``.
 Layers whose rule is ``full`` always run dense causal attention.
+
+The ``auto`` rule on CUDA: ``TRITON_BEATS_FLEX`` lists the devices (``torch.cuda.get_device_name``)
+on which a recorded ``bench/attention.py --device cuda --impls flex,triton`` run (bench/RESULTS.md,
+"Sep-Attention", real-text separators, fwd+bwd at 16k) measured ``triton`` faster than ``flex``.
+A device gets an entry only from such a run; until one exists the table is empty and ``auto``
+stays on ``flex``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron.attention.reference import expand_kv_heads, reference_attention
 from megatron.attention.sepllm_rule import SepRule, dense_mask
+from megatron.errors import ConfigError
 
-IMPLS = ("auto", "reference", "compact", "flex", "sdpa", "flash")
+IMPLS = ("auto", "reference", "compact", "flex", "triton", "sdpa", "flash")
+
+# device name -> the bench/RESULTS.md run that measured impl 'triton' beating 'flex' there.
+TRITON_BEATS_FLEX: Dict[str, str] = {}
+
+
+def auto_impl(q: torch.Tensor) -> str:
+    """What ``auto`` runs for Sep-Attention layers on q's device (see the module docstring)."""
+    if not q.is_cuda:
+        return "compact"
+    return "triton" if torch.cuda.get_device_name(q.device) in TRITON_BEATS_FLEX else "flex"
+
+
+def triton_unavailable(device: torch.device) -> Optional[str]:
+    """Why impl 'triton' cannot run on ``device`` (one line), or None when it can."""
+    from megatron.kernels.dispatch import interpret_enabled, triton_importable
+
+    if device.type != "cuda" and not interpret_enabled():
+        return (f"attention.impl 'triton' needs a CUDA device (this run is on {device.type}); use 'compact' "
+                "or 'auto' on CPU, or set TRITON_INTERPRET=1 before start to run the kernels in Triton's "
+                "interpreter (slow: for tests)")
+    if not triton_importable():
+        return "attention.impl 'triton' needs the triton package, which cannot be imported here"
+    return None
+
+
+def check_impl_available(impl: str, device: torch.device) -> None:
+    """Before training: a ConfigError (one line) when ``attention.impl`` cannot run on ``device``."""
+    reason = triton_unavailable(device) if impl == "triton" else None
+    if reason:
+        raise ConfigError(reason)
 
 
 def dense_causal_attention(q, k, v, rule: SepRule, doc_ids=None, scale=None):
@@ -60,12 +100,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tens
         # impl 'sdpa' means dense causal attention regardless of the rule (the baseline).
         return dense_causal_attention(q, k, v, rule, doc_ids, scale)
     if impl == "auto":
-        impl = "flex" if q.is_cuda else "compact"
+        impl = auto_impl(q)
     if impl == "reference":
         return reference_attention(q, k, v, is_sep, rule, doc_ids, scale)
     if impl == "compact":
         from megatron.attention.compact import compact_attention
         return compact_attention(q, k, v, is_sep, rule, doc_ids, scale)
+    if impl == "triton":
+        reason = triton_unavailable(q.device)
+        if reason:
+            raise RuntimeError(reason)
+        from megatron.attention.triton_sep import triton_sep_attention
+        return triton_sep_attention(q, k, v, is_sep, rule, doc_ids, scale)
     # impl == "flex": FlexAttention compiles the compact Sep-Attention layout to Triton on CUDA.
     from megatron.attention.flex import flex_sep_attention
     return flex_sep_attention(q, k, v, is_sep, rule, doc_ids, scale)

@@ -67,7 +67,7 @@ class SepLLMConfig:
 
 @dataclass
 class AttentionConfig:
-    impl: Literal["auto", "reference", "compact", "flex", "sdpa", "flash"] = "auto"
+    impl: Literal["auto", "reference", "compact", "flex", "triton", "sdpa", "flash"] = "auto"
     sepllm: SepLLMConfig = field(default_factory=SepLLMConfig)
 
 

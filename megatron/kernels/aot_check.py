@@ -39,7 +39,7 @@ def _signature(kernel, constexprs: Dict[str, object], pointer_types: Dict[str, s
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointer_types.get(name, default_pointer)
-        elif name == "eps":
+        elif name in ("eps", "qk_scale", "sm_scale"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -64,12 +64,19 @@ def _ptxas_usage(ptx: str, arch: int) -> Tuple[Optional[int], Optional[int]]:
 
 
 def compile_kernel(name: str, kernel, constexprs: Dict[str, object], num_warps: int, arch: int,
-                   pointer_types: Optional[Dict[str, str]] = None, default_pointer: str = "bf16") -> CompileReport:
+                   pointer_types: Optional[Dict[str, str]] = None, default_pointer: str = "bf16",
+                   num_stages: Optional[int] = None, divisible_by_16: Tuple[str, ...] = ()) -> CompileReport:
+    """``divisible_by_16``: parameters Triton would specialize as multiples of 16 at launch (pointers
+    from the caching allocator, strides of head dim multiples) so the cubin is the one a GPU runs."""
     fn = getattr(kernel, "fn", kernel)
     if not hasattr(kernel, "params"):
         raise RuntimeError("aot_check needs real triton.jit kernels: unset TRITON_INTERPRET")
-    src = ASTSource(kernel, _signature(kernel, constexprs, pointer_types or {}, default_pointer), constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if p.name in divisible_by_16}
+    src = ASTSource(kernel, _signature(kernel, constexprs, pointer_types or {}, default_pointer), constexprs, attrs)
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
     return CompileReport(f"{fn.__name__}[{name}]", num_warps, regs, spills)
 
@@ -109,6 +116,15 @@ def compile_all(arch: int = 90) -> List[CompileReport]:
     return reports
 
 
+def print_reports(reports) -> None:
+    for report in reports:
+        print(f"{report.name:<70} warps={report.num_warps:<3} regs={report.registers} spill={report.spill_bytes}",
+              flush=True)
+
+
 if __name__ == "__main__":
-    for report in compile_all():
-        print(f"{report.name:<70} warps={report.num_warps:<3} regs={report.registers} spill={report.spill_bytes}")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)")
+    print_reports(compile_all(parser.parse_args().arch))

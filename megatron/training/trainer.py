@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron.attention.dispatch import check_impl_available
 from megatron.checkpointing import ensure_writable, resolve_checkpoint_dir, save_checkpoint
 from megatron.checkpointing.session import SaveSession
 from megatron.config import Config, config_to_tree, validate_launch
@@ -49,6 +50,7 @@ class Trainer:
         self.is_logger = rank() == self.world - 1 if self.layout.pp_size > 1 else rank() == 0
         self._print = log
         self.device = device_for_rank()
+        check_impl_available(cfg.attention.impl, self.device)  # e.g. 'triton' on CPU: one line, not mid-run
         torch.manual_seed(cfg.training.seed)
         tr = cfg.training
         self.micro, self.accum = tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps
