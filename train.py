@@ -17,8 +17,9 @@ def main(argv=None) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     log = print if rank == 0 else (lambda *_: None)
+    printed = bool(os.environ.get("SEPLLM_CONFIG_PRINTED"))  # deepy.py already printed the merge messages
     try:
-        cfg, _ = load_config(args.configs, log=log)
+        cfg, _ = load_config(args.configs, log=(lambda *_: None) if printed else log)
         if rank == 0 and not os.environ.get("SEPLLM_CONFIG_PRINTED"):
             print("resolved config:\n" + dump_config(cfg), flush=True)
         from megatron.parallel.distributed import shutdown_distributed
