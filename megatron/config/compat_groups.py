@@ -72,7 +72,7 @@ def _fp16_section(ctx: Context, chosen: List[Tuple[str, str]]) -> None:
     section = {k: v for k, v in f16.items() if k not in ("fp16", "type", "auto_cast")}
     kind = f16.get("type")
     if kind not in (None, "fp16", "float16", "bfloat16"):
-        ctx.problem("fp16.type", f"'fp16.type: {kind}' is not valid; expected fp16 or bfloat16")
+        ctx.problem("fp16.type", f"key 'fp16.type' = {kind!r} is not valid; expected fp16 or bfloat16")
     if section.get("enabled", False) is True:
         chosen.append(("bf16" if kind == "bfloat16" else "fp16", "fp16"))
     if kind == "bfloat16":  # DeeperSpeed's bf16 through the fp16 section: no loss scaling
@@ -150,7 +150,7 @@ def attention_config(ctx: Context) -> None:
         return
     for t in sorted(set(layers)):
         if t in REFUSED_TYPES:
-            ctx.problem("attention_config", f"attention_config type '{t}' is not supported: {REFUSED_TYPES[t]}")
+            ctx.problem("attention_config", f"attention_config type {t!r} is not supported: {REFUSED_TYPES[t]}")
         elif t not in DENSE_TYPES:
             ctx.problem("attention_config", f"attention_config type '{t}' is unknown; NeoX's types are "
                                             f"{', '.join(DENSE_TYPES + tuple(REFUSED_TYPES))}")

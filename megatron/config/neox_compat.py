@@ -10,8 +10,8 @@ fork) is in :data:`RULES`, handled one of three ways:
 
 Keys of our own schema that NeoX does not use pass through unchanged; an unknown key is reported by
 the schema check. The table in docs/neox_compat.md is generated from :data:`RULES`
-(``python -m megatron.config.neox_compat > docs/neox_compat.md``; a test keeps them equal). Rules
-that need several keys (precision, the SepLLM attention rule, ...) are in ``compat_groups.py``.
+(``python tools/neox_compat_table.py > docs/neox_compat.md``; a test keeps them equal). Rules that
+need several keys (precision, the SepLLM attention rule, ...) are in ``compat_groups.py``.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def noop_unless(key: str, accepted: Callable[[Any], bool], when_accepted: str, o
         if accepted(v):
             ctx.noop(k)
         else:
-            ctx.problem(k, f"'{k}: {v!r}' is not supported: {otherwise}")
+            ctx.problem(k, f"key '{k}' = {v!r} is not supported: {otherwise}")
     return Rule(key, NOOP, dialect, "-", f"{when_accepted}; otherwise unsupported: {otherwise}", apply)
 
 
@@ -82,7 +82,7 @@ def choices(key: str, passed: Dict[Any, Any], refused: Dict[Any, str], note: str
 
     def apply(ctx: Context, k: str, v: Any) -> None:
         if isinstance(v, str) and v in refused:
-            ctx.problem(k, f"'{k}: {v}' is not supported: {refused[v]}")
+            ctx.problem(k, f"key '{k}' = {v!r} is not supported: {refused[v]}")
         else:
             ctx.assign(target, passed.get(v, v) if isinstance(v, (str, int, float, bool)) else v, k)
     return Rule(key, MAPPED, dialect, target, note, apply)
@@ -105,7 +105,7 @@ def _optimizer(ctx: Context, key: str, value: Any) -> None:
         dotted = f"optimizer.{sub}"
         if sub == "type" and isinstance(v, str):
             if v.lower() in refused:
-                ctx.problem(dotted, f"'optimizer.type: {v}' is not supported: {refused[v.lower()]}; "
+                ctx.problem(dotted, f"key 'optimizer.type' = {v!r} is not supported: {refused[v.lower()]}; "
                                     "use 'adam' or 'adamw'")
             else:
                 ctx.assign(dotted, v.lower(), dotted)
@@ -165,12 +165,12 @@ RULES: List[Rule] = [
     same("init_method_std"), same("hidden_dropout"),
     same("attention_dropout", "dropout on attention probabilities (reference/sdpa/flash impls and full "
                               "layers; rejected before launch for the compact and flex kernels)"),
-    group("attention_config", "attention.sepllm (checked)",
+    group("attention_config", "- (checked)",
           "global/flash layers are dense causal attention; the list must cover num_layers; "
           "other types are unsupported"),
     group("sliding_window_width", "attention.sepllm",
           "sliding window of W: streamingllm mode with n_init 0, n_local W + 1 (full when W + 1 >= seq_length)"),
-    noop_unless("sparsity_config", _false, "empty: no sparse attention", SPARSE),
+    noop_unless("sparsity_config", lambda v: not v, "empty: no sparse attention", SPARSE),
     noop_unless("output_layer_parallelism", lambda v: v == "column", "'column' is our vocabulary-parallel head",
                 "a head split over the hidden dimension (NeoX itself refuses it)"),
     noop("scaled_upper_triang_masked_softmax_fusion", "a fused softmax kernel; the math is the same"),
@@ -348,11 +348,23 @@ def translate(tree: Dict[str, Any], source: Dict[str, str], lines: Dict[Tuple[st
     return ctx
 
 
+# Keys whose NeoX default differs from ours: a NeoX config that leaves them out means NeoX's value.
+DEFAULT_DIFFERENCES = [
+    ("pos_emb", "learned", "rotary"), ("lr_decay_style", "linear", "cosine"), ("weight_decay", "0.1", "0.01"),
+    ("rms_norm_epsilon", "1e-8", "layernorm_epsilon (1e-5)"), ("num_workers", "2", "0"),
+    ("eval_iters", "100", "10"), ("eval_interval", "1000", "100"), ("log_interval", "100", "10"),
+    ("tokenizer_type", "GPT2BPETokenizer", "HFTokenizer"), ("train_micro_batch_size_per_gpu", "none", "4"),
+    ("train_iters", "none", "100"), ("wandb_project", "neox", "sepllm-neox"),
+    ("use_wandb", "on when wandb is installed and logged in", "false; wandb_mode offline"),
+    ("attention (SepLLM reference)", "SepLLM, window 256", "full causal attention unless a SepLLM key is set"),
+]
+
+
 def markdown_table() -> str:
     """docs/neox_compat.md: the whole table, generated from RULES."""
     head = ["# GPT-NeoX and SepLLM config keys", "",
             "Generated from `megatron/config/neox_compat.py` by "
-            "`python -m megatron.config.neox_compat > docs/neox_compat.md`; `tests/test_neox_compat.py` "
+            "`python tools/neox_compat_table.py > docs/neox_compat.md`; `tests/test_neox_compat.py` "
             "fails when the two differ.", "",
             "Every key of GPT-NeoX's `configs/` and of the SepLLM reference's `Training-SepLLM/sample_configs/` "
             "is handled one of three ways. **mapped**: onto our key (same name unless the column says "
@@ -361,10 +373,10 @@ def markdown_table() -> str:
             "error. `-` and `_` are interchangeable in every key; keys not listed here are our own "
             "(see `megatron/config/schema.py`).", "",
             "| key | source | handling | our key | meaning here |", "| --- | --- | --- | --- | --- |"]
-    rows = [f"| `{r.key}` | {r.dialect} | {r.kind} | {'`' + r.target + '`' if r.target != '-' else '-'} | "
+    rows = [f"| `{r.key}` | {r.dialect} | {r.kind} | {'`' + r.target + '`' if r.target[0] != '-' else r.target} | "
             f"{r.note.replace('|', '/')} |" for r in sorted(RULES, key=lambda r: (r.dialect != NEOX, r.key.lower()))]
-    return "\n".join(head + rows) + "\n"
-
-
-if __name__ == "__main__":
-    print(markdown_table(), end="")
+    defaults = ["", "## Defaults that differ", "",
+                "A key a config leaves out takes our default, which is NeoX's except for these:", "",
+                "| key | NeoX default | ours |", "| --- | --- | --- |"]
+    defaults += [f"| `{k}` | {neox} | {ours} |" for k, neox, ours in DEFAULT_DIFFERENCES]
+    return "\n".join(head + rows + defaults) + "\n"
