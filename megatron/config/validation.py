@@ -279,6 +279,9 @@ def _check_training(cfg: Config, err) -> None:
         err("warmup_iters", f"warmup_iters = {tr.warmup_iters}; expected an integer >= 0")
     if tr.min_lr > cfg.optimizer.params.lr:
         err("min_lr", f"min_lr {tr.min_lr} is larger than optimizer lr {cfg.optimizer.params.lr}")
+    if cfg.data.data_path and cfg.data.train_data_paths:
+        err("train_data_paths", "set data_path (one dataset, divided by split) or train/valid/test_data_paths, "
+                                "not both (NeoX rejects both too; 'data_path: null' in a later file unsets it)")
     split = cfg.data.split.replace("/", ",").split(",")
     try:
         if len(split) > 3 or any(float(s) < 0 for s in split) or sum(float(s) for s in split) <= 0:

@@ -78,7 +78,7 @@ def uses_separators(cfg: Config) -> bool:
 
 def separator_line(ids: Sequence[int], token_texts: Optional[Dict[int, str]] = None,
                    what: str = "separators") -> str:
-    texts = token_texts or {}
+    texts, ids = token_texts or {}, sorted(set(ids))
     shown = ", ".join(f"{i} {texts[i]!r}" if i in texts else str(i) for i in ids)
     return f"{what} ({len(ids)} ids): {shown or 'none'}"
 
