@@ -282,3 +282,18 @@ def test_neox_mlp_rule_and_its_failure_case(tmp_path):
 def test_translated_configs_round_trip(name):
     cfg, _ = load(name)
     assert config_from_tree(config_to_tree(cfg), log=lambda m: None) == cfg
+
+
+def test_alibi_bipe_and_fp16_load_but_are_refused_before_launch_until_implemented():
+    from megatron.config import validate_launch
+    from megatron.model import build_model
+
+    cfg, _ = load("sepllm")  # fp16, as every SepLLM sample config
+    with pytest.raises(ConfigError, match=r"^not implemented yet: precision: fp16 \(dynamic loss scaling\)$"):
+        validate_launch(cfg, 1)
+    for extra in ({"pos_emb": "alibi"}, {"bipe": True}):
+        cfg = config_from_tree({"num_layers": 2, **extra}, log=lambda m: None)
+        with pytest.raises(ConfigError, match="^not implemented yet: "):
+            validate_launch(cfg, 1)
+        with pytest.raises(ConfigError, match="^not implemented yet: "):
+            build_model(cfg, 64, device="meta")

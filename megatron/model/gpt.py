@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from megatron.attention import SepRule, document_ids, resolve_layer_rules, separator_flags
+from megatron.config import check_implemented
 from megatron.config.schema import AttentionConfig, Config, ModelConfig
 from megatron.model.init import init_method_by_name, init_weights
 from megatron.model.rotary import RotaryEmbedding
@@ -147,6 +148,7 @@ def build_model(cfg: Config, vocab_size: int, separator_ids: Sequence[int] = (),
     """The (initialised) model or pipeline stage of the rank ``layout`` describes (default: one rank).
     ``device="meta"`` builds without memory or initialisation (parameter counts, large configs)."""
     layout = layout or ParallelLayout()
+    check_implemented(cfg, model_only=True)  # issue 13: ALiBi / BiPE fields exist before their implementation
     with torch.device(device) if device else contextlib.nullcontext():
         model = GPTModel(cfg.model, cfg.attention, vocab_size, separator_ids, eod_id, layout)
     if device != "meta":
