@@ -142,3 +142,13 @@ def test_tensorboard_dir_is_checked_before_launch(monkeypatch, tiny_dataset, tmp
     pytest.importorskip("tensorboard")
     run(tiny_config_tree(tiny_dataset, train_iters=2, tensorboard_dir=str(tmp_path / "tb")))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow  # DeepSpeed start-up: ~30 s
+def test_zero2_on_one_process_equals_the_dense_run(tiny_dataset, tmp_path):
+    two = overlay(tmp_path, tiny_dataset, "zero2")
+    Path(two).write_text(Path(two).read_text() + '"zero_optimization": {"stage": 2, "contiguous_gradients": true}\n')
+    out = run_cli(["deepy.py", "train.py", str(DIALECT / "my_neox_160M.yml"), two])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "zero2" / "log"),
+                                          dense_reference_losses(tiny_dataset, tmp_path))) < 1e-5
