@@ -297,3 +297,9 @@ def test_alibi_bipe_and_fp16_load_but_are_refused_before_launch_until_implemente
             validate_launch(cfg, 1)
         with pytest.raises(ConfigError, match="^not implemented yet: "):
             build_model(cfg, 64, device="meta")
+
+
+def test_misspelled_zero_stage_is_an_error_not_silently_no_zero(tmp_path):
+    bad = write(tmp_path, "z.yml", '{"zero_optimization": {"stag": 2, "overlap_comm": true}}\n')
+    with pytest.raises(ConfigError, match=r"z.yml:1: unknown key 'zero_optimization.stag'; did you mean 'stage'\?"):
+        load_config([bad], log=lambda m: None)
