@@ -5,7 +5,10 @@ Configs are merged left to right, validated and printed before anything starts. 
 torchrun (gloo on CPU, nccl on GPU); a hostfile (``host slots=N`` per line) gives per-node
 torchrun commands started over ssh, or one ``deepspeed`` launcher command with ``--launcher
 deepspeed``. ``--node-rank K`` runs only node K's command here (for schedulers that start one
-launcher per node); ``--dry-run`` prints the commands.
+launcher per node). The config's ``hostfile``, ``launcher``, ``num_gpus``, ``master_addr`` and
+``master_port`` (NeoX's launcher keys) apply unless the flags say otherwise. ``--dry-run`` prints the
+commands and starts nothing; for ``train.py`` it first checks the data and tokenizer paths and prints
+the parameter count, the attention rule of every layer and the batch and token arithmetic.
 
 Script arguments: the YAML files follow the script; options deepy does not know (``--tasks x``), with
 their values, and everything after a bare ``--``, are passed on to the script in order, as in NeoX's
@@ -27,12 +30,15 @@ def parse_args(argv):
                    help="processes on this node (default: GPUs present, else tp x pp)")
     p.add_argument("--hostfile", "-H", default=None, help="DeepSpeed-format hostfile: 'host slots=N' lines")
     p.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None)
-    p.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=29500)
+    p.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
+                   help="default: the config's master_port, else 29500")
     p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=None,
                    help="with --hostfile: run only this node's command, locally")
-    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default=None,
+                   help="multi-node launcher (default: the config's launcher, else torchrun)")
     p.add_argument("--conf-dir", "-d", dest="conf_dir", default=None, help="directory prefixed to config names")
-    p.add_argument("--dry-run", action="store_true", help="print the launch commands and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check paths, print the model, attention and batch summary and the commands, and exit")
     p.add_argument("script", help="training script, e.g. train.py")
     p.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,25 +59,39 @@ def main(argv=None) -> int:
         if not Path(args.script).is_file():
             raise LaunchError(f"training script not found: {args.script}")
         cfg, _ = load_config(configs)
-        num_procs = args.num_procs
+        launch = cfg.launch
+        hostfile = args.hostfile or launch.hostfile
+        num_procs = args.num_procs or launch.num_gpus or (None if hostfile else launch.global_num_gpus)
         if num_procs is None:
             import torch
 
             num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
                                                       cfg.parallel.pipe_parallel_size)
-        validate_launch(cfg, world_size(num_procs, args.hostfile))  # fail here, not in every rank
-        commands = build_commands(args.script, configs + args.script_args, num_procs, args.hostfile,
-                                  args.master_addr, args.master_port, args.launcher)
+        world = world_size(num_procs, hostfile)
+        if launch.global_num_gpus and world != launch.global_num_gpus:
+            raise LaunchError(f"global_num_gpus {launch.global_num_gpus} != the {world} processes this launch "
+                              "starts (hostfile slots or num_gpus)")
+        dp = validate_launch(cfg, world)  # fail here, not in every rank
+        commands = build_commands(args.script, configs + args.script_args, num_procs, hostfile,
+                                  args.master_addr or launch.master_addr,
+                                  args.master_port or launch.master_port or 29500, args.launcher or launch.launcher)
+        summary = []
+        if args.dry_run and Path(args.script).name == "train.py":  # other scripts need no training data
+            from megatron.training.summary import run_report
+
+            summary = run_report(cfg, dp)
     except UserError as e:
         return report(e)
     print("resolved config:\n" + dump_config(cfg), flush=True)
     if args.dry_run:
+        for line in summary:
+            print(line)
         for c in commands:
             print(f"# node {c.node_rank} ({c.host})\n{c.shell()}")
         return 0
     env = dict(os.environ, SEPLLM_CONFIG_PRINTED="1")
     if args.node_rank is not None:
-        if not args.hostfile or not 0 <= args.node_rank < len(commands):
+        if not hostfile or not 0 <= args.node_rank < len(commands):
             print(f"error: --node-rank {args.node_rank} needs --hostfile with more than {args.node_rank} hosts",
                   file=sys.stderr)
             return 2

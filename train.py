@@ -36,8 +36,9 @@ def run(configs, rank: int) -> int:
         from megatron.training.guards import TrainingDiverged
 
         log = print if rank == 0 else (lambda *_: None)
+        printed = bool(os.environ.get("SEPLLM_CONFIG_PRINTED"))  # deepy.py already printed the merge messages
         try:
-            cfg, _ = load_config(configs, log=log)
+            cfg, _ = load_config(configs, log=(lambda *_: None) if printed else log)
             if rank == 0 and not os.environ.get("SEPLLM_CONFIG_PRINTED"):
                 print("resolved config:\n" + dump_config(cfg), flush=True)
             from megatron.parallel.distributed import shutdown_distributed

@@ -14,6 +14,9 @@ import yaml
 pytest_plugins = ["eval_helpers"]
 
 ROOT = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds a CPU communication op on first use; a cache per environment keeps one build
+# (the shared default cache is rebuilt whenever another virtual environment used it last).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 SAMPLE = ROOT / "data" / "sample"
 TOKENIZER = SAMPLE / "tokenizer.json"
 

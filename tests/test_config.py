@@ -40,12 +40,13 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     b = write(tmp_path, "b.yml", "hiden_size: 64\n")
     with pytest.raises(ConfigError) as e:
         load_config([a, b], log=lambda m: None)
-    assert str(e.value) == f"{b}: unknown key 'hiden_size'; did you mean 'hidden_size'?"
+    # one problem is one line, with the file and the key's line (the wording is unchanged otherwise)
+    assert str(e.value) == f"{b}:1: unknown key 'hiden_size'; did you mean 'hidden_size'?"
 
 
 def test_unknown_nested_key_suggests(tmp_path):
     a = write(tmp_path, "a.yml", "attention: {sepllm: {n_locl: 3}}\n")
-    with pytest.raises(ConfigError, match=r"a.yml: unknown key 'attention.sepllm.n_locl'; did you mean 'n_local'"):
+    with pytest.raises(ConfigError, match=r"a.yml:1: unknown key 'attention.sepllm.n_locl'; did you mean 'n_local'"):
         load_config([a], log=lambda m: None)
 
 

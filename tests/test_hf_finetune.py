@@ -30,7 +30,7 @@ def test_import_finetune_with_sep_attention_export(tiny_dataset, tmp_path):
         "gradient_accumulation_steps": 1, "precision": "fp32", "eval_interval": 1000, "eval_iters": 1,
         "log_interval": 5, "log_dir": None, "checkpoint_factor": 0,
         "optimizer": {"params": {"lr": 2.0e-3}},
-        "attention": {"impl": "compact", "sepllm": {"n_init": 2, "n_local": 8}}})
+        "attention": {"impl": "compact", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 8}}})
     cfg, _ = load_config([str(imported.config_path), "configs/finetune_example.yml", overlay], log=lambda _: None)
     assert cfg.checkpoint.finetune and cfg.attention.sepllm.mode == "sepllm"
     trainer = Trainer(cfg, log=lambda _: None)

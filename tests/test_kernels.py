@@ -328,7 +328,8 @@ def model_fused_equals_eager() -> None:
         runs = []
         for fused in (False, True):
             tree = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16, fused_rope=fused,
-                        fused_layernorm=fused, attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 4}},
+                        fused_layernorm=fused,
+                        attention={"impl": "reference", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4}},
                         **family)
             torch.manual_seed(0)
             model = build_model(config_from_tree(tree), 64, [5, 6], eod_id=0)

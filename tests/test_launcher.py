@@ -34,15 +34,43 @@ def test_multi_node_commands(tmp_path):
     assert len(ds) == 1 and ds[0].argv[0] == "deepspeed" and f"--hostfile={h}" in ds[0].argv
 
 
-def test_deepy_dry_run_two_hosts(tmp_path):
+def test_deepy_dry_run_two_hosts(tmp_path, tiny_dataset):
     h = tmp_path / "hosts"
     h.write_text("10.0.0.1 slots=1\n10.0.0.2 slots=1\n")
+    data = tmp_path / "data.yml"  # dry-run checks that the data exists (configs/tiny.yml's is made by make demo)
+    data.write_text(f"data_path: {tiny_dataset}\n")
     out = subprocess.run([sys.executable, "deepy.py", "--dry-run", "--hostfile", str(h), "train.py",
-                          "configs/tiny.yml"], capture_output=True, text=True, timeout=120)
+                          "configs/tiny.yml", str(data)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "# node 0 (10.0.0.1)" in out.stdout and "# node 1 (10.0.0.2)" in out.stdout
     assert "--node_rank=1" in out.stdout and "--master_addr=10.0.0.1" in out.stdout
     assert "resolved config:" in out.stdout
+    # the run in words: parameters, the rule of every layer, separators with their tokens, batch arithmetic
+    assert "attention, layers 0-3: SepLLM: 3 initial + separators + local window 32" in out.stdout
+    assert "separators (" in out.stdout and "'.'" in out.stdout and "parameters: " in out.stdout
+    assert "batch: micro 8 x accumulation 1 x data-parallel 2 = 16 sequences x 256 tokens" in out.stdout
+
+
+def test_deepy_takes_launch_keys_from_the_config_and_dry_run_checks_paths(tmp_path, tiny_dataset):
+    h = tmp_path / "hosts"
+    h.write_text("10.0.0.7 slots=2\n10.0.0.8 slots=2\n")
+    cfg = tmp_path / "launch.yml"
+    cfg.write_text(f'data_path: {tiny_dataset}\nhostfile: {h}\nlauncher: pdsh\nmaster_port: 29611\n'
+                   'global_num_gpus: 4\n')
+    out = subprocess.run([sys.executable, "deepy.py", "--dry-run", "train.py", "configs/tiny.yml", str(cfg)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # NeoX's launcher: pdsh is the DeepSpeed launcher, which runs pdsh itself
+    assert out.stdout.count("# node") == 1 and f"deepspeed --hostfile={h}" in out.stdout
+    assert "--master_port=29611" in out.stdout and "--master_addr=10.0.0.7" in out.stdout
+    cfg.write_text(f"data_path: {tmp_path / 'nowhere'}\nvocab_file: {tmp_path / 'tok.json'}\n")
+    out = subprocess.run([sys.executable, "deepy.py", "--dry-run", "train.py", "configs/tiny.yml", str(cfg)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "error: 3 missing paths:" and len(lines) == 4
+    assert "nowhere.bin' not found" in lines[1] and "nowhere.idx' not found" in lines[2]
+    assert "vocab_file" in lines[3] and "tok.json' not found" in lines[3]
 
 
 @pytest.mark.parametrize("args, message", [

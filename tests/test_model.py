@@ -20,7 +20,7 @@ SEPS = [5, 6]
 
 def build(extra=None, layers=2, vocab=64, **sep):
     tree = dict(num_layers=layers, hidden_size=32, num_attention_heads=4, seq_length=48,
-                attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 4, **sep}})
+                attention={"impl": "reference", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4, **sep}})
     tree.update(extra or {})
     torch.manual_seed(0)
     return build_model(config_from_tree(tree), vocab, SEPS, eod_id=0)

@@ -21,7 +21,7 @@ FAMILIES = {
 
 def build(family="neox", layers=2, seq=64, **sep) -> GPTModel:
     tree = dict(num_layers=layers, hidden_size=32, num_attention_heads=4, seq_length=seq,
-                attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 4, **sep}})
+                attention={"impl": "reference", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4, **sep}})
     tree.update(FAMILIES[family])
     torch.manual_seed(0)
     return build_model(config_from_tree(tree), VOCAB, SEPS, eod_id=0).eval()

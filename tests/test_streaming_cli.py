@@ -48,7 +48,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     tok.save(str(root / "tokenizer.json"))
     tree = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=64, rotary_pct=0.5,
                 make_vocab_size_divisible_by=8, tokenizer_type="HFTokenizer", vocab_file=str(root / "tokenizer.json"),
-                attention={"impl": "reference", "sepllm": {"n_init": 2, "n_local": 8}})
+                attention={"impl": "reference", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 8}})
     cfg = config_from_tree(tree)
     torch.manual_seed(0)
     model = build_model(cfg, 304, [], eod_id=0)

@@ -97,6 +97,19 @@ def test_unwritable_checkpoint_dir_fails_before_training(tiny_dataset, tmp_path)
     assert blocker.read_text() == "keep me"
 
 
-def test_resume_from_missing_checkpoint(tiny_dataset, tmp_path):
-    cfg = write_config(tmp_path / "c.yml", tiny_config_tree(tiny_dataset, load=str(tmp_path / "none")))
-    one_line_error(run_cli(["train.py", cfg]), "key 'load'", "does not exist")
+def test_missing_or_empty_load_starts_from_scratch_unless_finetuning(tiny_dataset, tmp_path):
+    """NeoX's save == load habit: a run whose load directory has nothing yet starts fresh (one line);
+    finetune needs weights, so there it is an error."""
+    save = tmp_path / "ckpt"
+    tree = tiny_config_tree(tiny_dataset, train_iters=2, save=str(save), load=str(save))
+    out = run_cli(["train.py", write_config(tmp_path / "c.yml", tree)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("holds no checkpoint yet; starting from scratch") == 1
+    assert (save / "latest").is_file()
+    again = run_cli(["train.py", write_config(tmp_path / "c4.yml", {**tree, "train_iters": 4})])
+    assert "resumed from" in again.stdout and "iter      4/4" in again.stdout, again.stdout[-2000:]
+    for missing in (tmp_path / "none", tmp_path / "empty"):
+        if missing.name == "empty":
+            missing.mkdir()
+        cfg = write_config(tmp_path / "f.yml", tiny_config_tree(tiny_dataset, load=str(missing), finetune=True))
+        one_line_error(run_cli(["train.py", cfg]), "finetune: true needs weights", "key 'load'")

@@ -17,6 +17,9 @@ on which a recorded ``bench/attention.py --device cuda --impls flex,triton`` run
 "Sep-Attention", real-text separators, fwd+bwd at 16k) measured ``triton`` faster than ``flex``.
 A device gets an entry only from such a run; until one exists the table is empty and ``auto``
 stays on ``flex``.
+
+``dropout_p`` (attention dropout, training only) is applied by the dense paths, ``reference`` and
+``flash``; the compact, flex and triton kernels have none (the config check rejects that pairing before launch).
 """
 from __future__ import annotations
 
@@ -62,20 +65,20 @@ def check_impl_available(impl: str, device: torch.device) -> None:
         raise ConfigError(reason)
 
 
-def dense_causal_attention(q, k, v, rule: SepRule, doc_ids=None, scale=None):
+def dense_causal_attention(q, k, v, rule: SepRule, doc_ids=None, scale=None, dropout_p: float = 0.0):
     """Plain causal attention (full layers, and the dense baseline)."""
     if rule.separate_documents and doc_ids is not None:
         k = expand_kv_heads(k, q.shape[1])
         v = expand_kv_heads(v, q.shape[1])
         mask = dense_mask(torch.ones_like(doc_ids, dtype=torch.bool), rule, doc_ids)[:, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
 def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rule: SepRule,
                            doc_ids: Optional[torch.Tensor] = None,
-                           scale: Optional[float] = None) -> torch.Tensor:
+                           scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Dense causal attention via flash_attn (GQA native). A baseline: ignores the Sep rule."""
     try:
         from flash_attn import flash_attn_func
@@ -85,24 +88,26 @@ def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ru
     if rule.separate_documents and doc_ids is not None:
         raise NotImplementedError("impl 'flash' does not implement separate_documents; use 'sdpa'")
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          softmax_scale=scale, causal=True)
+                          softmax_scale=scale, causal=True, dropout_p=dropout_p)
     return out.transpose(1, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tensor, rule: SepRule,
            doc_ids: Optional[torch.Tensor] = None, impl: str = "auto",
-           scale: Optional[float] = None) -> torch.Tensor:
+           scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     if impl not in IMPLS:
         raise ValueError(f"attention.impl must be one of {IMPLS}, got {impl!r}")
     if impl == "flash":
-        return flash_causal_attention(q, k, v, rule, doc_ids, scale)
+        return flash_causal_attention(q, k, v, rule, doc_ids, scale, dropout_p)
     if impl == "sdpa" or rule.is_full:
         # impl 'sdpa' means dense causal attention regardless of the rule (the baseline).
-        return dense_causal_attention(q, k, v, rule, doc_ids, scale)
+        return dense_causal_attention(q, k, v, rule, doc_ids, scale, dropout_p)
     if impl == "auto":
         impl = auto_impl(q)
     if impl == "reference":
-        return reference_attention(q, k, v, is_sep, rule, doc_ids, scale)
+        return reference_attention(q, k, v, is_sep, rule, doc_ids, scale, dropout_p)
+    if dropout_p:
+        raise ValueError(f"attention impl '{impl}' has no attention dropout; use 'reference' or dropout 0")
     if impl == "compact":
         from megatron.attention.compact import compact_attention
         return compact_attention(q, k, v, is_sep, rule, doc_ids, scale)

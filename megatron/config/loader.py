@@ -1,7 +1,11 @@
-"""Read YAML config files and merge them left to right; validation is in ``validation.py``."""
+"""Read YAML config files (with the line of every key) and merge them left to right.
+
+Translation of NeoX / SepLLM spellings is in ``neox_compat.py``, validation in ``validation.py``.
+"""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -17,22 +21,42 @@ def _norm_key(key: Any) -> Any:
 
 
 def read_yaml(path: str) -> Dict[str, Any]:
+    return read_yaml_with_lines(path)[0]
+
+
+def _key_lines(node: yaml.Node, prefix: str, out: Dict[str, int]) -> None:
+    """Line (1-based) of every mapping key below ``node``, by normalized dotted path."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        dotted = prefix + str(_norm_key(key_node.value))
+        out.setdefault(dotted, key_node.start_mark.line + 1)
+        _key_lines(value_node, dotted + ".", out)
+
+
+def read_yaml_with_lines(path: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """The file's top-level mapping and the line of each (dotted, ``-`` -> ``_``) key in it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
+        lines: Dict[str, int] = {}
+        _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), "", lines)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, "
                           f"got {type(data).__name__}")
-    return data
+    return data, lines
 
 
 def _normalize(tree: Any) -> Any:
@@ -41,14 +65,30 @@ def _normalize(tree: Any) -> Any:
     return tree
 
 
+@dataclass
+class Merged:
+    """Files merged left to right: the tree, and where each dotted key came from."""
+
+    tree: Dict[str, Any] = field(default_factory=dict)
+    source: Dict[str, str] = field(default_factory=dict)  # dotted key -> file that set it
+    lines: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (file, dotted key) -> line
+    files: List[str] = field(default_factory=list)  # in merge order
+
+
 def merge_files(paths: List[str], log=print) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """Merge YAML files left to right. Returns (merged tree, provenance: dotted key -> file).
+    """Merge YAML files left to right. Returns (merged tree, provenance: dotted key -> file)."""
+    merged = merge(paths, log)
+    return merged.tree, merged.source
+
+
+def merge(paths: List[str], log=print) -> Merged:
+    """Merge YAML files left to right, keeping each key's file and line.
 
     Flat keys are replaced whole; the nested sections ``attention`` and ``optimizer`` merge
     key by key. Overrides are reported through ``log``.
     """
-    merged: Dict[str, Any] = {}
-    source: Dict[str, str] = {}
+    out = Merged()
+    merged, source = out.tree, out.source
 
     def merge_into(dst: Dict[str, Any], src: Dict[str, Any], prefix: str, path: str, deep: bool):
         for key, value in src.items():
@@ -62,20 +102,23 @@ def merge_files(paths: List[str], log=print) -> Tuple[Dict[str, Any], Dict[str, 
             source[dotted] = path
 
     for path in paths:
-        tree = _normalize(read_yaml(path))
-        for key, value in tree.items():
+        raw, lines = read_yaml_with_lines(path)
+        out.files.append(path)
+        out.lines.update({(path, dotted): line for dotted, line in lines.items()})
+        for key, value in _normalize(raw).items():
             if key in NESTED_GROUPS and isinstance(value, dict):
                 merge_into(merged.setdefault(key, {}), value, f"{key}.", path, deep=True)
             else:
                 merge_into(merged, {key: value}, "", path, deep=False)
-    return merged, source
+    return out
 
 
 def load_config(paths: List[str], log=print) -> Tuple[Config, Dict[str, str]]:
     if not paths:
         raise ConfigError("no config files given; pass one or more YAML files")
-    tree, source = merge_files(paths, log=log)
-    return config_from_tree(tree, source, log=log), source
+    merged = merge(paths, log=log)
+    cfg = config_from_tree(merged.tree, merged.source, log=log, lines=merged.lines, files=merged.files)
+    return cfg, merged.source
 
 
 def config_to_tree(cfg: Config) -> Dict[str, Any]:

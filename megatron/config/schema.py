@@ -1,14 +1,20 @@
 """The typed configuration schema.
 
-YAML keys follow GPT-NeoX names so NeoX configs port with few edits. Most keys are flat at the
-top level (``num_layers: 12``) and land in the group that owns them; the sections ``attention``,
-``optimizer`` and ``zero_optimization`` are nested, as in NeoX. Every field is validated by
-``megatron.config.loader``; ``-`` and ``_`` are interchangeable in key names.
+YAML keys follow GPT-NeoX names, with NeoX's meaning: most keys are flat at the top level
+(``num_layers: 12``) and land in the group that owns them; the sections ``attention``, ``optimizer``,
+``zero_optimization`` and ``fp16`` are nested, as in NeoX. Keys that NeoX or the SepLLM reference
+spell differently are translated by ``megatron/config/neox_compat.py`` (the table is
+docs/neox_compat.md); every field is validated by ``megatron/config/validation.py``. ``-`` and ``_``
+are interchangeable in key names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
+
+# NeoX's weight initialisations (megatron/model/init.py implements them with NeoX's formulas).
+InitMethodName = Literal["normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
+                         "xavier_normal", "wang_init", "small_init", "single_residual_scaled_normal"]
 
 
 @dataclass
@@ -22,17 +28,28 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     layernorm_epsilon: float = 1e-5
-    pos_emb: Literal["rotary", "learned", "none"] = "rotary"
+    rms_norm_epsilon: Optional[float] = None  # rmsnorm's epsilon; None = layernorm_epsilon
+    use_bias_in_norms: bool = True  # layernorm bias (rmsnorm has none)
+    pos_emb: Literal["rotary", "learned", "none", "alibi"] = "rotary"
+    bipe: bool = False  # SepLLM's bilevel positional encoding (USE_BiPE)
+    bipe_separator_ids: Optional[List[int]] = None  # BiPE segment ends; None = the Sep-Attention separators
     rotary_pct: float = 1.0
     rotary_emb_base: float = 10000.0
     rotary_interleaved: bool = False  # GPT-J pairwise style instead of NeoX rotate-half
     gpt_j_residual: bool = False  # parallel attention + MLP residual (Pythia)
     activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
-    intermediate_size: Optional[int] = None  # None = 4h (gelu/relu) or 8h/3 rounded to 64 (swiglu)
+    # MLP width with NeoX's meaning: None = 4h; gated (swiglu) MLPs take 2/3 of it, split over the two
+    # branches, rounded up to mlp_multiple_of (see mlp_sizes). ffn_hidden_size is the literal
+    # per-branch width (Megatron-LM's name; what HF configs call intermediate_size) and wins.
+    intermediate_size: Optional[int] = None
+    mlp_multiple_of: int = 1
+    ffn_hidden_size: Optional[int] = None
     no_weight_tying: bool = False
     use_bias_in_attn_linear: bool = True
     use_bias_in_mlp: bool = True
     init_method_std: float = 0.02
+    init_method: InitMethodName = "normal"  # embeddings, QKV, MLP input, LM head
+    output_layer_init_method: InitMethodName = "scaled_normal"  # attention output, MLP output
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     fused_rope: Optional[bool] = None  # None = auto (Triton on GPU, eager on CPU)
@@ -49,10 +66,44 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def norm_epsilon(self) -> float:
+        """The epsilon of the configured norm (NeoX: rms_norm_epsilon for rmsnorm)."""
+        if self.norm == "rmsnorm" and self.rms_norm_epsilon is not None:
+            return self.rms_norm_epsilon
+        return self.layernorm_epsilon
+
+
+def mlp_sizes(m: ModelConfig) -> Tuple[int, int]:
+    """NeoX's MLP sizing: (input projection width, output projection width).
+
+    Start from ``intermediate_size`` (default 4h); a gated MLP takes ``int(2/3 * size)`` for its
+    input projection (both branches) and half of that per branch; the input width is rounded up to
+    ``2 * mlp_multiple_of`` and the per-branch width to ``mlp_multiple_of``. For a gated MLP the
+    first value is both branches together; NeoX only runs when it is exactly twice the second.
+    ``ffn_hidden_size`` bypasses the rule (literal per-branch width).
+    """
+    gated = m.activation == "swiglu"
+    if m.ffn_hidden_size:
+        return (2 if gated else 1) * m.ffn_hidden_size, m.ffn_hidden_size
+    size = m.intermediate_size or 4 * m.hidden_size
+    size_in = size
+    if gated:
+        size = int(size * 2 / 3)
+        size_in = size // 2
+    k = max(1, m.mlp_multiple_of)
+    return 2 * k * -(-size // (2 * k)), k * -(-size_in // k)
+
+
+def ffn_width(m: ModelConfig) -> int:
+    """Width of one MLP branch (the output projection's input)."""
+    return mlp_sizes(m)[1]
+
 
 @dataclass
 class SepLLMConfig:
-    mode: Literal["sepllm", "streamingllm", "fixed_interval", "full"] = "sepllm"
+    # A config that says nothing about SepLLM trains what NeoX would: full causal attention.
+    mode: Literal["sepllm", "streamingllm", "fixed_interval", "full"] = "full"
     n_init: int = 3
     n_local: int = 64
     interval: int = 5  # fixed_interval: every k-th position acts as a separator
@@ -88,6 +139,21 @@ class ZeroConfig:
     offload_optimizer: Optional[Dict[str, object]] = None
     elastic_checkpoint: Optional[bool] = None
     load_from_fp32_weights: Optional[bool] = None
+    ignore_unused_parameters: Optional[bool] = None
+    use_multi_rank_bucket_allreduce: Optional[bool] = None
+
+
+@dataclass
+class Fp16Config:
+    """DeepSpeed's / NeoX's ``fp16`` section: dynamic loss scaling when ``loss_scale`` is 0, else a
+    static scale. ``training.precision: fp16`` is the switch; ``enabled: true`` is NeoX's spelling."""
+
+    enabled: bool = False
+    loss_scale: float = 0.0  # 0 = dynamic
+    initial_scale_power: int = 16  # dynamic scaling starts at 2 ** initial_scale_power
+    loss_scale_window: int = 1000  # overflow-free steps before the scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    min_loss_scale: float = 1.0
 
 
 @dataclass
@@ -121,12 +187,14 @@ class TrainingConfig:
     train_batch_size: Optional[int] = None  # checked against micro * accum * dp when given
     train_iters: int = 100
     seed: int = 1234
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp16: Fp16Config = field(default_factory=Fp16Config)
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     lr_decay_iters: Optional[int] = None  # None = train_iters
     warmup: float = 0.01  # fraction of lr_decay_iters, as in NeoX
+    warmup_iters: Optional[int] = None  # absolute warmup iterations; overrides warmup when set
     min_lr: float = 0.0
     eval_interval: int = 100
     eval_iters: int = 10
@@ -154,6 +222,7 @@ class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     checkpoint_factor: int = 0  # save every N iterations (0 = only at the end)
+    extra_save_iters: List[int] = field(default_factory=list)  # also save at these (0 = before training)
     keep_last_n_checkpoints: Optional[int] = None
     finetune: bool = False  # load weights only: reset optimizer, iteration and data position
 
@@ -165,8 +234,25 @@ class LoggingConfig:
     wandb_project: str = "sepllm-neox"
     wandb_group: Optional[str] = None
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_entity: Optional[str] = None  # NeoX: wandb_team
+    wandb_host: Optional[str] = None  # e.g. https://api.wandb.ai
+    wandb_run_name: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     log_dir: Optional[str] = None  # JSONL metrics file goes here
+    peak_theoretical_tflops: Optional[float] = None  # per device, for MFU; None = look up the device
+    kv_ratio_interval: Optional[int] = None  # log the Sep-Attention kept-KV fraction every N iterations
+
+
+@dataclass
+class LaunchConfig:
+    """What deepy.py launches (its command-line flags override these)."""
+
+    hostfile: Optional[str] = None  # DeepSpeed format: 'host slots=N' per line
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"  # multi-node: per-node torchrun or deepspeed
+    num_gpus: Optional[int] = None  # processes per node; None = GPUs present, else tp x pp
+    global_num_gpus: Optional[int] = None  # the world size, checked against the launch
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
 
 
 @dataclass
@@ -179,9 +265,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # Groups whose fields are flat top-level YAML keys.
-FLAT_GROUPS = ("model", "parallel", "training", "data", "checkpoint", "logging")
+FLAT_GROUPS = ("model", "parallel", "training", "data", "checkpoint", "logging", "launch")
 # Groups that appear as one nested YAML section under their own name.
 NESTED_GROUPS = ("attention", "optimizer")

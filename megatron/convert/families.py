@@ -113,6 +113,9 @@ class Family:
         if m.pos_emb == "rotary" and m.rotary_interleaved:
             raise ConversionError(f"{self.architecture} uses rotate-half rotary; this model has "
                                   "rotary_interleaved: true, which it cannot express")
+        if m.norm == "layernorm" and not m.use_bias_in_norms:
+            raise ConversionError(f"{self.architecture}'s LayerNorms have biases; this model has "
+                                  "use_bias_in_norms: false")
 
     # -- tensor tables (ours-side names, HF names, shapes in our [out, in] orientation)
     def layer_tables(self, cfg: Config, i: int) -> Tuple[List[NormMap], List[Linear]]:
@@ -214,7 +217,7 @@ class NeoXFamily(Family):
             rotary_pct=partial, rotary_emb_base=theta, rotary_interleaved=False,
             gpt_j_residual=bool(hf.get("use_parallel_residual", True)),
             activation=activation_from_hf(hf.get("hidden_act", "gelu"), "hidden_act"),
-            intermediate_size=hf.get("intermediate_size") or 4 * hf["hidden_size"],
+            ffn_hidden_size=hf.get("intermediate_size") or 4 * hf["hidden_size"],
             no_weight_tying=not hf.get("tie_word_embeddings", False),
             use_bias_in_attn_linear=bool(hf.get("attention_bias", True)), use_bias_in_mlp=True)
 
@@ -295,7 +298,7 @@ class LlamaFamily(Family):
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             norm="rmsnorm", layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), pos_emb="rotary",
             rotary_pct=1.0, rotary_emb_base=theta, rotary_interleaved=False, gpt_j_residual=False,
-            activation="swiglu", intermediate_size=hf["intermediate_size"],
+            activation="swiglu", ffn_hidden_size=hf["intermediate_size"],
             no_weight_tying=not hf.get("tie_word_embeddings", False),
             use_bias_in_attn_linear=bool(hf.get("attention_bias", False)),
             use_bias_in_mlp=bool(hf.get("mlp_bias", False)))
@@ -316,7 +319,7 @@ class LlamaFamily(Family):
             "num_attention_heads": m.num_attention_heads, "num_key_value_heads": cfg.model.kv_heads,
             "head_dim": cfg.model.head_dim, "intermediate_size": ffn_size(cfg.model), "hidden_act": "silu",
             "max_position_embeddings": m.max_position_embeddings or m.seq_length,
-            "rms_norm_eps": m.layernorm_epsilon, "tie_word_embeddings": not m.no_weight_tying,
+            "rms_norm_eps": m.norm_epsilon, "tie_word_embeddings": not m.no_weight_tying,
             "attention_bias": m.use_bias_in_attn_linear, "mlp_bias": m.use_bias_in_mlp,
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_emb_base},
             "rope_theta": m.rotary_emb_base,  # transformers v4 spelling
@@ -383,7 +386,7 @@ class GPT2Family(Family):
             layernorm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), pos_emb="learned",
             gpt_j_residual=False,
             activation=activation_from_hf(hf.get("activation_function", "gelu_new"), "activation_function"),
-            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+            ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
             no_weight_tying=not hf.get("tie_word_embeddings", True),
             use_bias_in_attn_linear=True, use_bias_in_mlp=True)
 

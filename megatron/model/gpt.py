@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from megatron.attention import SepRule, document_ids, resolve_layer_rules, separator_flags
+from megatron.config import check_implemented
 from megatron.config.schema import AttentionConfig, Config, ModelConfig
-from megatron.model.init import init_weights, normal_init, scaled_normal_init
+from megatron.model.init import init_method_by_name, init_weights
 from megatron.model.rotary import RotaryEmbedding
 from megatron.model.transformer import AttentionInputs, TransformerLayer, make_norm, rotary_dim
 from megatron.parallel import (
@@ -47,7 +48,8 @@ class GPTModel(nn.Module):
         self.rules = resolve_layer_rules(m.num_layers, sep.mode, sep.n_init, sep.n_local, sep.interval,
                                          sep.separate_documents, sep.full_attention_layers, sep.layer_n_local)
         self.base_rule = SepRule(sep.mode, sep.n_init, sep.n_local, sep.interval, sep.separate_documents)
-        init, out_init = normal_init(m.init_method_std), scaled_normal_init(m.init_method_std, m.num_layers)
+        init = init_method_by_name(m.init_method, m.init_method_std, m.num_layers, m.hidden_size)
+        out_init = init_method_by_name(m.output_layer_init_method, m.init_method_std, m.num_layers, m.hidden_size)
         self.rotary = RotaryEmbedding(rotary_dim(m), m.rotary_emb_base) if rotary_dim(m) else None
         if self.pre_process:
             self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, layout=layout, init_method=init)
@@ -146,6 +148,7 @@ def build_model(cfg: Config, vocab_size: int, separator_ids: Sequence[int] = (),
     """The (initialised) model or pipeline stage of the rank ``layout`` describes (default: one rank).
     ``device="meta"`` builds without memory or initialisation (parameter counts, large configs)."""
     layout = layout or ParallelLayout()
+    check_implemented(cfg, model_only=True)  # issue 13: ALiBi / BiPE fields exist before their implementation
     with torch.device(device) if device else contextlib.nullcontext():
         model = GPTModel(cfg.model, cfg.attention, vocab_size, separator_ids, eod_id, layout)
     if device != "meta":

@@ -6,7 +6,6 @@ generation all run it. Streaming inference plugs its bounded KV cache in through
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.attention import SepRule, attend
-from megatron.config.schema import ModelConfig
+from megatron.config.schema import ModelConfig, ffn_width
 from megatron.kernels import apply_rotary_qk, layer_norm, rms_norm
 from megatron.model.init import ones_init
 from megatron.parallel import (
@@ -51,11 +50,12 @@ class AttentionInputs:
 
 
 class Norm(nn.Module):
-    def __init__(self, hidden: int, kind: str, eps: float, fused: Optional[bool], layout: ParallelLayout):
+    def __init__(self, hidden: int, kind: str, eps: float, fused: Optional[bool], layout: ParallelLayout,
+                 bias: bool = True):
         super().__init__()
         self.kind, self.eps, self.fused = kind, eps, fused
         self.weight = new_parameter(hidden, init_method=ones_init)
-        self.bias = new_parameter(hidden) if kind == "layernorm" else None
+        self.bias = new_parameter(hidden) if kind == "layernorm" and bias else None
         if layout.sequence_parallel:
             mark_sequence_parallel(self.weight)
             mark_sequence_parallel(self.bias)
@@ -72,15 +72,12 @@ def rotary_dim(m: ModelConfig) -> int:
 
 
 def make_norm(m: ModelConfig, layout: ParallelLayout) -> Norm:
-    return Norm(m.hidden_size, m.norm, m.layernorm_epsilon, m.fused_layernorm, layout)
+    return Norm(m.hidden_size, m.norm, m.norm_epsilon, m.fused_layernorm, layout, m.use_bias_in_norms)
 
 
 def ffn_size(m: ModelConfig) -> int:
-    if m.intermediate_size:
-        return m.intermediate_size
-    if m.activation == "swiglu":
-        return 64 * math.ceil(8 * m.hidden_size / 3 / 64)
-    return 4 * m.hidden_size
+    """Width of one MLP branch, by NeoX's rule (``megatron.config.schema.mlp_sizes``)."""
+    return ffn_width(m)
 
 
 class SelfAttention(nn.Module):
@@ -121,7 +118,8 @@ class SelfAttention(nn.Module):
                 q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
                                        fused=self.fused_rope)
             out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inp.is_sep, self.rule,
-                         inp.doc_ids, impl=self.impl).transpose(1, 2)
+                         inp.doc_ids, impl=self.impl,
+                         dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
         return self.dense(out.reshape(B, L, -1))
 
 

@@ -16,13 +16,28 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str = "auto") -> int:
-    """Initialise the default process group when launched with several ranks; returns world size."""
+def init_distributed(backend: str = "auto", single_rank_group: bool = False, log=print) -> int:
+    """Initialise the default process group when launched with several ranks; returns world size.
+
+    ``single_rank_group``: create a one-rank group when launched alone (DeepSpeed's ZeRO needs a
+    process group even then). ``nccl`` on a machine without CUDA falls back to gloo, with a message.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
-        return dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        return dist.get_world_size()
+    if world == 1 and not single_rank_group:
+        return 1
+    if backend == "nccl" and not torch.cuda.is_available():
+        if int(os.environ.get("RANK", "0")) == 0:
+            log("distributed_backend nccl needs CUDA; using gloo on this machine")
+        backend = "gloo"
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if world == 1:
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)  # what a launcher sets; DeepSpeed reads them
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return 1
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
     return dist.get_world_size()
 

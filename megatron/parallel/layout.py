@@ -131,6 +131,6 @@ def layout_from_config(cfg, world_size: int = 1, rank: int = 0, groups: bool = F
     par = cfg.parallel
     args = dict(tp=par.model_parallel_size, pp=par.pipe_parallel_size,
                 virtual_pipe_stages=par.virtual_pipe_stages, sequence_parallel=par.sequence_parallel)
-    if groups and world_size > 1:
+    if groups and (world_size > 1 or dist.is_initialized()):  # one-rank groups too (ZeRO on one process)
         return initialize_model_parallel(**args)
     return layout_for_rank(world_size, rank, **args)

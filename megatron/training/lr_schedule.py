@@ -17,7 +17,8 @@ class LRSchedule:
     def from_config(cls, cfg) -> "LRSchedule":
         tr = cfg.training
         decay = tr.lr_decay_iters or tr.train_iters
-        return cls(cfg.optimizer.params.lr, tr.min_lr, int(tr.warmup * decay), decay, tr.lr_decay_style)
+        warmup = tr.warmup_iters if tr.warmup_iters is not None else int(tr.warmup * decay)
+        return cls(cfg.optimizer.params.lr, tr.min_lr, warmup, decay, tr.lr_decay_style)
 
     def lr_at(self, iteration: int) -> float:
         """Learning rate used by the optimizer step of ``iteration`` (1-based)."""

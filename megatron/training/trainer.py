@@ -29,6 +29,16 @@ from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer
 from megatron.training.resume import build_engine_and_resume
+from megatron.training.summary import (
+    attention_lines,
+    batch_line,
+    layer_rules,
+    parameter_counts,
+    parameter_line,
+    separator_line,
+    uses_separators,
+)
+from megatron.training.throughput import Throughput, device_peak_tflops, kept_fractions
 
 
 def check_data_prefix(prefix: str, key: str, vocab_size: int) -> None:
@@ -44,7 +54,9 @@ class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.cfg = cfg
         validate_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
-        self.world = init_distributed(cfg.parallel.distributed_backend)
+        # ZeRO runs on DeepSpeed, which needs a process group even for one process.
+        self.world = init_distributed(cfg.parallel.distributed_backend,
+                                      single_rank_group=cfg.parallel.zero_optimization.stage > 0, log=log)
         self.layout = layout_from_config(cfg, self.world, rank(), groups=True)
         self.dp_size = self.layout.dp_size
         self.is_logger = rank() == self.world - 1 if self.layout.pp_size > 1 else rank() == 0
@@ -73,19 +85,52 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule.from_config(cfg)
         # Data/pipeline/ZeRO step logic (megatron/training/engines.py), and the checkpoint it resumes.
-        self.engine, manifest = build_engine_and_resume(cfg, self.model, self.optimizer, self.device, self.autocast)
+        self.engine, manifest = build_engine_and_resume(cfg, self.model, self.optimizer, self.device, self.autocast,
+                                                        log=self.log)
         if manifest is not None:
             self.log_resume(manifest)
-        self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg))
+        self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg), log=self.log)
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
                  f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size}, device {self.device}")
+        self.log_run_summary()
         self.node_log(f"joined: tp rank {self.layout.tp_rank}, pp rank {self.layout.pp_rank}, dp rank "
                       f"{self.layout.dp_rank}, device {self.device}")
 
     def log(self, msg: str) -> None:
         if self.is_logger:
             self._print(msg)
+
+    # --- issue 13: what this run does, in words, and its throughput accounting
+    def log_run_summary(self) -> None:
+        cfg = self.cfg
+        counts = parameter_counts(cfg, self.vocab_size)
+        self.log(parameter_line(cfg, counts, self.vocab_size, self.tokenizer.vocab_size))
+        for line in attention_lines(cfg):
+            self.log(line)
+        texts = self.tokenizer.token_texts() if uses_separators(cfg) else {}
+        if any(r.mode == "sepllm" for r in self.rules):
+            self.log(separator_line(self.separator_ids, texts))
+        if cfg.model.bipe:
+            bipe = cfg.model.bipe_separator_ids
+            self.log(separator_line(self.separator_ids if bipe is None else bipe, texts, "BiPE separators"))
+        self.log(batch_line(cfg, self.dp_size))
+        peak = cfg.logging.peak_theoretical_tflops or device_peak_tflops(cfg.training.precision, self.device)
+        self.throughput = Throughput(counts["matmul"], cfg.model.num_attention_heads * cfg.model.head_dim,
+                                     cfg.model.seq_length, self.global_batch * cfg.model.seq_length,
+                                     self.world, peak, self.iteration, cfg.training.train_iters)
+        self.log("FLOPs: model FLOPs (6N + attention; Sep-Attention layers counted at their kept fraction of "
+                 "causal attention)" + (f", MFU against {peak:g} TFLOPS per device" if peak else
+                                        "; set peak_theoretical_tflops for MFU"))
+
+    @property
+    def rules(self):
+        return layer_rules(self.cfg)
+
+    def kept_fractions(self, micro_batch: torch.Tensor):
+        ids = torch.tensor(sorted(set(self.separator_ids)), dtype=torch.long)
+        return kept_fractions(micro_batch[:, :-1], self.rules, ids, self.tokenizer.eod_id)
+    # --- end issue 13
 
     def node_log(self, msg: str) -> None:
         """One line from the first process of every other node, so each node's output shows it took part."""
@@ -102,18 +147,22 @@ class Trainer:
         n_train = tr.train_iters * self.global_batch
         n_eval = max(1, tr.eval_iters) * self.global_batch
         evals = (tr.train_iters // max(1, tr.eval_interval) + 1) * n_eval
+        self.test_ds = None
         if d.train_data_paths:
-            for i, p in enumerate(d.train_data_paths + (d.valid_data_paths or [])):
-                check_data_prefix(p, "train_data_paths" if i < len(d.train_data_paths) else "valid_data_paths",
-                                  self.vocab_size)
+            named = [(k, p) for k in ("train_data_paths", "valid_data_paths", "test_data_paths")
+                     for p in getattr(d, k) or []]
+            for key, p in named:
+                check_data_prefix(p, key, self.vocab_size)
             self.train_ds = build_dataset(d.train_data_paths, d.train_data_weights, seq, tr.seed, n_train,
                                           d.data_cache_dir)
             self.valid_ds = (build_dataset(d.valid_data_paths, None, seq, tr.seed, evals, d.data_cache_dir)
                              if d.valid_data_paths else None)
+            self.test_ds = (build_dataset(d.test_data_paths, None, seq, tr.seed, n_eval, d.data_cache_dir)
+                            if d.test_data_paths else None)
         elif d.data_path:
             check_data_prefix(d.data_path, "data_path", self.vocab_size)
-            self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
-                [d.data_path], None, d.split, seq, tr.seed, (n_train, evals, 0), d.data_cache_dir)
+            self.train_ds, self.valid_ds, self.test_ds = build_train_valid_test_datasets(
+                [d.data_path], None, d.split, seq, tr.seed, (n_train, evals, n_eval), d.data_cache_dir)
         else:
             raise DataError("no training data: set 'data_path' or 'train_data_paths'")
         if self.train_ds is None:
@@ -168,18 +217,35 @@ class Trainer:
         return stats
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        if self.valid_ds is None or self.cfg.training.eval_iters < 1:
+    def evaluate(self, dataset=None) -> Optional[float]:
+        dataset = self.valid_ds if dataset is None else dataset
+        if dataset is None or self.cfg.training.eval_iters < 1:
             return None
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for it in range(self.cfg.training.eval_iters):
-            micro_batches = [collate(self.valid_ds, idx) for idx in global_batch_indices(
+            micro_batches = [collate(dataset, idx) for idx in global_batch_indices(
                 it * self.global_batch, self.global_batch, self.micro, self.accum, self.dp_size,
-                self.layout.dp_rank, len(self.valid_ds))]
+                self.layout.dp_rank, len(dataset))]
             total += self.engine.eval_loss(micro_batches)  # averaged over data-parallel ranks
         self.model.train()
         return float(total / self.cfg.training.eval_iters)
+
+    def test(self) -> None:
+        """NeoX's end-of-training evaluation on the test set (test_data_paths or the split's third part)."""
+        loss = self.evaluate(self.test_ds) if self.test_ds is not None else None
+        if loss is not None:
+            self.log(f"iter {self.iteration:6d} | test loss {loss:.4f} | ppl {torch.tensor(loss).exp():.2f}")
+            self.metrics.log(self.iteration, {"loss": loss}, prefix="test")
+
+    def log_kv_ratio(self, micro_batch: torch.Tensor) -> None:
+        """The SepLLM reference's PRINT_KV_RATIO: kept fraction of causal attention, per group of layers."""
+        fractions = self.kept_fractions(micro_batch)
+        sparse = [f for f, r in zip(fractions, self.rules) if not r.is_full]
+        if sparse:
+            self.log(f"iter {self.iteration:6d} | sep-attention kept {100 * sum(sparse) / len(sparse):.1f}% of "
+                     f"causal attention in {len(sparse)} layers, {100 * sum(fractions) / len(fractions):.1f}% "
+                     "over all layers")
 
     # ---------------------------------------------------------------- loop
     def train(self) -> List[float]:
@@ -195,7 +261,8 @@ class Trainer:
         cfg = self.cfg
         tr, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
         batches = train_batches(self.train_ds, self.consumed_samples, self.micro, self.accum,
-                                self.dp_size, self.layout.dp_rank)
+                                self.dp_size, self.layout.dp_rank, num_workers=cfg.data.num_workers,
+                                steps=tr.train_iters - self.iteration)
         tokens_per_iter = self.global_batch * cfg.model.seq_length
         losses: List[float] = []
         self.model.train()
@@ -203,9 +270,12 @@ class Trainer:
         self.log(f"training iterations {self.iteration + 1}..{tr.train_iters}, global batch "
                  f"{self.global_batch} x {cfg.model.seq_length} tokens")
         start_iteration, saved, save_due = self.iteration, False, False
+        if ck.save and self.iteration == 0 and 0 in ck.extra_save_iters:
+            self.save()  # NeoX's step-0 checkpoint (the initialisation)
         while self.iteration < tr.train_iters:
             step_start = time.perf_counter()
-            stats = self.train_step(next(batches))
+            micro_batches = next(batches)
+            stats = self.train_step(micro_batches)
             window_time += time.perf_counter() - step_start
             stats = self.guard.after_step(self.iteration, stats)  # skipped steps counted; stops a divergence
             losses.append(stats["loss"])
@@ -218,9 +288,12 @@ class Trainer:
                 stats["loss"] = sum(finite) / len(finite) if finite else float("nan")
                 stats["tokens_per_sec"] = tokens_per_iter * window_iters / window_time
                 stats["iter_time"] = window_time / window_iters
+                stats.update(self.throughput.report(self.iteration, window_time, window_iters,
+                                                    self.kept_fractions(micro_batches[-1])))
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
                          f"{stats['lr']:.3e} | grad_norm {stats['grad_norm']:.3f} | tokens/s "
-                         f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter")
+                         f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter | "
+                         + Throughput.text(stats))
                 self.metrics.log(self.iteration, stats)
                 window_time, window_iters = 0.0, 0
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
@@ -229,7 +302,10 @@ class Trainer:
                     self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | "
                              f"ppl {torch.tensor(val).exp():.2f}")
                     self.metrics.log(self.iteration, {"loss": val}, prefix="valid")
-            save_due = save_due or bool(ck.save and ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0)
+            if lg.kv_ratio_interval and self.iteration % lg.kv_ratio_interval == 0:
+                self.log_kv_ratio(micro_batches[-1])
+            on_schedule = ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0
+            save_due = save_due or bool(ck.save and (on_schedule or self.iteration in ck.extra_save_iters))
             saved = save_due and not self.guard.in_skip_streak  # after skipped steps: at the next good one
             if saved:
                 self.save()
@@ -246,6 +322,7 @@ class Trainer:
         else:
             if ck.save and self.iteration > start_iteration and not saved:
                 self.save()
+            self.test()
         self.node_log(f"finished at iteration {self.iteration}")
         return losses
 

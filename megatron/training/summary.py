@@ -1,0 +1,165 @@
+"""What a run will do, in words: printed at start-up by the trainer and by ``deepy.py --dry-run``.
+
+* the attention rule of every layer (full / SepLLM n_init + separators + n_local / streaming / fixed
+  interval) and the position encoding;
+* the separator ids with their tokens;
+* parameter counts (built on the ``meta`` device, so a 20B config costs nothing);
+* the batch and token arithmetic;
+* the data and tokenizer paths that must exist (every missing one at once).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from megatron.attention import SepRule, resolve_layer_rules
+from megatron.config import Config
+from megatron.errors import DataError
+
+
+def layer_rules(cfg: Config) -> List[SepRule]:
+    sep = cfg.attention.sepllm
+    return resolve_layer_rules(cfg.model.num_layers, sep.mode, sep.n_init, sep.n_local, sep.interval,
+                               sep.separate_documents, sep.full_attention_layers, sep.layer_n_local)
+
+
+def describe_rule(rule: SepRule) -> str:
+    docs = ", within documents" if rule.separate_documents else ""
+    if rule.mode == "full":
+        return "full causal attention" + (" within documents" if rule.separate_documents else "")
+    if rule.mode == "sepllm":
+        return f"SepLLM: {rule.n_init} initial + separators + local window {rule.n_local}{docs}"
+    if rule.mode == "streamingllm":
+        return f"streaming: {rule.n_init} initial + local window {rule.n_local}{docs}"
+    return (f"fixed interval: {rule.n_init} initial + every {rule.interval}th position + local window "
+            f"{rule.n_local}{docs}")
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    spans: List[Tuple[int, int]] = []
+    for i in layers:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1] = (spans[-1][0], i)
+        else:
+            spans.append((i, i))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def position_encoding(cfg: Config) -> str:
+    m = cfg.model
+    if m.pos_emb == "rotary":
+        dims = int(m.head_dim * m.rotary_pct)
+        text = f"rotary on {dims} of {m.head_dim} head dims (base {m.rotary_emb_base:g})"
+    elif m.pos_emb == "learned":
+        text = f"learned absolute embeddings ({m.max_position_embeddings or m.seq_length} positions)"
+    elif m.pos_emb == "alibi":
+        text = "ALiBi"
+    else:
+        text = "none"
+    if m.bipe:
+        text += ", BiPE (bilevel: positions within segments, segments between separators)"
+    return text
+
+
+def attention_lines(cfg: Config) -> List[str]:
+    """One line per group of layers with the same rule, then the position encoding."""
+    rules = layer_rules(cfg)
+    by_text: Dict[str, List[int]] = {}
+    for i, rule in enumerate(rules):
+        by_text.setdefault(describe_rule(rule), []).append(i)
+    lines = [f"attention, layer{'s' if len(ids) > 1 else ''} {_ranges(ids)}: {text}"
+             for text, ids in sorted(by_text.items(), key=lambda kv: kv[1][0])]
+    return lines + [f"position encoding: {position_encoding(cfg)}"]
+
+
+def uses_separators(cfg: Config) -> bool:
+    return any(r.mode == "sepllm" for r in layer_rules(cfg)) or cfg.model.bipe
+
+
+def separator_line(ids: Sequence[int], token_texts: Optional[Dict[int, str]] = None,
+                   what: str = "separators") -> str:
+    texts, ids = token_texts or {}, sorted(set(ids))
+    shown = ", ".join(f"{i} {texts[i]!r}" if i in texts else str(i) for i in ids)
+    return f"{what} ({len(ids)} ids): {shown or 'none'}"
+
+
+def parameter_counts(cfg: Config, vocab_size: int) -> Dict[str, int]:
+    """Counts of the whole (one-rank) model, built on the meta device: total, embedding (input token
+    and position tables) and the matmul parameters per token (non-embedding + the LM head's)."""
+    from megatron.model import build_model
+
+    model = build_model(cfg, vocab_size, device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for n, p in model.named_parameters() if n in ("embed.weight", "pos_embed"))
+    head = 0 if cfg.model.no_weight_tying else vocab_size * cfg.model.hidden_size  # tied: the head reuses embed
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+            "matmul": total - embedding + head}
+
+
+def parameter_line(cfg: Config, counts: Dict[str, int], vocab_size: int, tokenizer_vocab: int) -> str:
+    return (f"parameters: {counts['total']:,} ({counts['non_embedding']:,} non-embedding); vocabulary "
+            f"{vocab_size:,} ({tokenizer_vocab:,} padded to a multiple of {cfg.model.make_vocab_size_divisible_by}"
+            f" x model_parallel_size {cfg.parallel.model_parallel_size})")
+
+
+def batch_line(cfg: Config, dp: int) -> str:
+    tr, seq = cfg.training, cfg.model.seq_length
+    batch = tr.train_micro_batch_size_per_gpu * tr.gradient_accumulation_steps * dp
+    per_iter = batch * seq
+    return (f"batch: micro {tr.train_micro_batch_size_per_gpu} x accumulation {tr.gradient_accumulation_steps} "
+            f"x data-parallel {dp} = {batch} sequences x {seq} tokens = {per_iter:,} tokens per iteration; "
+            f"{tr.train_iters:,} iterations = {per_iter * tr.train_iters:,} tokens")
+
+
+def missing_paths(cfg: Config) -> List[str]:
+    """Every data prefix (.bin/.idx) and tokenizer file the config names that does not exist."""
+    d = cfg.data
+    out = []
+    prefixes = [("data_path", d.data_path)] if d.data_path else []
+    for key in ("train_data_paths", "valid_data_paths", "test_data_paths"):
+        prefixes += [(key, p) for p in getattr(d, key) or []]
+    for key, prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                out.append(f"{key} '{prefix}': file '{prefix}{ext}' not found")
+    if not prefixes:
+        out.append("no training data: set 'data_path' or 'train_data_paths'")
+    files = [("vocab_file", d.vocab_file)] + ([("merge_file", d.merge_file)] if d.merge_file else [])
+    for key, path in files:
+        if not path:
+            out.append(f"{key} is not set; the tokenizer needs it")
+        elif not Path(path).is_file():
+            out.append(f"{key} '{path}' not found")
+    return out
+
+
+def check_paths(cfg: Config) -> None:
+    missing = missing_paths(cfg)
+    if len(missing) == 1:
+        raise DataError(missing[0])
+    if missing:
+        raise DataError(f"{len(missing)} missing paths:\n  " + "\n  ".join(missing))
+
+
+def run_report(cfg: Config, dp: int) -> List[str]:
+    """Everything above for ``deepy.py --dry-run`` (checks the paths first; loads the tokenizer)."""
+    from megatron.tokenizer import build_tokenizer, padded_vocab_size
+
+    check_paths(cfg)
+    d, sep = cfg.data, cfg.attention.sepllm
+    tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file)
+    vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                              cfg.parallel.model_parallel_size)
+    lines = [parameter_line(cfg, parameter_counts(cfg, vocab), vocab, tokenizer.vocab_size)]
+    lines += attention_lines(cfg)
+    if uses_separators(cfg):
+        ids = sep.separator_ids if sep.separator_ids is not None else tokenizer.separator_ids(
+            sep.separator_tokens, sep.include_space_prefixed)
+        texts = tokenizer.token_texts()
+        if any(r.mode == "sepllm" for r in layer_rules(cfg)):
+            lines.append(separator_line(ids, texts))
+        if cfg.model.bipe:
+            bipe = cfg.model.bipe_separator_ids
+            lines.append(separator_line(ids if bipe is None else bipe, texts, "BiPE separators"))
+    lines.append(batch_line(cfg, dp))
+    return lines
