@@ -22,10 +22,14 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     layernorm_epsilon: float = 1e-5
-    pos_emb: Literal["rotary", "learned", "none"] = "rotary"
+    pos_emb: Literal["rotary", "learned", "none", "alibi"] = "rotary"
     rotary_pct: float = 1.0
     rotary_emb_base: float = 10000.0
     rotary_interleaved: bool = False  # GPT-J pairwise style instead of NeoX rotate-half
+    # BiPE (SepLLM's bilevel positions): segments end at a separator; a learned table encodes the
+    # position inside the segment, rotary / ALiBi the segment index. None = the Sep-Attention separators.
+    bipe: bool = False
+    bipe_separator_ids: Optional[List[int]] = None
     gpt_j_residual: bool = False  # parallel attention + MLP residual (Pythia)
     activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
     intermediate_size: Optional[int] = None  # None = 4h (gelu/relu) or 8h/3 rounded to 64 (swiglu)

@@ -211,6 +211,7 @@ def validate(cfg: Config, source: Optional[Dict[str, str]] = None, log=print) ->
     if m.pos_emb == "rotary" and int(head_dim * m.rotary_pct) % 2:
         raise _err(src, "rotary_pct", f"rotary dims = head_dim {head_dim} * rotary_pct {m.rotary_pct}"
                    " must be even")
+    _validate_positions(cfg, src)
     if sep.n_init < 0 or sep.n_local < 1 or sep.interval < 1:
         raise ConfigError(f"{src.get('attention.sepllm.n_local', 'config')}: attention.sepllm needs "
                           f"n_init >= 0, n_local >= 1, interval >= 1 (got n_init={sep.n_init}, "
@@ -232,6 +233,22 @@ def validate(cfg: Config, source: Optional[Dict[str, str]] = None, log=print) ->
     except ValueError:
         raise _err(src, "split", f"split = {cfg.data.split!r}; expected up to 3 non-negative "
                    "weights like '969,30,1'") from None
+
+
+def _validate_positions(cfg: Config, src: Dict[str, str]) -> None:
+    """ALiBi and BiPE (issue 13): what each attention impl can run, checked before launch."""
+    m, impl = cfg.model, cfg.attention.impl
+    if not m.bipe:
+        return
+    if m.pos_emb not in ("rotary", "alibi"):
+        raise _err(src, "bipe", f"bipe: true needs pos_emb 'rotary' or 'alibi' (the segment-level encoding), "
+                   f"got pos_emb '{m.pos_emb}'")
+    if m.bipe_separator_ids is not None and not m.bipe_separator_ids:
+        raise _err(src, "bipe_separator_ids", "bipe_separator_ids is empty; give the token ids that end a "
+                   "segment, or leave it unset to use the Sep-Attention separators")
+    if m.pos_emb == "alibi" and impl == "flash":
+        raise _err(src, "attention.impl", "attention.impl 'flash' cannot run ALiBi-BiPE (flash_attn's ALiBi "
+                   "is token-level only); use 'flex' or 'sdpa'")
 
 
 def validate_model_split(cfg: Config, tp: int, pp: int, virtual_stages: int = 1) -> None:

@@ -17,7 +17,10 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from megatron.attention import SepRule, document_ids, resolve_layer_rules, separator_flags
+from megatron.attention.alibi import AlibiBias, local_alibi_slopes
 from megatron.config.schema import AttentionConfig, Config, ModelConfig
+from megatron.errors import ConfigError
+from megatron.model.bipe import bilevel_positions
 from megatron.model.init import init_weights, normal_init, scaled_normal_init
 from megatron.model.rotary import RotaryEmbedding
 from megatron.model.transformer import AttentionInputs, TransformerLayer, make_norm, rotary_dim
@@ -49,9 +52,22 @@ class GPTModel(nn.Module):
         self.base_rule = SepRule(sep.mode, sep.n_init, sep.n_local, sep.interval, sep.separate_documents)
         init, out_init = normal_init(m.init_method_std), scaled_normal_init(m.init_method_std, m.num_layers)
         self.rotary = RotaryEmbedding(rotary_dim(m), m.rotary_emb_base) if rotary_dim(m) else None
+        # ALiBi slopes of this rank's query heads (a contiguous slice of all heads under TP); BiPE's
+        # segment separators (default: the Sep-Attention separators).
+        # (A list, not a tensor: construction may run under a meta device context.)
+        self.alibi_slopes = (local_alibi_slopes(m.num_attention_heads, layout.tp_size, layout.tp_rank)
+                             if m.pos_emb == "alibi" else None)
+        self.bipe = m.bipe
+        bipe_ids = m.bipe_separator_ids if m.bipe_separator_ids is not None else sep_ids
+        if m.bipe and not bipe_ids:
+            raise ConfigError("bipe: true: BiPE needs separator ids to end segments, but the model has none; "
+                              "set bipe_separator_ids or attention.sepllm.separator_ids / separator_tokens")
+        self.register_buffer("bipe_separator_ids", torch.tensor(sorted(set(bipe_ids)), dtype=torch.long),
+                             persistent=False)
         if self.pre_process:
             self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, layout=layout, init_method=init)
-            if m.pos_emb == "learned":
+            # The learned table: token positions (pos_emb learned) or BiPE's intra-segment positions.
+            if m.pos_emb == "learned" or m.bipe:
                 self.pos_embed = new_parameter(m.max_position_embeddings or m.seq_length, m.hidden_size,
                                                init_method=init)
         # Keyed by global layer index: parameter names are the same under every pipeline split.
@@ -75,17 +91,30 @@ class GPTModel(nn.Module):
     def attention_inputs(self, tokens: torch.Tensor,
                          positions: Optional[torch.Tensor] = None) -> AttentionInputs:
         B, L = tokens.shape
+        self._check_bipe_positions(positions)
         if positions is None:
             positions = torch.arange(L, device=tokens.device)[None]
         is_sep = separator_flags(tokens, self.base_rule, self.separator_ids, positions.expand(B, L))
         docs = document_ids(tokens, self.eod_id) if self.base_rule.separate_documents else None
+        # BiPE: rotary and ALiBi see segment indices; the token positions still drive the Sep rule.
+        segments = bilevel_positions(tokens, self.bipe_separator_ids)[1] if self.bipe else None
         cos = sin = None
         if self.rotary is not None:
-            cos, sin = self.rotary(positions)
-        return AttentionInputs(is_sep, docs, cos, sin)
+            cos, sin = self.rotary(segments if segments is not None else positions)
+        alibi = None
+        if self.alibi_slopes is not None:
+            alibi = AlibiBias(torch.tensor(self.alibi_slopes, device=tokens.device), segments)
+        return AttentionInputs(is_sep, docs, cos, sin, alibi=alibi)
+
+    def _check_bipe_positions(self, positions: Optional[torch.Tensor]) -> None:
+        if self.bipe and positions is not None:
+            raise ValueError("a BiPE model derives its positions from the tokens; do not pass positions")
 
     def embed_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.embed(tokens)
+        self._check_bipe_positions(positions)
+        if self.bipe:
+            positions = bilevel_positions(tokens, self.bipe_separator_ids)[0]
         if hasattr(self, "pos_embed"):
             pos = positions if positions is not None else torch.arange(tokens.shape[1], device=tokens.device)
             pos_h = self.pos_embed[pos]
