@@ -2,7 +2,7 @@
 
 YAML keys follow GPT-NeoX names so NeoX configs port with few edits. Most keys are flat at the
 top level (``num_layers: 12``) and land in the group that owns them; the sections ``attention``,
-``optimizer`` and ``zero_optimization`` are nested, as in NeoX. Every field is validated by
+``optimizer``, ``zero_optimization`` and ``fp16`` are nested, as in NeoX. Every field is validated by
 ``megatron.config.loader``; ``-`` and ``_`` are interchangeable in key names.
 """
 from __future__ import annotations
@@ -119,13 +119,27 @@ class OptimizerConfig:
 
 
 @dataclass
+class Fp16Config:
+    """DeepSpeed's / GPT-NeoX's ``fp16`` section: fp16 compute with (dynamic) loss scaling.
+    ``precision: fp16`` and ``enabled: true`` mean the same (see ``validation.py``)."""
+
+    enabled: bool = False
+    loss_scale: float = 0.0  # 0 = dynamic; > 0 = this static scale
+    initial_scale_power: int = 16  # dynamic: start at 2 ** initial_scale_power
+    loss_scale_window: int = 1000  # dynamic: double after this many steps without overflow
+    hysteresis: int = 2  # dynamic: overflows tolerated before the scale is halved
+    min_loss_scale: float = 1.0
+
+
+@dataclass
 class TrainingConfig:
     train_micro_batch_size_per_gpu: int = 4
     gradient_accumulation_steps: int = 1
     train_batch_size: Optional[int] = None  # checked against micro * accum * dp when given
     train_iters: int = 100
     seed: int = 1234
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp16: Fp16Config = field(default_factory=Fp16Config)  # a top-level YAML section, as in NeoX
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"

@@ -212,6 +212,7 @@ def validate(cfg: Config, source: Optional[Dict[str, str]] = None, log=print) ->
         raise _err(src, "rotary_pct", f"rotary dims = head_dim {head_dim} * rotary_pct {m.rotary_pct}"
                    " must be even")
     _validate_positions(cfg, src)
+    _validate_fp16(cfg, src, log)
     if sep.n_init < 0 or sep.n_local < 1 or sep.interval < 1:
         raise ConfigError(f"{src.get('attention.sepllm.n_local', 'config')}: attention.sepllm needs "
                           f"n_init >= 0, n_local >= 1, interval >= 1 (got n_init={sep.n_init}, "
@@ -249,6 +250,27 @@ def _validate_positions(cfg: Config, src: Dict[str, str]) -> None:
     if m.pos_emb == "alibi" and impl == "flash":
         raise _err(src, "attention.impl", "attention.impl 'flash' cannot run ALiBi-BiPE (flash_attn's ALiBi "
                    "is token-level only); use 'flex' or 'sdpa'")
+
+
+def _validate_fp16(cfg: Config, src: Dict[str, str], log) -> None:
+    """``precision: fp16`` and ``fp16: {enabled: true}`` both turn fp16 on (NeoX's rule): the one implies
+    the other, and ``fp16.enabled`` with ``precision`` explicitly set to anything else is an error."""
+    tr = cfg.training
+    fp16 = tr.fp16
+    if fp16.enabled and tr.precision != "fp16":
+        if "precision" in src:
+            raise ConfigError(f"{src['precision']}: precision '{tr.precision}' conflicts with fp16.enabled: true "
+                              f"(from {src.get('fp16', 'config')}); set precision: fp16 or drop the fp16 section")
+        tr.precision = "fp16"
+    if tr.precision == "fp16":
+        fp16.enabled = True
+    else:
+        return
+    if fp16.loss_scale < 0 or fp16.min_loss_scale <= 0 or fp16.loss_scale_window < 1 or fp16.hysteresis < 1:
+        raise _err(src, "fp16", f"fp16 needs loss_scale >= 0 (0 = dynamic), min_loss_scale > 0, loss_scale_window "
+                   f">= 1 and hysteresis >= 1 (got {fp16})")
+    if not 0 <= fp16.initial_scale_power <= 64:
+        raise _err(src, "fp16", f"fp16.initial_scale_power = {fp16.initial_scale_power}; expected 0..64")
 
 
 def validate_model_split(cfg: Config, tp: int, pp: int, virtual_stages: int = 1) -> None:

@@ -19,6 +19,7 @@ from megatron.parallel import layout_from_config
 from megatron.parallel.distributed import device_for_rank, init_distributed, rank
 from megatron.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.training.batches import collate, global_batch_indices, train_batches
+from megatron.training.loss_scaler import log_suffix
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer
@@ -129,6 +130,8 @@ class Trainer:
     def autocast(self):
         if self.cfg.training.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.training.precision == "fp16":  # fp32 weights, fp16 compute; loss scaling in the engine
+            return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     def train_step(self, micro_batches: List[torch.Tensor]) -> Dict[str, float]:
@@ -179,7 +182,8 @@ class Trainer:
                 stats["iter_time"] = window_time / window_iters
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
                          f"{stats['lr']:.3e} | grad_norm {stats['grad_norm']:.3f} | tokens/s "
-                         f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter")
+                         f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter"
+                         + log_suffix(stats))
                 self.metrics.log(self.iteration, stats)
                 window_time, window_iters = 0.0, 0
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
