@@ -154,3 +154,17 @@ def test_streaming_and_export_refuse_what_they_cannot_express():
             family_for_model(cfg)
         with pytest.raises(ConversionError, match=what):
             family_for_model(cfg, "GPTNeoXForCausalLM")
+
+
+@pytest.mark.parametrize("overlay,pos_emb", [("alibi_bipe", "alibi"), ("rotary_bipe", "rotary")])
+def test_shipped_bipe_overlays_build_pythia_160m_with_the_intra_segment_table(overlay: str, pos_emb: str):
+    from megatron.config import load_config
+    from megatron.model import num_parameters
+
+    files = ["configs/pythia/160M.yml", "configs/sepllm/n64_HT.yml"]
+    base, _ = load_config(files, log=lambda m: None)
+    cfg, _ = load_config(files + [f"configs/sepllm/{overlay}.yml"], log=lambda m: None)
+    assert (cfg.model.pos_emb, cfg.model.bipe, cfg.attention.sepllm.full_attention_layers) == (pos_emb, True, [0, -1])
+    extra = num_parameters(build_model(cfg, 50304, SEPS, device="meta")) - \
+        num_parameters(build_model(base, 50304, SEPS, device="meta"))
+    assert extra == 2048 * 768  # BiPE's learned table: max_position_embeddings x hidden_size
