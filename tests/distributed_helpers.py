@@ -3,6 +3,7 @@ layout-equivalence tests and the parallelism benchmark. Workers are started with
 ``torch.multiprocessing`` (spawn) and report through files."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -53,10 +54,12 @@ def synthetic_samples(n: int, seq: int, seed: int = 0) -> torch.Tensor:
 
 def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None, save_at: Optional[int] = None,
                  save_dir: Optional[str] = None, load: Optional[str] = None, eval_batches: int = 0,
-                 timing: bool = False, layout=None) -> Dict[str, Any]:
+                 timing: bool = False, layout=None, overflow_at: Optional[Dict[int, int]] = None) -> Dict[str, Any]:
     # timing: only read by the spawned worker (installs the collective timer before the group starts)
     """Train in this process as the rank ``layout`` describes (default: one rank). Returns losses (per
-    iteration, from the start of the run), step-1 gradients by name, eval losses, and timings."""
+    iteration, from the start of the run), step-1 gradients by name, eval losses, and timings.
+    ``overflow_at`` {global rank: iteration}: that rank's first gradient gets an inf at that iteration
+    (fp16 tests); fp16 configs run under CPU fp16 autocast, like the Trainer's."""
     from megatron.checkpointing import save_checkpoint
     from megatron.config import config_from_tree, config_to_tree
     from megatron.model import build_model
@@ -74,8 +77,16 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
     model = build_model(cfg, VOCAB, SEPARATORS, None, st)
     optimizer = build_optimizer(model, cfg)
     schedule = LRSchedule.from_config(cfg)
-    engine, manifest = build_engine_and_resume(cfg, model, optimizer, torch.device("cpu"))
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.float16)) if cfg.training.precision == "fp16"
+                else contextlib.nullcontext)
+    engine, manifest = build_engine_and_resume(cfg, model, optimizer, torch.device("cpu"), autocast)
     start = manifest["iteration"] if manifest else 0
+    current = {"iteration": -1}
+    target = (overflow_at or {}).get(dist.get_rank() if dist.is_initialized() else 0)
+    if target is not None:
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: g * float("inf") if current["iteration"] == target else g)
+    all_stats: List[Dict[str, float]] = []
     samples = synthetic_samples(global_batch * steps, cfg.model.seq_length, seed=5)
     losses: List[float] = []
     grads: Dict[str, torch.Tensor] = {}
@@ -86,7 +97,9 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
         idx = global_batch_indices(it * global_batch, global_batch, micro, accum, st.dp_size, st.dp_rank,
                                    len(samples))
         t0, c0 = time.perf_counter(), comm_seconds()
+        current["iteration"] = it
         stats = engine.train_step([samples[i] for i in idx], schedule.lr_at(it + 1))
+        all_stats.append(stats)
         step_times.append(time.perf_counter() - t0)
         step_comm.append(comm_seconds() - c0)
         losses.append(stats["loss"])
@@ -104,7 +117,7 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
     tp_dims = {n: getattr(p, "tensor_parallel_dim", None) for n, p in model.named_parameters()}
     seq_parallel = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"losses": losses, "grads": grads, "weights": weights, "tp_dims": tp_dims,
+    return {"losses": losses, "stats": all_stats, "grads": grads, "weights": weights, "tp_dims": tp_dims,
             "sequence_parallel_params": seq_parallel, "evals": evals, "step_times": step_times, "step_comm": step_comm,
             "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank}
 

@@ -141,13 +141,14 @@ def test_export_refuses_models_no_hf_class_expresses(tmp_path):
 
 
 def test_sep_attention_export_needs_separator_ids_and_a_sane_cache(tmp_path):
-    ckpt = our_checkpoint(tmp_path)  # mode sepllm, no tokenizer to derive separators from
+    ckpt = our_checkpoint(tmp_path, attention={"sepllm": {"mode": "sepllm"}})  # no tokenizer for separators
     with pytest.raises(ConversionError, match="the separator ids are unknown: .*set attention.sepllm.separator_ids"):
         export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet)
-    ckpt = our_checkpoint(tmp_path / "b", attention={"sepllm": {"separator_ids": [5]}})
+    ckpt = our_checkpoint(tmp_path / "b", attention={"sepllm": {"mode": "sepllm", "separator_ids": [5]}})
     with pytest.raises(ConversionError, match="cache settings: SepLLM cache needs init_cache_size \\+ sep_cache_size"):
         export_hf(str(ckpt), str(tmp_path / "out"), vocab_size=60, progress=False, log=quiet, cache={"cache_size": 300})
-    learned = our_checkpoint(tmp_path / "c", pos_emb="learned", attention={"sepllm": {"separator_ids": [5]}})
+    learned = our_checkpoint(tmp_path / "c", pos_emb="learned",
+                             attention={"sepllm": {"mode": "sepllm", "separator_ids": [5]}})
     with pytest.raises(ConversionError, match="^cache_size 800 exceeds the model's 16 learned positions; pass a "
                                               "smaller --cache-size \\(positional shift keeps positions below it\\)$"):
         export_hf(str(learned), str(tmp_path / "o"), vocab_size=60, progress=False, log=quiet)

@@ -284,19 +284,19 @@ def test_translated_configs_round_trip(name):
     assert config_from_tree(config_to_tree(cfg), log=lambda m: None) == cfg
 
 
-def test_alibi_bipe_and_fp16_load_but_are_refused_before_launch_until_implemented():
+def test_alibi_bipe_and_fp16_of_sepllm_configs_launch():
+    """SepLLM's sample configs train in fp16 with ALiBi / BiPE variants: all of it is implemented."""
     from megatron.config import validate_launch
     from megatron.model import build_model
 
     cfg, _ = load("sepllm")  # fp16, as every SepLLM sample config
-    with pytest.raises(ConfigError, match=r"^not implemented yet: precision: fp16 \(dynamic loss scaling\)$"):
-        validate_launch(cfg, 1)
-    for extra in ({"pos_emb": "alibi"}, {"bipe": True}):
+    assert cfg.training.precision == "fp16" and cfg.training.fp16.enabled
+    validate_launch(cfg, 1)
+    for extra in ({"pos_emb": "alibi"}, {"bipe": True, "attention": {"sepllm": {"separator_ids": [5]}}}):
         cfg = config_from_tree({"num_layers": 2, **extra}, log=lambda m: None)
-        with pytest.raises(ConfigError, match="^not implemented yet: "):
-            validate_launch(cfg, 1)
-        with pytest.raises(ConfigError, match="^not implemented yet: "):
-            build_model(cfg, 64, device="meta")
+        validate_launch(cfg, 1)
+        model = build_model(cfg, 64, device="meta")
+        assert (model.alibi_slopes is not None) == (cfg.model.pos_emb == "alibi") and model.bipe == cfg.model.bipe
 
 
 def test_misspelled_zero_stage_is_an_error_not_silently_no_zero(tmp_path):

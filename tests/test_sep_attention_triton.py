@@ -129,8 +129,8 @@ def train_losses(data_prefix: str, impl: str) -> list:
     from megatron.training.trainer import Trainer
 
     tree = tiny_config_tree(data_prefix, train_iters=3, num_kv_heads=2, train_micro_batch_size_per_gpu=2,
-                            attention={"impl": impl, "sepllm": {"n_init": 2, "n_local": 8, "layer_n_local": {1: 4},
-                                                                 "separate_documents": True}})
+                            attention={"impl": impl, "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 8,
+                                                                 "layer_n_local": {1: 4}, "separate_documents": True}})
     return Trainer(config_from_tree(tree), log=lambda m: None).train()
 
 

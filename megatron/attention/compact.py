@@ -22,6 +22,10 @@ log-sum-exp, recomputes key blocks and masks, and accumulates dk/dv into preallo
 buffers. GQA is handled by folding the query heads of a group into the query rows, so K/V
 are never repeated. Nothing of size L x L is built.
 
+ALiBi (``alibi.py``) rides on the same calls: the fused kernel takes a per-head additive mask, so each
+call gets the bias of its query rows and keys (the prefix call then has a mask too). The bias is a
+constant, so forward and backward use the same mask and the log-sum-exp merge stays exact.
+
 Block sizes: the CPU kernel is much more efficient on long query blocks (prefix), while
 the local band wastes ``(near_block - 1) / n_local`` of its work (near), hence two sizes.
 """
@@ -32,6 +36,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from megatron.attention.alibi import AlibiBias
 from megatron.attention.sepllm_rule import SepRule, positions_in_document
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -266,6 +271,36 @@ def _near_keys(x: torch.Tensor, x_special: torch.Tensor, blk: NearBlock) -> torc
     return torch.cat(pieces + [local], dim=2) if pieces else local
 
 
+def _near_key_index(plan: CompactPlan, blk: NearBlock) -> torch.Tensor:
+    """[B, keys]: the token index of every key of a near block, in ``_near_keys`` order."""
+    idx = plan.special_idx
+    local = torch.arange(blk.local_start, blk.end, device=idx.device).expand(idx.shape[0], -1)
+    return torch.cat([idx[:, a:b] for a, b in blk.special_ranges] + [local], dim=1)
+
+
+def _bias_mask(bias: Optional[AlibiBias], start: int, end: int, k_index: torch.Tensor, group: int,
+               dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """ALiBi of queries [start, end) on keys ``k_index`` [B, keys], folded like the queries:
+    [B, Hkv, group * rows, keys] (None without ALiBi)."""
+    if bias is None:
+        return None
+    q_index = torch.arange(start, end, device=k_index.device)[None]
+    b = bias.scores(q_index, k_index).to(dtype)  # [B, Hq, rows, keys]
+    return b.reshape(b.shape[0], b.shape[1] // group, group * (end - start), b.shape[-1])
+
+
+def _near_call_mask(plan: CompactPlan, blk: NearBlock, bias: Optional[AlibiBias], dtype: torch.dtype,
+                    group: int) -> torch.Tensor:
+    mask = plan.near_mask(blk, dtype, group)
+    extra = _bias_mask(bias, blk.start, blk.end, _near_key_index(plan, blk), group, dtype)
+    return mask if extra is None else mask + extra
+
+
+def _prefix_call_mask(plan: CompactPlan, pre: PrefixBlock, bias: Optional[AlibiBias], dtype: torch.dtype,
+                      group: int) -> Optional[torch.Tensor]:
+    return _bias_mask(bias, pre.start, pre.end, plan.special_idx[:, pre.lo:pre.hi], group, dtype)
+
+
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     B, H, _, D = x.shape
     return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
@@ -281,7 +316,7 @@ def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.T
 class CompactSepAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CompactPlan,
-                scale: float) -> torch.Tensor:
+                scale: float, bias: Optional[AlibiBias] = None) -> torch.Tensor:
         group = q.shape[1] // k.shape[1]
         k_special = _gather_rows(k, plan.special_idx)
         v_special = _gather_rows(v, plan.special_idx)
@@ -291,24 +326,26 @@ class CompactSepAttention(torch.autograd.Function):
             for blk in nears:
                 o, l_blk = _flash_fwd(_fold(q, group, blk.start, blk.end), _near_keys(k, k_special, blk),
                                       _near_keys(v, v_special, blk), 0.0, False,
-                                      attn_mask=plan.near_mask(blk, q.dtype, group), scale=scale)
+                                      attn_mask=_near_call_mask(plan, blk, bias, q.dtype, group), scale=scale)
                 out[:, :, blk.start:blk.end] = _unfold(o, group)
                 lse[:, :, blk.start:blk.end] = _unfold(l_blk, group)
             if not pre.empty:
                 a, b = pre.start, pre.end
                 o_pre, lse_pre = _flash_fwd(_fold(q, group, a, b), k_special[:, :, pre.lo:pre.hi],
-                                            v_special[:, :, pre.lo:pre.hi], 0.0, False, scale=scale)
+                                            v_special[:, :, pre.lo:pre.hi], 0.0, False,
+                                            attn_mask=_prefix_call_mask(plan, pre, bias, q.dtype, group), scale=scale)
                 o, l_blk = _merge(o_pre, lse_pre, _fold(out, group, a, b), _fold(lse, group, a, b))
                 out[:, :, a:b] = _unfold(o, group)
                 lse[:, :, a:b] = _unfold(l_blk, group)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.bias = plan, scale, bias
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         plan: CompactPlan = ctx.plan
+        bias: Optional[AlibiBias] = ctx.bias
         group = q.shape[1] // k.shape[1]
         k_special = _gather_rows(k, plan.special_idx)
         v_special = _gather_rows(v, plan.special_idx)
@@ -324,7 +361,7 @@ class CompactSepAttention(torch.autograd.Function):
                 dq_b, dk_b, dv_b = _flash_bwd(
                     _fold(grad_out, group, a, b), _fold(q, group, a, b), _near_keys(k, k_special, blk),
                     _near_keys(v, v_special, blk), _fold(out, group, a, b), _fold(lse, group, a, b), 0.0, False,
-                    attn_mask=plan.near_mask(blk, q.dtype, group), scale=ctx.scale)
+                    attn_mask=_near_call_mask(plan, blk, bias, q.dtype, group), scale=ctx.scale)
                 dq[:, :, a:b] = _unfold(dq_b, group)
                 offset = 0
                 for x, y in blk.special_ranges:
@@ -338,7 +375,7 @@ class CompactSepAttention(torch.autograd.Function):
                 dq_p, dk_p, dv_p = _flash_bwd(
                     _fold(grad_out, group, a, b), _fold(q, group, a, b), k_special[:, :, pre.lo:pre.hi],
                     v_special[:, :, pre.lo:pre.hi], _fold(out, group, a, b), _fold(lse, group, a, b), 0.0, False,
-                    scale=ctx.scale)
+                    attn_mask=_prefix_call_mask(plan, pre, bias, q.dtype, group), scale=ctx.scale)
                 dq[:, :, a:b] += _unfold(dq_p, group)
                 dk_special[:, :, pre.lo:pre.hi] += dk_p
                 dv_special[:, :, pre.lo:pre.hi] += dv_p
@@ -347,16 +384,17 @@ class CompactSepAttention(torch.autograd.Function):
             index = plan.special_idx[:, None, :, None].expand_as(dk_special)
             dk.scatter_add_(2, index, dk_special)
             dv.scatter_add_(2, index, dv_special)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tensor,
                       rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
                       scale: Optional[float] = None, plan: Optional[CompactPlan] = None,
-                      prefix_block: Optional[int] = None, near_block: Optional[int] = None) -> torch.Tensor:
+                      prefix_block: Optional[int] = None, near_block: Optional[int] = None,
+                      bias: Optional[AlibiBias] = None) -> torch.Tensor:
     """Sep-Attention, q [B, Hq, L, D], k/v [B, Hkv, L, D], is_sep [B, L] -> [B, Hq, L, D].
 
-    ``plan`` may be passed in to share it between layers with the same rule and inputs.
+    ``plan`` may be passed in to share it between layers with the same rule and inputs; ``bias`` adds ALiBi.
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
@@ -369,4 +407,4 @@ def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep:
                           lambda: build_plan(is_sep, rule, doc_ids, prefix_block, near_block))
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return CompactSepAttention.apply(q, k, v, plan, scale)
+    return CompactSepAttention.apply(q, k, v, plan, scale, bias)

@@ -20,6 +20,10 @@ stays on ``flex``.
 
 ``dropout_p`` (attention dropout, training only) is applied by the dense paths, ``reference`` and
 ``flash``; the compact, flex and triton kernels have none (the config check rejects that pairing before launch).
+
+``bias``: ALiBi / ALiBi-BiPE (``alibi.py``), added to the scores: an additive float mask for reference /
+sdpa / compact, a ``score_mod`` for flex, ``alibi_slopes`` for flash (token-level ALiBi only); the
+triton kernels take none (rejected before launch).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron.attention.alibi import AlibiBias, additive_mask
 from megatron.attention.reference import expand_kv_heads, reference_attention
 from megatron.attention.sepllm_rule import SepRule, dense_mask
 from megatron.errors import ConfigError
@@ -65,21 +70,26 @@ def check_impl_available(impl: str, device: torch.device) -> None:
         raise ConfigError(reason)
 
 
-def dense_causal_attention(q, k, v, rule: SepRule, doc_ids=None, scale=None, dropout_p: float = 0.0):
-    """Plain causal attention (full layers, and the dense baseline)."""
-    if rule.separate_documents and doc_ids is not None:
+def dense_causal_attention(q, k, v, rule: SepRule, doc_ids=None, scale=None, dropout_p: float = 0.0,
+                           bias: Optional[AlibiBias] = None):
+    """Plain causal attention (full layers, and the dense baseline); ``bias`` adds ALiBi."""
+    separate = rule.separate_documents and doc_ids is not None
+    if separate or bias is not None:
         k = expand_kv_heads(k, q.shape[1])
         v = expand_kv_heads(v, q.shape[1])
-        mask = dense_mask(torch.ones_like(doc_ids, dtype=torch.bool), rule, doc_ids)[:, None]
+        flags = torch.ones(q.shape[0] if separate else 1, q.shape[2], dtype=torch.bool, device=q.device)
+        keep = dense_mask(flags, rule, doc_ids if separate else None)[:, None]
+        mask = keep if bias is None else additive_mask(keep, bias, q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
 def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rule: SepRule,
-                           doc_ids: Optional[torch.Tensor] = None,
-                           scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Dense causal attention via flash_attn (GQA native). A baseline: ignores the Sep rule."""
+                           doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                           dropout_p: float = 0.0, bias: Optional[AlibiBias] = None) -> torch.Tensor:
+    """Dense causal attention via flash_attn (GQA native). A baseline: ignores the Sep rule. Token-level
+    ALiBi goes to flash_attn's ``alibi_slopes``; ALiBi-BiPE is rejected before launch (validation)."""
     try:
         from flash_attn import flash_attn_func
     except ImportError as err:
@@ -87,36 +97,40 @@ def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ru
                            "use 'sdpa' for the dense baseline or 'flex' for Sep-Attention") from err
     if rule.separate_documents and doc_ids is not None:
         raise NotImplementedError("impl 'flash' does not implement separate_documents; use 'sdpa'")
+    if bias is not None and bias.positions is not None:
+        raise NotImplementedError("impl 'flash' cannot run ALiBi-BiPE (segment-level bias); use 'flex' or 'sdpa'")
+    slopes = None if bias is None else bias.slopes.to(device=q.device, dtype=torch.float32)
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          softmax_scale=scale, causal=True, dropout_p=dropout_p)
+                          softmax_scale=scale, causal=True, dropout_p=dropout_p, alibi_slopes=slopes)
     return out.transpose(1, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tensor, rule: SepRule,
-           doc_ids: Optional[torch.Tensor] = None, impl: str = "auto",
-           scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+           doc_ids: Optional[torch.Tensor] = None, impl: str = "auto", scale: Optional[float] = None,
+           dropout_p: float = 0.0, bias: Optional[AlibiBias] = None) -> torch.Tensor:
     if impl not in IMPLS:
         raise ValueError(f"attention.impl must be one of {IMPLS}, got {impl!r}")
     if impl == "flash":
-        return flash_causal_attention(q, k, v, rule, doc_ids, scale, dropout_p)
+        return flash_causal_attention(q, k, v, rule, doc_ids, scale, dropout_p, bias)
     if impl == "sdpa" or rule.is_full:
         # impl 'sdpa' means dense causal attention regardless of the rule (the baseline).
-        return dense_causal_attention(q, k, v, rule, doc_ids, scale, dropout_p)
+        return dense_causal_attention(q, k, v, rule, doc_ids, scale, dropout_p, bias)
     if impl == "auto":
         impl = auto_impl(q)
     if impl == "reference":
-        return reference_attention(q, k, v, is_sep, rule, doc_ids, scale, dropout_p)
+        return reference_attention(q, k, v, is_sep, rule, doc_ids, scale, dropout_p, bias)
     if dropout_p:
         raise ValueError(f"attention impl '{impl}' has no attention dropout; use 'reference' or dropout 0")
     if impl == "compact":
         from megatron.attention.compact import compact_attention
-        return compact_attention(q, k, v, is_sep, rule, doc_ids, scale)
+        return compact_attention(q, k, v, is_sep, rule, doc_ids, scale, bias=bias)
     if impl == "triton":
-        reason = triton_unavailable(q.device)
+        reason = triton_unavailable(q.device) or ("the triton kernels take no ALiBi bias; use 'flex' or "
+                                                  "'compact'" if bias is not None else None)
         if reason:
             raise RuntimeError(reason)
         from megatron.attention.triton_sep import triton_sep_attention
         return triton_sep_attention(q, k, v, is_sep, rule, doc_ids, scale)
     # impl == "flex": FlexAttention compiles the compact Sep-Attention layout to Triton on CUDA.
     from megatron.attention.flex import flex_sep_attention
-    return flex_sep_attention(q, k, v, is_sep, rule, doc_ids, scale)
+    return flex_sep_attention(q, k, v, is_sep, rule, doc_ids, scale, bias=bias)

@@ -9,6 +9,9 @@ out as ``[specials, padded | original sequence]``:
 The BlockMask is built directly from per-tile counts (``BlockMask.from_kv_blocks``), never
 by evaluating the mask on all L x L pairs. ``mask_mod`` refines the partial tiles.
 
+ALiBi is a ``score_mod``: the key layout maps every key slot back to its token index (``key_index``),
+and the bias is ``-slope_h * (pos[q] - pos[key])`` with ``pos`` the token or BiPE segment index.
+
 On CUDA ``flex_attention`` is compiled to Triton (forward and backward). Elsewhere it runs
 eagerly, which is only useful for checking the forward on small inputs.
 """
@@ -21,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from megatron.attention.alibi import AlibiBias
 from megatron.attention.compact import LastInputsCache, gather_specials, special_flags
 from megatron.attention.sepllm_rule import SepRule, positions_in_document
 
@@ -44,6 +48,12 @@ class FlexLayout:
     special_idx: torch.Tensor  # [B, S_cap] positions gathered into the special part
     block_mask: BlockMask
     capacity: int  # S_cap, a multiple of the tile size
+
+    def key_index(self, seq_len: int) -> torch.Tensor:
+        """[B, capacity + seq_len]: the token index of every key slot (padding slots: any valid index)."""
+        B = self.special_idx.shape[0]
+        local = torch.arange(seq_len, device=self.special_idx.device).expand(B, -1)
+        return torch.cat([self.special_idx, local], dim=1)
 
 
 def _ranges_to_blocks(lo: torch.Tensor, hi: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
@@ -158,7 +168,7 @@ def _compiled_flex() -> Callable:
 def flex_sep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tensor,
                        rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
                        scale: Optional[float] = None, layout: Optional[FlexLayout] = None,
-                       compile: Optional[bool] = None) -> torch.Tensor:
+                       compile: Optional[bool] = None, bias: Optional[AlibiBias] = None) -> torch.Tensor:
     """Sep-Attention via FlexAttention; q [B, Hq, L, D], k/v [B, Hkv, L, D] -> [B, Hq, L, D].
 
     ``compile`` defaults to True on CUDA. Eager FlexAttention ignores tile sparsity and has no
@@ -173,5 +183,23 @@ def flex_sep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep
     if compile is None:
         compile = q.is_cuda
     fn = _compiled_flex() if compile else flex_attention
-    return fn(q, k_all, v_all, block_mask=layout.block_mask, scale=scale,
+    score_mod = None if bias is None else _alibi_score_mod(bias, layout.key_index(L), L)
+    return fn(q, k_all, v_all, score_mod=score_mod, block_mask=layout.block_mask, scale=scale,
               enable_gqa=q.shape[1] != Hkv)
+
+
+def _alibi_score_mod(bias: AlibiBias, key_index: torch.Tensor, seq_len: int) -> Callable:
+    """score_mod adding ALiBi: distance tables per query row and key slot, looked up by index (padded to
+    whole tiles, like the mask_mod's tables, so any index the kernel forms is safe)."""
+    dev = key_index.device
+    pad = torch.nn.functional.pad
+    k_pos = bias.position_at(key_index)  # [B, S_cap + L]
+    k_pos = pad(k_pos, (0, _round_up(k_pos.shape[1], FLEX_BLOCK) - k_pos.shape[1]))
+    q_pos = bias.position_at(torch.arange(seq_len, device=dev)[None]).expand(k_pos.shape[0], -1)
+    q_pos = pad(q_pos, (0, _round_up(seq_len, FLEX_BLOCK) - seq_len)).contiguous()
+    slopes = bias.slopes.to(device=dev, dtype=torch.float32)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_pos[b, q_idx] - k_pos[b, kv_idx])
+
+    return alibi

@@ -134,8 +134,7 @@ def build_stage_model(cfg, vocab_size: int, tp: int, pp: int, tp_rank: int, pp_r
 
     layout = layout_for_rank(tp * pp, pp_rank * tp + tp_rank, tp=tp, pp=pp,
                              virtual_pipe_stages=cfg.parallel.virtual_pipe_stages)
-    eod = 0 if cfg.attention.sepllm.separate_documents else None
-    return build_model(cfg, vocab_size, (), eod, layout=layout, device=device)
+    return build_model(cfg, vocab_size, (), None, layout=layout, device=device)
 
 
 def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: bool = False) -> Path:

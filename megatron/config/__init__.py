@@ -15,15 +15,9 @@ from megatron.config.schema import (
                                     TrainingConfig,
                                     ZeroConfig,
 )
-from megatron.config.validation import (
-                                        check_implemented,
-                                        config_from_tree,
-                                        validate_launch,
-                                        validate_layout,
-                                        validate_model_split,
-)
+from megatron.config.validation import config_from_tree, validate_launch, validate_layout, validate_model_split
 
-__all__ = ["check_implemented", "config_from_tree", "config_to_tree", "dump_config", "load_config", "merge_files",
+__all__ = ["config_from_tree", "config_to_tree", "dump_config", "load_config", "merge_files",
            "validate_launch", "validate_layout", "validate_model_split", "AttentionConfig", "CheckpointConfig",
            "Config", "DataConfig", "Fp16Config", "LaunchConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig",
            "ParallelConfig", "SepLLMConfig", "TrainingConfig", "ZeroConfig"]

@@ -31,8 +31,10 @@ class ModelConfig:
     rms_norm_epsilon: Optional[float] = None  # rmsnorm's epsilon; None = layernorm_epsilon
     use_bias_in_norms: bool = True  # layernorm bias (rmsnorm has none)
     pos_emb: Literal["rotary", "learned", "none", "alibi"] = "rotary"
-    bipe: bool = False  # SepLLM's bilevel positional encoding (USE_BiPE)
-    bipe_separator_ids: Optional[List[int]] = None  # BiPE segment ends; None = the Sep-Attention separators
+    # BiPE (SepLLM's bilevel positions, USE_BiPE): segments end at a separator; a learned table encodes
+    # the position inside the segment, rotary / ALiBi the segment index. None = the Sep-Attention separators.
+    bipe: bool = False
+    bipe_separator_ids: Optional[List[int]] = None
     rotary_pct: float = 1.0
     rotary_emb_base: float = 10000.0
     rotary_interleaved: bool = False  # GPT-J pairwise style instead of NeoX rotate-half
@@ -145,8 +147,9 @@ class ZeroConfig:
 
 @dataclass
 class Fp16Config:
-    """DeepSpeed's / NeoX's ``fp16`` section: dynamic loss scaling when ``loss_scale`` is 0, else a
-    static scale. ``training.precision: fp16`` is the switch; ``enabled: true`` is NeoX's spelling."""
+    """DeepSpeed's / GPT-NeoX's ``fp16`` section: fp16 compute with (dynamic) loss scaling when
+    ``loss_scale`` is 0, else a static scale. ``precision: fp16`` and ``enabled: true`` mean the same
+    (see ``validation.py``)."""
 
     enabled: bool = False
     loss_scale: float = 0.0  # 0 = dynamic
@@ -188,7 +191,7 @@ class TrainingConfig:
     train_iters: int = 100
     seed: int = 1234
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    fp16: Fp16Config = field(default_factory=Fp16Config)
+    fp16: Fp16Config = field(default_factory=Fp16Config)  # a top-level YAML section, as in NeoX
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"

@@ -191,6 +191,7 @@ def validate(cfg: Config, source: Optional[Dict[str, str]] = None, log=print) ->
 
     _check_model(cfg, err, log)
     _check_training(cfg, err)
+    _check_fp16(cfg, err)
     problems.raise_if_any()
 
 
@@ -230,6 +231,7 @@ def _check_model(cfg: Config, err, log) -> None:
     for key in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             err(key, f"{key} = {getattr(m, key)}; expected a probability in [0, 1)")
+    _check_positions(cfg, err)
     if sep.n_init < 0 or sep.n_local < 1 or sep.interval < 1:
         err("attention.sepllm.n_local", f"attention.sepllm needs n_init >= 0, n_local >= 1, interval >= 1 "
                                         f"(got n_init={sep.n_init}, n_local={sep.n_local}, interval={sep.interval})")
@@ -324,14 +326,6 @@ def _check_training(cfg: Config, err) -> None:
 
 # Features whose schema fields exist (so configs load and map) but whose implementation is landing
 # in a parallel change; the lead removes an entry when its implementation merges.
-NOT_IMPLEMENTED_YET: Dict[str, Callable[[Config], bool]] = {
-    "pos_emb: alibi": lambda c: c.model.pos_emb == "alibi",
-    "bipe (SepLLM's USE_BiPE)": lambda c: c.model.bipe,
-    "precision: fp16 (dynamic loss scaling)": lambda c: c.training.precision == "fp16",
-}
-MODEL_FEATURES = ("pos_emb: alibi", "bipe (SepLLM's USE_BiPE)")
-
-
 def _check_optional_packages(cfg: Config) -> None:
     import importlib.util
 
@@ -340,12 +334,36 @@ def _check_optional_packages(cfg: Config) -> None:
                           "pip install -e '.[tensorboard]' (or remove tensorboard_dir)")
 
 
-def check_implemented(cfg: Config, model_only: bool = False) -> None:
-    """One line naming the configured features whose implementation has not landed yet."""
-    missing = [name for name, used in NOT_IMPLEMENTED_YET.items()
-               if used(cfg) and (not model_only or name in MODEL_FEATURES)]
-    if missing:
-        raise ConfigError(f"not implemented yet: {', '.join(missing)}")
+def _check_positions(cfg: Config, err) -> None:
+    """ALiBi and BiPE: what each attention impl can run, checked before launch."""
+    m, impl = cfg.model, cfg.attention.impl
+    if m.pos_emb == "alibi" and impl == "triton":
+        err("attention.impl", "attention.impl 'triton' takes no ALiBi bias; use 'flex' (GPU) or 'compact' (CPU)")
+    if not m.bipe:
+        return
+    if m.pos_emb not in ("rotary", "alibi"):
+        err("bipe", f"bipe: true needs pos_emb 'rotary' or 'alibi' (the segment-level encoding), "
+                    f"got pos_emb '{m.pos_emb}'")
+    if m.bipe_separator_ids is not None and not m.bipe_separator_ids:
+        err("bipe_separator_ids", "bipe_separator_ids is empty; give the token ids that end a segment, or leave "
+                                  "it unset to use the Sep-Attention separators")
+    if m.pos_emb == "alibi" and impl == "flash":
+        err("attention.impl", "attention.impl 'flash' cannot run ALiBi-BiPE (flash_attn's ALiBi is token-level "
+                              "only); use 'flex' or 'sdpa'")
+
+
+def _check_fp16(cfg: Config, err) -> None:
+    """The loss-scaling settings of an fp16 run (``precision`` and the ``fp16`` section were reconciled,
+    NeoX's way, by ``compat_groups.precision``)."""
+    tr = cfg.training
+    fp16 = tr.fp16
+    if tr.precision != "fp16":
+        return
+    if fp16.loss_scale < 0 or fp16.min_loss_scale <= 0 or fp16.loss_scale_window < 1 or fp16.hysteresis < 1:
+        err("fp16", f"fp16 needs loss_scale >= 0 (0 = dynamic), min_loss_scale > 0, loss_scale_window >= 1 and "
+                    f"hysteresis >= 1 (got {fp16})")
+    if not 0 <= fp16.initial_scale_power <= 64:
+        err("fp16", f"fp16.initial_scale_power = {fp16.initial_scale_power}; expected 0..64")
 
 
 def validate_model_split(cfg: Config, tp: int, pp: int, virtual_stages: int = 1) -> None:
@@ -415,7 +433,6 @@ def validate_layout(cfg: Config, world_size: int) -> int:
 def validate_launch(cfg: Config, world_size: int) -> int:
     """Everything a launch needs checked before any process group starts: the pipeline schedule and
     ZeRO settings, then the layout against the world size. Returns the data-parallel size."""
-    check_implemented(cfg)
     _check_optional_packages(cfg)
     _validate_virtual_stages(cfg)
     par = cfg.parallel

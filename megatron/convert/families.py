@@ -110,6 +110,7 @@ class Family:
 
     def check_exportable(self, cfg: Config) -> None:
         m = cfg.model
+        refuse_unexportable_positions(cfg)
         if m.pos_emb == "rotary" and m.rotary_interleaved:
             raise ConversionError(f"{self.architecture} uses rotate-half rotary; this model has "
                                   "rotary_interleaved: true, which it cannot express")
@@ -613,10 +614,20 @@ def family_from_hf_config(hf: Dict[str, Any]) -> Family:
     raise ConversionError(f"config.json: unsupported architecture {found}; supported: {SUPPORTED}")
 
 
+def refuse_unexportable_positions(cfg: Config) -> None:
+    """ALiBi and BiPE (issue 13) have no counterpart in the exported transformers classes."""
+    m = cfg.model
+    if m.bipe or m.pos_emb == "alibi":
+        what = "BiPE (bipe: true)" if m.bipe else "ALiBi (pos_emb: alibi)"
+        raise ConversionError(f"{what} models cannot be exported to transformers yet: the exported classes "
+                              "have no such position encoding")
+
+
 def family_for_model(cfg: Config, architecture: Optional[str] = None) -> Family:
     """Which HF class expresses our model: ``architecture`` (an HF class or model_type) when given,
     else decided by positions, norm, MLP kind and grouped-query attention."""
     m = cfg.model
+    refuse_unexportable_positions(cfg)
     if architecture:
         family = ARCHITECTURES.get(architecture) or FAMILIES.get(architecture)
         if family is None:

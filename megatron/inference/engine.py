@@ -12,6 +12,9 @@ Attention inside the cache (``CacheConfig.decode_mask``):
 With ``rule``, no positional shift, ``init_cache_size >= n_init``, ``local_size >= n_local - 1`` and a
 separator region large enough for every separator seen, compression only drops keys the rule already
 hides, so streaming equals the model's full forward with the Sep-Attention mask, compression or not.
+
+ALiBi models measure distances the way rotary models rotate: in stream positions, or in places in the
+cache under positional shift. BiPE models are refused (their segment positions are not tracked here).
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ class StreamingEngine:
                                  "checkpoint's shards first")
         if not (model.pre_process and model.post_process) or len(model.layers) != model.config.num_layers:
             raise InferenceError("streaming inference needs the whole model (one pipeline stage)")
+        if model.bipe:
+            raise InferenceError("streaming inference does not support BiPE models (bipe: true): the cache does "
+                                 "not track segment positions; evaluate them with a full forward instead")
         self.model = model.eval()
         self.config = cache
         self.device = model.output_weight.device
@@ -177,6 +183,8 @@ class _PieceAttention:
                  embed_pos: torch.Tensor):
         self.engine, self.masks, self.n, self.L = engine, masks, n, embed_pos.numel()
         cache, cfg = engine.cache, engine.config
+        if engine.model.alibi_slopes is not None:
+            self.masks = self._with_alibi(masks, embed_pos, n)
         self.rope_new = self.rope_stale = self.rotary_positions = None
         self.stale = cache.rotated_valid
         if engine.rotary_dim:
@@ -187,6 +195,19 @@ class _PieceAttention:
             self.rotary_positions = torch.cat([old_pos, embed_pos])
             self.rope_new = engine._rope(embed_pos)
             self.rope_stale = engine._rope(old_pos) if self.stale < n else None
+
+    def _with_alibi(self, masks: Dict[SepRule, Optional[torch.Tensor]], embed_pos: torch.Tensor,
+                    n: int) -> Dict[SepRule, torch.Tensor]:
+        """Float masks [Hq, L, n + L]: ALiBi by stream position (by place in the cache under positional
+        shift, where ``embed_pos`` are places), -inf where the boolean mask hides a key."""
+        eng = self.engine
+        dev = embed_pos.device
+        old = torch.arange(n, device=dev) if eng.config.enable_pos_shift else eng.cache.positions[:n]
+        key_pos = torch.cat([old, embed_pos]).float()
+        slopes = torch.tensor(eng.model.alibi_slopes, device=dev)
+        bias = -slopes[:, None, None] * (embed_pos.float()[None, :, None] - key_pos[None, None, :])
+        return {rule: (bias if m is None else bias.masked_fill(~m, float("-inf"))).to(eng.dtype)
+                for rule, m in masks.items()}
 
     def attend(self, layer: int, rule: SepRule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         eng, cache = self.engine, self.engine.cache

@@ -17,8 +17,10 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from megatron.attention import SepRule, document_ids, resolve_layer_rules, separator_flags
-from megatron.config import check_implemented
+from megatron.attention.alibi import AlibiBias, local_alibi_slopes
 from megatron.config.schema import AttentionConfig, Config, ModelConfig
+from megatron.errors import ConfigError
+from megatron.model.bipe import bilevel_positions
 from megatron.model.init import init_method_by_name, init_weights
 from megatron.model.rotary import RotaryEmbedding
 from megatron.model.transformer import AttentionInputs, TransformerLayer, make_norm, rotary_dim
@@ -40,8 +42,6 @@ class GPTModel(nn.Module):
         m, sep = config, attention.sepllm
         self.config, self.layout, self.vocab_size, self.eod_id = config, layout, vocab_size, eod_id
         self.pre_process, self.post_process = layout.is_first_stage, layout.is_last_stage
-        if sep.separate_documents and eod_id is None:
-            raise ValueError("attention.sepllm.separate_documents needs the tokenizer's EOD id")
         sep_ids = sep.separator_ids if sep.separator_ids is not None else list(separator_ids)
         self.register_buffer("separator_ids", torch.tensor(sorted(set(sep_ids)), dtype=torch.long),
                              persistent=False)
@@ -51,9 +51,22 @@ class GPTModel(nn.Module):
         init = init_method_by_name(m.init_method, m.init_method_std, m.num_layers, m.hidden_size)
         out_init = init_method_by_name(m.output_layer_init_method, m.init_method_std, m.num_layers, m.hidden_size)
         self.rotary = RotaryEmbedding(rotary_dim(m), m.rotary_emb_base) if rotary_dim(m) else None
+        # ALiBi slopes of this rank's query heads (a contiguous slice of all heads under TP); BiPE's
+        # segment separators (default: the Sep-Attention separators).
+        # (A list, not a tensor: construction may run under a meta device context.)
+        self.alibi_slopes = (local_alibi_slopes(m.num_attention_heads, layout.tp_size, layout.tp_rank)
+                             if m.pos_emb == "alibi" else None)
+        self.bipe = m.bipe
+        bipe_ids = m.bipe_separator_ids if m.bipe_separator_ids is not None else sep_ids
+        if m.bipe and not bipe_ids:
+            raise ConfigError("bipe: true: BiPE needs separator ids to end segments, but the model has none; "
+                              "set bipe_separator_ids or attention.sepllm.separator_ids / separator_tokens")
+        self.register_buffer("bipe_separator_ids", torch.tensor(sorted(set(bipe_ids)), dtype=torch.long),
+                             persistent=False)
         if self.pre_process:
             self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, layout=layout, init_method=init)
-            if m.pos_emb == "learned":
+            # The learned table: token positions (pos_emb learned) or BiPE's intra-segment positions.
+            if m.pos_emb == "learned" or m.bipe:
                 self.pos_embed = new_parameter(m.max_position_embeddings or m.seq_length, m.hidden_size,
                                                init_method=init)
         # Keyed by global layer index: parameter names are the same under every pipeline split.
@@ -77,17 +90,34 @@ class GPTModel(nn.Module):
     def attention_inputs(self, tokens: torch.Tensor,
                          positions: Optional[torch.Tensor] = None) -> AttentionInputs:
         B, L = tokens.shape
+        self._check_bipe_positions(positions)
         if positions is None:
             positions = torch.arange(L, device=tokens.device)[None]
         is_sep = separator_flags(tokens, self.base_rule, self.separator_ids, positions.expand(B, L))
-        docs = document_ids(tokens, self.eod_id) if self.base_rule.separate_documents else None
+        docs = None
+        if self.base_rule.separate_documents:
+            if self.eod_id is None:  # built without a tokenizer (parameter counts, resharding): no forward
+                raise ValueError("attention.sepllm.separate_documents needs the tokenizer's EOD id")
+            docs = document_ids(tokens, self.eod_id)
+        # BiPE: rotary and ALiBi see segment indices; the token positions still drive the Sep rule.
+        segments = bilevel_positions(tokens, self.bipe_separator_ids)[1] if self.bipe else None
         cos = sin = None
         if self.rotary is not None:
-            cos, sin = self.rotary(positions)
-        return AttentionInputs(is_sep, docs, cos, sin)
+            cos, sin = self.rotary(segments if segments is not None else positions)
+        alibi = None
+        if self.alibi_slopes is not None:
+            alibi = AlibiBias(torch.tensor(self.alibi_slopes, device=tokens.device), segments)
+        return AttentionInputs(is_sep, docs, cos, sin, alibi=alibi)
+
+    def _check_bipe_positions(self, positions: Optional[torch.Tensor]) -> None:
+        if self.bipe and positions is not None:
+            raise ValueError("a BiPE model derives its positions from the tokens; do not pass positions")
 
     def embed_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.embed(tokens)
+        self._check_bipe_positions(positions)
+        if self.bipe:
+            positions = bilevel_positions(tokens, self.bipe_separator_ids)[0]
         if hasattr(self, "pos_embed"):
             pos = positions if positions is not None else torch.arange(tokens.shape[1], device=tokens.device)
             pos_h = self.pos_embed[pos]
@@ -148,7 +178,6 @@ def build_model(cfg: Config, vocab_size: int, separator_ids: Sequence[int] = (),
     """The (initialised) model or pipeline stage of the rank ``layout`` describes (default: one rank).
     ``device="meta"`` builds without memory or initialisation (parameter counts, large configs)."""
     layout = layout or ParallelLayout()
-    check_implemented(cfg, model_only=True)  # issue 13: ALiBi / BiPE fields exist before their implementation
     with torch.device(device) if device else contextlib.nullcontext():
         model = GPTModel(cfg.model, cfg.attention, vocab_size, separator_ids, eod_id, layout)
     if device != "meta":

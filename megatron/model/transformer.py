@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.attention import SepRule, attend
+from megatron.attention.alibi import AlibiBias
 from megatron.config.schema import ModelConfig, ffn_width
 from megatron.kernels import apply_rotary_qk, layer_norm, rms_norm
 from megatron.model.init import ones_init
@@ -47,6 +48,7 @@ class AttentionInputs:
     cos: Optional[torch.Tensor]  # [B|1, L, rotary_dim // 2]
     sin: Optional[torch.Tensor]
     kv_cache: Optional[KVCacheHook] = None  # streaming inference: the cache does positions and attention
+    alibi: Optional[AlibiBias] = None  # pos_emb alibi: this rank's slopes (and BiPE segment positions)
 
 
 class Norm(nn.Module):
@@ -118,8 +120,8 @@ class SelfAttention(nn.Module):
                 q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
                                        fused=self.fused_rope)
             out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inp.is_sep, self.rule,
-                         inp.doc_ids, impl=self.impl,
-                         dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
+                         inp.doc_ids, impl=self.impl, dropout_p=self.dropout if self.training else 0.0,
+                         bias=inp.alibi).transpose(1, 2)
         return self.dense(out.reshape(B, L, -1))
 
 

@@ -9,7 +9,7 @@ through the pipeline schedule) or, when ``zero_optimization.stage > 0``, a ZeRO 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Protocol
+from typing import Callable, Dict, List, Optional, Protocol
 
 import torch
 
@@ -21,6 +21,7 @@ from megatron.parallel.data_parallel import (
     average_over_dp,
 )
 from megatron.training.guards import non_finite_reason, skip_step
+from megatron.training.loss_scaler import LossScaler
 from megatron.training.optimizer import NamedState, clip_grad_norm_, load_named_optimizer_state, named_optimizer_state
 from megatron.training.pipeline import PipelineRunner
 
@@ -46,9 +47,11 @@ class DenseEngine:
     """Every rank holds whole (TP-sharded) parameters and the full optimizer state."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 clip_grad: float, autocast: AutocastFactory = contextlib.nullcontext):
+                 clip_grad: float, autocast: AutocastFactory = contextlib.nullcontext,
+                 loss_scaler: Optional[LossScaler] = None):
         self.model, self.optimizer, self.device, self.clip_grad = model, optimizer, device, clip_grad
         self.autocast, self.layout = autocast, model.layout
+        self.loss_scaler = loss_scaler  # fp16 (megatron/training/loss_scaler.py); None otherwise
 
     def _forward_backward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
         """Accumulates the gradient of mean(loss over micro-batches); returns that mean (this rank)."""
@@ -56,7 +59,8 @@ class DenseEngine:
         for mb in micro_batches:
             with self.autocast():
                 loss = micro_batch_loss(self.model, mb.to(self.device))
-            (loss / len(micro_batches)).backward()
+            scaled = loss if self.loss_scaler is None else self.loss_scaler.scale_loss(loss)
+            (scaled / len(micro_batches)).backward()
             total += loss.detach().float()
         return total / len(micro_batches)
 
@@ -76,8 +80,12 @@ class DenseEngine:
         allreduce_sequence_parallel_grads(self.model)
         allreduce_gradients(params, self.layout)
         allreduce_tied_embedding_grads(self.model)
-        grad_norm = clip_grad_norm_(params, self.clip_grad, self.layout)
+        # fp16: unscale, agree on overflow over all ranks (loss_scaler.py); an overflow skips the step below.
+        overflow = self.loss_scaler is not None and self.loss_scaler.unscale_and_check(params)
+        grad_norm = float("inf") if overflow else clip_grad_norm_(params, self.clip_grad, self.layout)
         stats = {"loss": float(average_over_dp(loss, self.layout)), "lr": lr, "grad_norm": grad_norm}
+        if self.loss_scaler is not None:
+            stats.update(self.loss_scaler.update(overflow))
         reason = non_finite_reason(stats["loss"], grad_norm)  # same on every rank: both are reduced
         if reason:
             return skip_step(self.optimizer, stats, reason)  # no update (megatron/training/guards.py)
@@ -89,10 +97,16 @@ class DenseEngine:
         return average_over_dp(self._forward(micro_batches), self.layout)
 
     def optimizer_state(self) -> NamedState:
-        return named_optimizer_state(self.optimizer, self.model)
+        state = named_optimizer_state(self.optimizer, self.model)
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
+        return state
 
     def load_optimizer_state(self, state: NamedState) -> None:
+        scaler_state = state.get("loss_scaler")
         load_named_optimizer_state(self.optimizer, self.model, state)
+        if self.loss_scaler is not None and scaler_state is not None:
+            self.loss_scaler.load_state_dict(scaler_state)
 
 
 class PipelineEngine(DenseEngine):
@@ -101,11 +115,13 @@ class PipelineEngine(DenseEngine):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  clip_grad: float, schedule: str, n_microbatches: int,
-                 autocast: AutocastFactory = contextlib.nullcontext):
-        super().__init__(model, optimizer, device, clip_grad, autocast)
+                 autocast: AutocastFactory = contextlib.nullcontext, loss_scaler: Optional[LossScaler] = None):
+        super().__init__(model, optimizer, device, clip_grad, autocast, loss_scaler)
         self.pipeline = PipelineRunner(model, schedule, device, n_microbatches, autocast)
 
     def _forward_backward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
+        if self.loss_scaler is not None:
+            self.pipeline.loss_scale = self.loss_scaler.scale
         return self.pipeline.forward_backward(micro_batches)
 
     def _forward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
@@ -118,8 +134,9 @@ def build_engine(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     if cfg.parallel.zero_optimization.stage > 0:
         from megatron.training.zero import ZeroEngine
 
-        return ZeroEngine(cfg, model, optimizer, device, autocast)
+        return ZeroEngine(cfg, model, optimizer, device, autocast)  # DeepSpeed scales fp16 itself
+    scaler = LossScaler.from_config(cfg.training.fp16) if cfg.training.precision == "fp16" else None
     if model.layout.pp_size > 1:
         return PipelineEngine(model, optimizer, device, clip, cfg.parallel.pipe_schedule,
-                              cfg.training.gradient_accumulation_steps, autocast)
-    return DenseEngine(model, optimizer, device, clip, autocast)
+                              cfg.training.gradient_accumulation_steps, autocast, scaler)
+    return DenseEngine(model, optimizer, device, clip, autocast, scaler)

@@ -5,8 +5,9 @@ over data-parallel ranks and broadcast from the last pipeline stage; gradient no
 PP after the DP all-reduce), so every rank takes the same decision with no extra communication.
 
 * Engines call :func:`non_finite_reason` before ``optimizer.step()`` and, when it names a reason,
-  :func:`skip_step` instead of stepping. ``skip_step`` is the one way to skip an update: an fp16
-  dynamic loss scaler reuses it for its overflow steps.
+  :func:`skip_step` instead of stepping. ``skip_step`` is the one way to skip an update, fp16 overflow
+  steps included (their gradient norm is infinite). An overflow the dynamic loss scaler adapted to
+  (``fp16_overflow`` 1 in the stats) is routine: counted, logged, but not toward ``max_skipped_steps``.
 * The Trainer feeds every step's stats to :class:`NonFiniteGuard`, which counts skipped steps, logs
   each one, and raises :class:`TrainingDiverged` after ``max_skipped_steps`` consecutive ones.
 * :func:`non_finite_state` checks weights and optimizer state before a checkpoint is written, so
@@ -73,11 +74,15 @@ class NonFiniteGuard:
             stats[SKIPPED] = 0.0
             stats["skipped_steps"] = float(self.total)
             return stats
-        self.consecutive += 1
         self.total += 1
+        stats["skipped_steps"] = float(self.total)
+        if stats.get("fp16_overflow"):  # routine for dynamic loss scaling: the scaler adapted; not a failure
+            self.log(f"iter {iteration:6d} | fp16 overflow: step skipped, scaler adapted "
+                     f"({self.total} skipped in total)")
+            return stats
+        self.consecutive += 1
         if self.streak_start is None:
             self.streak_start = iteration
-        stats["skipped_steps"] = float(self.total)
         self.log(f"iter {iteration:6d} | step skipped, weights not updated: {reason} "
                  f"({self.consecutive} in a row of at most {self.max_skipped_steps}, {self.total} in total)")
         if self.consecutive >= self.max_skipped_steps:

@@ -78,6 +78,7 @@ class PipelineRunner:
         self.holds_last = any(s.is_last for s in self.stages)
         self._micro_losses: List[torch.Tensor] = []
         self._divisor = float(n_microbatches)
+        self.loss_scale = 1.0  # fp16: the engine's loss scale for the next step (x * 1.0 is exact)
         if self.chunks > 1:
             self.schedule = ScheduleInterleaved1F1B(self.stages, n_microbatches, loss_fn=self._loss,
                                                     scale_grads=False)
@@ -89,7 +90,7 @@ class PipelineRunner:
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = lm_loss(logits, labels, self.layout, self.fused_cross_entropy)
         self._micro_losses.append(loss.detach().float())
-        return loss / self._divisor
+        return loss * self.loss_scale / self._divisor
 
     def _run(self, micro_batches: List[torch.Tensor], train: bool) -> torch.Tensor:
         if len(micro_batches) != self.n_microbatches:

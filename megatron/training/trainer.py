@@ -25,10 +25,11 @@ from megatron.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.training.batches import collate, global_batch_indices, train_batches
 from megatron.training.exit_signals import agreed_exit_signal, deferred_exit_signals, signal_name
 from megatron.training.guards import NonFiniteGuard, TrainingDiverged, non_finite_state
+from megatron.training.loss_scaler import log_suffix
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer
-from megatron.training.resume import build_engine_and_resume
+from megatron.training.resume import build_engine_and_resume, nothing_to_load
 from megatron.training.summary import (
     attention_lines,
     batch_line,
@@ -176,7 +177,7 @@ class Trainer:
         if not ck.save:
             return None
         ensure_writable(ck.save)
-        loaded = resolve_checkpoint_dir(ck.load) if ck.load else None
+        loaded = resolve_checkpoint_dir(ck.load) if ck.load and not nothing_to_load(ck.load) else None
         return SaveSession.open(ck.save, loaded, self.log)
 
     # ------------------------------------------------------------- resume
@@ -207,6 +208,8 @@ class Trainer:
     def autocast(self):
         if self.cfg.training.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.training.precision == "fp16":  # fp32 weights, fp16 compute; loss scaling in the engine
+            return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     def train_step(self, micro_batches: List[torch.Tensor]) -> Dict[str, float]:
@@ -293,7 +296,7 @@ class Trainer:
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
                          f"{stats['lr']:.3e} | grad_norm {stats['grad_norm']:.3f} | tokens/s "
                          f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter | "
-                         + Throughput.text(stats))
+                         + Throughput.text(stats) + log_suffix(stats))
                 self.metrics.log(self.iteration, stats)
                 window_time, window_iters = 0.0, 0
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:

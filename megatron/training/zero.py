@@ -67,6 +67,8 @@ def deepspeed_config(cfg) -> Dict[str, Any]:
                               if v is not None},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": tr.precision == "bf16"},
+        # fp16: DeepSpeed keeps fp32 master weights and scales the loss itself, with these settings.
+        "fp16": {**dataclasses.asdict(tr.fp16), "enabled": tr.precision == "fp16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -114,10 +116,40 @@ class ZeroEngine:
             self.engine.step()  # reduce-scatter, clip and update at the accumulation boundary
         norm = self.engine.get_global_grad_norm()
         stats = {"loss": mean_loss, "lr": lr, "grad_norm": float(norm) if norm is not None else 0.0}
+        if self.engine.fp16_enabled():
+            stats.update(self._fp16_stats())
         reason = non_finite_reason(mean_loss, stats["grad_norm"])
         if reason or self.engine.skipped_steps > skipped_before:  # DeepSpeed already dropped the update
             return skip_step(None, stats, reason or "DeepSpeed skipped the step (gradient overflow)")
         return stats
+
+    def _fp16_stats(self) -> Dict[str, float]:
+        """DeepSpeed's loss scale and skipped steps, as the dense engine reports them (loss_scaler.py)."""
+        overflow = bool(getattr(self.optimizer, "overflow", False))
+        dynamic = bool(getattr(self.optimizer.loss_scaler, "dynamic", False))
+        stats = {"loss_scale": float(self.optimizer.loss_scale), "skipped_steps": float(self.engine.skipped_steps),
+                 "fp16_overflow": 1.0 if overflow and dynamic else 0.0}
+        if overflow:
+            stats["grad_norm"] = float("inf")
+        return stats
+
+    # Our LossScaler's state keys -> DeepSpeed's DynamicLossScaler attributes: one checkpoint format for
+    # both engines, so fp16 runs resume across the dense and ZeRO engines.
+    _SCALER_FIELDS = {"scale": "cur_scale", "hysteresis_left": "cur_hysteresis", "iteration": "cur_iter",
+                      "last_overflow": "last_overflow_iter"}
+
+    def _scaler_state(self) -> Dict[str, Any]:
+        scaler = self.optimizer.loss_scaler
+        state = {ours: getattr(scaler, theirs) for ours, theirs in self._SCALER_FIELDS.items()
+                 if hasattr(scaler, theirs)}
+        return {**state, "skipped_steps": self.engine.skipped_steps}
+
+    def _load_scaler_state(self, state: Dict[str, Any]) -> None:
+        scaler = self.optimizer.loss_scaler
+        for ours, theirs in self._SCALER_FIELDS.items():
+            if ours in state and hasattr(scaler, theirs):
+                setattr(scaler, theirs, state[ours])
+        self.engine.skipped_steps = int(state.get("skipped_steps", 0))
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
@@ -157,7 +189,10 @@ class ZeroEngine:
                                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().clone(),
                                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().clone()}
             groups.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": list(names)})
-        return {"param_groups": groups, "state": state}
+        named = {"param_groups": groups, "state": state}
+        if self.engine.fp16_enabled():
+            named["loss_scaler"] = self._scaler_state()
+        return named
 
     def load_optimizer_state(self, named: NamedState) -> None:
         """Scatter a named (full, per-parameter) optimizer state into ZeRO's partitions."""
@@ -165,6 +200,8 @@ class ZeroEngine:
 
         for hyper, saved in zip(self.base_optimizer.param_groups, named["param_groups"]):
             hyper.update({k: v for k, v in saved.items() if k != "params"})
+        if self.engine.fp16_enabled() and named.get("loss_scaler"):
+            self._load_scaler_state(named["loss_scaler"])
         if not named["state"]:
             return
         step = next(iter(named["state"].values()))["step"]
