@@ -28,6 +28,7 @@ from megatron.parallel import (
     parallel_lm_logits,
     vocab_parallel_cross_entropy,
 )
+from megatron.parallel.context_parallel import ContextParallelAttention, sequence_chunk
 from megatron.parallel.mappings import gather_from_tp, scatter_to_sequence_parallel
 
 
@@ -74,17 +75,28 @@ class GPTModel(nn.Module):
 
     def attention_inputs(self, tokens: torch.Tensor,
                          positions: Optional[torch.Tensor] = None) -> AttentionInputs:
+        """Separator flags and document ids of the whole sequence ``tokens`` [B, L], and RoPE tables
+        (under context parallelism: of this rank's chunk, at its global positions)."""
         B, L = tokens.shape
         if positions is None:
             positions = torch.arange(L, device=tokens.device)[None]
         is_sep = separator_flags(tokens, self.base_rule, self.separator_ids, positions.expand(B, L))
         docs = document_ids(tokens, self.eod_id) if self.base_rule.separate_documents else None
+        cp = None
+        if self.layout.cp_size > 1:  # ----- context parallelism (megatron/parallel/context_parallel.py)
+            cp = ContextParallelAttention(self.layout, is_sep, docs)
+            positions = sequence_chunk(positions, self.layout)
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary(positions)
-        return AttentionInputs(is_sep, docs, cos, sin)
+        return AttentionInputs(is_sep, docs, cos, sin, context_parallel=cp)
 
     def embed_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings [B, L, H] of ``tokens`` [B, L]; under context parallelism of this rank's chunk."""
+        if self.layout.cp_size > 1:
+            if positions is None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+            tokens, positions = sequence_chunk(tokens, self.layout), sequence_chunk(positions, self.layout)
         h = self.embed(tokens)
         if hasattr(self, "pos_embed"):
             pos = positions if positions is not None else torch.arange(tokens.shape[1], device=tokens.device)
@@ -128,7 +140,10 @@ def split_batch(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: ParallelLayout,
             fused: Optional[bool] = None) -> torch.Tensor:
-    """Mean next-token cross entropy of a micro-batch, from this rank's vocabulary shard of the logits."""
+    """Mean next-token cross entropy of a micro-batch, from this rank's vocabulary shard of the logits.
+    Under context parallelism ``labels`` hold the whole sequence and the logits this rank's chunk:
+    the mean is over the chunk (the engines average it over the cp ranks)."""
+    labels = sequence_chunk(labels, layout)
     return vocab_parallel_cross_entropy(logits, labels, layout, fused=fused).mean()
 
 

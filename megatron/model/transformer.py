@@ -25,6 +25,7 @@ from megatron.parallel import (
     mark_sequence_parallel,
     new_parameter,
 )
+from megatron.parallel.context_parallel import ContextParallelAttention
 from megatron.parallel.layers import InitMethod
 
 
@@ -48,6 +49,9 @@ class AttentionInputs:
     cos: Optional[torch.Tensor]  # [B|1, L, rotary_dim // 2]
     sin: Optional[torch.Tensor]
     kv_cache: Optional[KVCacheHook] = None  # streaming inference: the cache does positions and attention
+    # Context parallelism: this rank holds a chunk of the sequence (is_sep/doc_ids stay global,
+    # cos/sin are the chunk's) and attention exchanges keys with the other cp ranks.
+    context_parallel: Optional[ContextParallelAttention] = None
 
 
 class Norm(nn.Module):
@@ -120,8 +124,11 @@ class SelfAttention(nn.Module):
             if self.rotary_dim:
                 q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
                                        fused=self.fused_rope)
-            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inp.is_sep, self.rule,
-                         inp.doc_ids, impl=self.impl).transpose(1, 2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if inp.context_parallel is not None:
+                out = inp.context_parallel.attend(q, k, v, self.rule, self.impl).transpose(1, 2)
+            else:
+                out = attend(q, k, v, inp.is_sep, self.rule, inp.doc_ids, impl=self.impl).transpose(1, 2)
         return self.dense(out.reshape(B, L, -1))
 
 
