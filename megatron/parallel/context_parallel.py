@@ -52,6 +52,17 @@ def sequence_chunk(x: torch.Tensor, layout: ParallelLayout, dim: int = 1) -> tor
     return take_segments(x, local_segments(x.shape[dim], layout), dim)
 
 
+def agree_over_cp(tokens: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """cp rank 0's ``tokens`` on every cp rank. A later pipeline stage gets the tokens from the previous
+    stage, and during torch's first shape inference these are uninitialised placeholders; the
+    exchange plans are built from them, so every cp rank must see the same ones."""
+    if layout.cp_size == 1:
+        return tokens
+    tokens = tokens.contiguous().clone()
+    dist.broadcast(tokens, group=layout.cp_group, group_src=0)
+    return tokens
+
+
 def _start(sends: List[Tuple[int, torch.Tensor]], recvs: List[Tuple[int, torch.Tensor]], group,
            tag: int = 0) -> list:
     """Post point-to-point messages in ``group`` (peers are group ranks); returns the works to wait on.
