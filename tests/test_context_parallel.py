@@ -44,9 +44,11 @@ VARIANTS = {
                                            "full_attention_layers": [0, -1]}}},
     "separate_documents": {"attention": {"sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4,
                                                     "separator_ids": [3, 7, 11], "separate_documents": True}}},
-    "layer_windows_learned_positions": {"pos_emb": "learned", "no_weight_tying": True, "attention": {
-        "impl": "compact", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4, "separator_ids": [3, 7, 11],
-                                      "layer_n_local": {1: 12, 2: 40}}}},
+    # Windows wider than a segment (halo from several ranks), learned positions, recomputed layers.
+    "layer_windows_learned_positions_recompute": {
+        "pos_emb": "learned", "no_weight_tying": True, "checkpoint_activations": True,
+        "attention": {"impl": "compact", "sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4,
+                                                    "separator_ids": [3, 7, 11], "layer_n_local": {1: 12, 2: 40}}}},
 }
 
 

@@ -35,9 +35,9 @@ from megatron.attention.context_parallel import (
     sequence_segments,
     take_segments,
 )
+from megatron.config.validation import CONTEXT_PARALLEL_IMPLS
+from megatron.errors import ConfigError
 from megatron.parallel.layout import ParallelLayout
-
-CP_IMPLS = ("auto", "reference", "compact", "sdpa")
 
 
 def local_segments(seq_len: int, layout: ParallelLayout) -> List[Tuple[int, int]]:
@@ -199,12 +199,12 @@ class ContextParallelAttention:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rule: SepRule, impl: str,
                scale: Optional[float] = None) -> torch.Tensor:
         """q [B, Hq, Lc, D], k/v [B, Hkv, Lc, D] of this rank's chunk -> [B, Hq, Lc, D]."""
-        if impl not in CP_IMPLS:
-            raise ValueError(f"attention.impl {impl!r} does not run under context parallelism; use one of "
-                             f"{CP_IMPLS}")
-        if impl == "auto" and q.is_cuda:
-            raise ValueError("context parallelism has CPU kernels only (compact, reference); FlexAttention "
-                             "over the exchanged keys is not implemented yet")
+        if impl not in CONTEXT_PARALLEL_IMPLS:
+            raise ConfigError(f"attention.impl {impl!r} does not run with context parallelism; use one of "
+                              f"{', '.join(CONTEXT_PARALLEL_IMPLS)}")
+        if q.device.type != "cpu":
+            raise ConfigError("context_parallel_size > 1 runs on CPU kernels only for now (compact, reference, "
+                              "ring steps on the CPU flash kernel); the GPU path is not implemented")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         docs = self.doc_ids if rule.separate_documents else None
         if rule.is_full or impl == "sdpa":
