@@ -88,8 +88,8 @@ def plan_figures(args, tokens: torch.Tensor, seq: int, cp: int, sep_ids: List[in
     from megatron.attention import SepRule, kv_kept_per_query, separator_flags
     from megatron.attention.compact import special_flags
     from megatron.attention.context_parallel import (
-        _needed_positions,
         build_rank_plans,
+        needed_positions,
         owner_maps,
         sequence_segments,
     )
@@ -114,7 +114,7 @@ def plan_figures(args, tokens: torch.Tensor, seq: int, cp: int, sep_ids: List[in
     block_owner = owner.view(-1, BLOCK)[:, 0]  # segments are whole blocks at these lengths
     blocks = [0] * cp
     for d in range(cp):  # 128-token blocks holding a key some query of rank d needs, sent by their owner
-        need = _needed_positions(special, sequence_segments(seq, cp, d), w - 1)[0] & (owner != d)
+        need = needed_positions(special, sequence_segments(seq, cp, d), w - 1)[0] & (owner != d)
         needed = need.view(-1, BLOCK).any(dim=1)
         for r in range(cp):
             blocks[r] += int((needed & (block_owner == r)).sum()) * BLOCK

@@ -131,7 +131,7 @@ class RankPlan:
         return sum(self.recvs.values())
 
 
-def _needed_positions(special: torch.Tensor, segments: List[Segment], halo: int) -> torch.Tensor:
+def needed_positions(special: torch.Tensor, segments: List[Segment], halo: int) -> torch.Tensor:
     """[B, L] bool: the keys a rank holding ``segments`` attends to outside its own queries' positions
     (the specials before each segment's halo, and the halo)."""
     B, L = special.shape
@@ -170,7 +170,7 @@ def build_rank_plans(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torc
     # Positions each source sends each destination that a wanted rank deals with, ascending, -1 padded.
     pieces: Dict[Tuple[int, int], torch.Tensor] = {}
     for d in range(cp):
-        need = _needed_positions(special, segs[d], halo) & (owner != d)
+        need = needed_positions(special, segs[d], halo) & (owner != d)
         for s in range(cp):
             if s != d and (s in ranks or d in ranks):
                 _, pos = gather_specials(need & (owner == s), never_visible=-1)
