@@ -274,7 +274,7 @@ def mib(x: float) -> str:
     return f"{x / 2**20:.2f}"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqs", default="8192,16384,32768,65536")
     p.add_argument("--cps", default="2,4")
@@ -291,72 +291,90 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--json", default=None, help="also write every figure here")
     args = p.parse_args(argv)
-    seqs, cps = [int(s) for s in args.seqs.split(",")], [int(c) for c in args.cps.split(",")]
-    torch.set_num_threads(1)
-    stream = real_text_tokens(max(seqs) + 1)
-    sep_ids, eod, vocab = tokenizer_ids()
-    kv_bytes = 2 * args.kv_heads * (args.hidden // args.heads) * FP32  # one key + value, fp32
-    report: Dict[str, Any] = {"plans": {}, "runs": {}, "cap": {}}
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, gloo, 1 thread per rank; model "
-          f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} kv), n_init {args.n_init}, "
-          f"n_local {args.n_local}, micro-batch 1, fp32; one key+value = {kv_bytes} bytes per layer\n", flush=True)
+    args.seqs, args.cps = [int(x) for x in args.seqs.split(",")], [int(c) for c in args.cps.split(",")]
+    return args
 
+
+def report_plans(args, stream: torch.Tensor, sep_ids: List[int]) -> Dict[str, Any]:
     print("| L | cp | specials | work max/mean contiguous | balanced | keys sent per layer, max rank: ours (plan) | "
           "closed form | ring | block gather (128) | ours / ring |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for seq in seqs:
-        for cp in cps:
-            f = plan_figures(args, stream, seq, cp, sep_ids)
-            report["plans"][f"{seq}/{cp}"] = f
+    out = {}
+    for seq in args.seqs:
+        for cp in args.cps:
+            f = out[f"{seq}/{cp}"] = plan_figures(args, stream, seq, cp, sep_ids)
             print(f"| {seq} | {cp} | {f['density'] * 100:.1f}% | {f['work_max_over_mean']['contiguous']:.2f} | "
                   f"{f['work_max_over_mean']['balanced']:.2f} | {max(f['ours_keys'])} | {max(f['closed_keys']):.0f} | "
                   f"{f['ring_keys']} | {max(f['block_keys'])} | "
                   f"{max(f['ours_keys']) / f['ring_keys']:.3f} |", flush=True)
+    return out
 
+
+def print_run(seq: int, name: str, r: Dict[str, Any], one: Dict[str, Any], kv_bytes: int) -> None:
+    if r.get("oom"):
+        print(f"| {seq} | {name} | out of memory | | | | | | | | |")
+        return
+    cp = int(name[2]) if name.startswith("CP") else 1
+    fwd = max(r["fwd_layer_bytes"]) if cp > 1 else 0.0
+    ratio = f"{fwd / ((cp - 1) * (seq // cp) * kv_bytes):.3f}" if cp > 1 else ""
+    print(f"| {seq} | {name} | {r['loss']:.4f} | {r['seconds']:.1f} | {r['cpu_max']:.1f} / {r['cpu_sum']:.1f} | "
+          f"{mib(r['peak_bytes'])} | {r['peak_bytes'] / one['peak_bytes']:.2f} | {mib(fwd)} | "
+          f"{mib(max(r['bwd_layer_bytes']) if cp > 1 else 0)} | {mib(r['grad_sync_bytes'])} | {ratio} |", flush=True)
+
+
+def report_runs(args, base_for, kv_bytes: int) -> Dict[int, Dict[str, Any]]:
+    """One rank, then per cp ours and ring attention, at each length (interleaved)."""
+    print("\n| L | layout | loss | step s (wall) | CPU s: max rank / all ranks | peak MiB per rank | vs 1 rank | "
+          "fwd MiB/layer/rank (max) | bwd MiB/layer/rank (max) | grad all-reduce MiB | ours fwd / ring fwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    out = {}
+    for seq in args.seqs:
+        base = base_for(seq)
+        runs = out[seq] = {"1 rank": measure(args, base, seq, "sepllm", 1)}
+        for cp in args.cps:
+            runs[f"CP{cp}"] = measure(args, base, seq, "sepllm", cp)
+            if seq <= args.ring_max_seq:
+                runs[f"CP{cp} ring (full attn)"] = measure(args, base, seq, "full", cp)
+        for name, r in runs.items():
+            print_run(seq, name, r, runs["1 rank"], kv_bytes)
+    return out
+
+
+def report_cap(args, base_for, runs: Dict[str, Any], seq: int) -> Dict[int, Any]:
+    """Every layout at ``seq`` under one memory cap (default: a quarter of the way from the largest CP
+    peak to the one-rank peak measured at ``seq``)."""
+    cps_peak = max(runs[f"CP{c}"]["peak_bytes"] for c in args.cps if not runs.get(f"CP{c}", {}).get("oom"))
+    cap_gb = args.cap_gb or (cps_peak + 0.25 * (runs["1 rank"]["peak_bytes"] - cps_peak)) / 2**30
+    print(f"\nMemory cap {cap_gb:.2f} GiB above each rank's RSS before the step (RLIMIT_DATA), L = {seq}:")
+    out = {}
+    for cp in [1] + args.cps:
+        r = out[cp] = measure(args, base_for(seq), seq, "sepllm", cp, cap=int(cap_gb * 2**30))
+        print(f"  {'1 rank' if cp == 1 else f'CP{cp}'}: " + (
+            "out of memory" if r.get("oom") else f"ran, peak {mib(r['peak_bytes'])} MiB per rank"), flush=True)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    stream = real_text_tokens(max(args.seqs) + 1)
+    sep_ids, eod, vocab = tokenizer_ids()
+    kv_bytes = 2 * args.kv_heads * (args.hidden // args.heads) * FP32  # one key + value, fp32
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, gloo, 1 thread per rank; model "
+          f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} kv), n_init {args.n_init}, "
+          f"n_local {args.n_local}, micro-batch 1, fp32; one key+value = {kv_bytes} bytes per layer\n", flush=True)
+    report: Dict[str, Any] = {"plans": report_plans(args, stream, sep_ids)}
     with tempfile.TemporaryDirectory() as tmp:
-        print("\n| L | layout | loss | step s (wall) | CPU s: max rank / all ranks | peak MiB per rank | vs 1 rank | "
-              "fwd MiB/layer/rank (max) | bwd MiB/layer/rank (max) | grad all-reduce MiB | ours fwd / ring fwd |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for seq in seqs:
+        def base_for(seq: int) -> Dict[str, Any]:
             tokens = Path(tmp) / f"tokens{seq}.pt"
             torch.save(stream[None, :seq + 1].clone(), tokens)
-            base = dict(tokens=str(tokens), vocab=vocab, sep_ids=sep_ids, eod=eod, timeout=args.timeout)
-            runs = {"1 rank": measure(args, base, seq, "sepllm", 1)}
-            for cp in cps:  # interleaved: ours and ring at each cp
-                runs[f"CP{cp}"] = measure(args, base, seq, "sepllm", cp)
-                if seq <= args.ring_max_seq:
-                    runs[f"CP{cp} ring (full attn)"] = measure(args, base, seq, "full", cp)
-            report["runs"][seq] = runs
-            one = runs["1 rank"]
-            for name, r in runs.items():
-                if r.get("oom"):
-                    print(f"| {seq} | {name} | out of memory | | | | | | | | |")
-                    continue
-                cp = int(name[2]) if name.startswith("CP") else 1
-                ring_fwd = (cp - 1) * (seq // cp) * kv_bytes
-                fwd = max(r["fwd_layer_bytes"]) if cp > 1 else 0.0
-                ratio = f"{fwd / ring_fwd:.3f}" if cp > 1 else ""
-                print(f"| {seq} | {name} | {r['loss']:.4f} | {r['seconds']:.1f} | {r['cpu_max']:.1f} / "
-                      f"{r['cpu_sum']:.1f} | {mib(r['peak_bytes'])} | "
-                      f"{r['peak_bytes'] / one['peak_bytes']:.2f} | {mib(fwd)} | "
-                      f"{mib(max(r['bwd_layer_bytes']) if cp > 1 else 0)} | {mib(r['grad_sync_bytes'])} | "
-                      f"{ratio} |", flush=True)
-        cap_seq = args.cap_seq if args.cap_seq is not None else max(seqs)
+            return dict(tokens=str(tokens), vocab=vocab, sep_ids=sep_ids, eod=eod, timeout=args.timeout)
+
+        report["runs"] = report_runs(args, base_for, kv_bytes)
+        cap_seq = args.cap_seq if args.cap_seq is not None else max(args.seqs)
         if cap_seq:
-            runs = report["runs"].get(cap_seq, {})
-            one = runs.get("1 rank", {})
-            cps_peak = [runs[f"CP{c}"]["peak_bytes"] for c in cps if not runs.get(f"CP{c}", {}).get("oom")]
-            cap_gb = args.cap_gb or (max(cps_peak) + 0.25 * (one["peak_bytes"] - max(cps_peak))) / 2**30
-            tokens = Path(tmp) / f"tokens{cap_seq}.pt"
-            torch.save(stream[None, :cap_seq + 1].clone(), tokens)
-            base = dict(tokens=str(tokens), vocab=vocab, sep_ids=sep_ids, eod=eod, timeout=args.timeout)
-            print(f"\nMemory cap {cap_gb:.2f} GiB above each rank's RSS before the step (RLIMIT_DATA), L = {cap_seq}:")
-            for cp in [1] + cps:
-                r = measure(args, base, cap_seq, "sepllm", cp, cap=int(cap_gb * 2**30))
-                report["cap"][cp] = r
-                print(f"  {'1 rank' if cp == 1 else f'CP{cp}'}: " + (
-                    "out of memory" if r.get("oom") else f"ran, peak {mib(r['peak_bytes'])} MiB per rank"), flush=True)
+            report["cap"] = report_cap(args, base_for, report["runs"][cap_seq], cap_seq)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return 0
