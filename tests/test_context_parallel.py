@@ -43,7 +43,8 @@ VARIANTS = {
     "hybrid_HT": {"attention": {"sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4, "separator_ids": [3, 7, 11],
                                            "full_attention_layers": [0, -1]}}},
     "separate_documents": {"attention": {"sepllm": {"mode": "sepllm", "n_init": 2, "n_local": 4,
-                                                    "separator_ids": [3, 7, 11], "separate_documents": True}}},
+                                                    "separator_ids": [3, 7, 11], "separate_documents": True,
+                                                    "full_attention_layers": [1]}}},  # ring with documents
     # Windows wider than a segment (halo from several ranks), learned positions, recomputed layers.
     "layer_windows_learned_positions_recompute": {
         "pos_emb": "learned", "no_weight_tying": True, "checkpoint_activations": True,

@@ -171,3 +171,20 @@ def test_ring_blocks_match_dense_causal(cp, docs_len):
         assert rel_err(a, b) <= TOL, f"{name}: rel err {rel_err(a, b):.2e}"
     if docs is None:
         assert rel_err(full, dense_causal_attention(q, k, v, rule)) <= TOL
+
+
+def test_layout_orders_tp_cp_dp_pp_and_chunks_follow_cp_rank():
+    from distributed_helpers import model_tree
+
+    from megatron.config import config_from_tree
+    from megatron.parallel import layout_from_config
+    from megatron.parallel.context_parallel import sequence_chunk
+
+    cfg = config_from_tree(model_tree(model_parallel_size=2, context_parallel_size=2))
+    ranks = [layout_from_config(cfg, 8, r) for r in range(8)]
+    assert [(lay.tp_rank, lay.cp_rank, lay.dp_rank) for lay in ranks[:4]] == [(0, 0, 0), (1, 0, 0), (0, 1, 0),
+                                                                            (1, 1, 0)]
+    assert (ranks[5].dp_rank, ranks[5].dp_size, ranks[5].cp_size) == (1, 2, 2)
+    labels = torch.arange(16)[None]
+    assert sequence_chunk(labels, ranks[0]).tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
+    assert sequence_chunk(labels, ranks[2]).tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
