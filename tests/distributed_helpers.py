@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 VOCAB = 96
 SEPARATORS = [3, 7, 11]
+EOD = 1  # appears in the synthetic samples only for models that keep documents apart
 
 
 def free_port() -> int:
@@ -44,12 +45,16 @@ def model_tree(**overrides) -> Dict[str, Any]:
     return tree
 
 
-def synthetic_samples(n: int, seq: int, seed: int = 0) -> torch.Tensor:
-    """[n, seq + 1] tokens with ~15% separators so Sep-Attention's sparsity pattern matters."""
+def synthetic_samples(n: int, seq: int, seed: int = 0, eod: Optional[int] = None) -> torch.Tensor:
+    """[n, seq + 1] tokens with ~15% separators so Sep-Attention's sparsity pattern matters (and ~6%
+    ``eod`` tokens when given, so documents are short)."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(12, VOCAB, (n, seq + 1), generator=gen)
     seps = torch.tensor(SEPARATORS)[torch.randint(0, len(SEPARATORS), (n, seq + 1), generator=gen)]
-    return torch.where(torch.rand(n, seq + 1, generator=gen) < 0.15, seps, tokens)
+    tokens = torch.where(torch.rand(n, seq + 1, generator=gen) < 0.15, seps, tokens)
+    if eod is not None:
+        tokens = torch.where(torch.rand(n, seq + 1, generator=gen) < 0.06, eod, tokens)
+    return tokens
 
 
 def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None, save_at: Optional[int] = None,
@@ -74,7 +79,8 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
     torch.manual_seed(cfg.training.seed)
     micro, accum = cfg.training.train_micro_batch_size_per_gpu, cfg.training.gradient_accumulation_steps
     global_batch = micro * accum * st.dp_size
-    model = build_model(cfg, VOCAB, SEPARATORS, None, st)
+    eod = EOD if cfg.attention.sepllm.separate_documents else None
+    model = build_model(cfg, VOCAB, SEPARATORS, eod, st)
     optimizer = build_optimizer(model, cfg)
     schedule = LRSchedule.from_config(cfg)
     autocast = ((lambda: torch.autocast("cpu", dtype=torch.float16)) if cfg.training.precision == "fp16"
@@ -87,7 +93,7 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
         first = next(p for p in model.parameters() if p.requires_grad)
         first.register_hook(lambda g: g * float("inf") if current["iteration"] == target else g)
     all_stats: List[Dict[str, float]] = []
-    samples = synthetic_samples(global_batch * steps, cfg.model.seq_length, seed=5)
+    samples = synthetic_samples(global_batch * steps, cfg.model.seq_length, seed=5, eod=eod)
     losses: List[float] = []
     grads: Dict[str, torch.Tensor] = {}
     step_times: List[float] = []
@@ -119,7 +125,7 @@ def train_layout(tree: Dict[str, Any], steps: int, out_dir: Optional[str] = None
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {"losses": losses, "stats": all_stats, "grads": grads, "weights": weights, "tp_dims": tp_dims,
             "sequence_parallel_params": seq_parallel, "evals": evals, "step_times": step_times, "step_comm": step_comm,
-            "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank}
+            "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank, "cp_rank": st.cp_rank}
 
 
 _COMM = {"seconds": 0.0}
@@ -184,11 +190,11 @@ def run_layout(tree: Dict[str, Any], world: int, steps: int = 5, **kwargs) -> Li
 
 
 def merge_grads(results: List[Dict[str, Any]], tied: bool = True, key: str = "grads") -> Dict[str, torch.Tensor]:
-    """Full gradients (or ``key="weights"``: final weights) from the data-parallel rank 0 of every
-    (tp, pp) shard."""
+    """Full gradients (or ``key="weights"``: final weights) from the data- and context-parallel rank 0
+    of every (tp, pp) shard."""
     by_stage: Dict[int, List[Dict[str, Any]]] = {}
     for r in results:
-        if r["dp_rank"] == 0:
+        if r["dp_rank"] == 0 and r.get("cp_rank", 0) == 0:
             by_stage.setdefault(r["pp_rank"], []).append(r)
     full = {}
     for stage in by_stage.values():

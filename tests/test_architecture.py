@@ -10,8 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron"
 LAYERS = [
     {"errors"},
     {"config", "kernels", "tokenizer"},
-    {"attention", "data", "parallel"},
-    {"hf_remote", "model"},
+    {"attention", "data"},
+    {"parallel", "hf_remote"},
+    {"model"},
     {"checkpointing"},
     {"training", "inference", "convert", "launch"},
     {"evaluation"},

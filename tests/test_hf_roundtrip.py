@@ -92,7 +92,7 @@ def test_tp2_pp2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
     import_hf(str(hf_dir), str(tmp_path / "tp2pp2"), tp=2, pp=2, seq_length=32, divisible_by=64,
               progress=False, log=quiet)
     step = tmp_path / "tp2pp2" / "global_step0"
-    assert json.loads((step / "manifest.json").read_text())["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    assert json.loads((step / "manifest.json").read_text())["layout"] == {"tp": 2, "pp": 2, "dp": 1, "cp": 1}
     assert sorted(p.name for p in step.glob("model_*.pt")) == sorted(
         f"model_tp{t:02d}_pp{p:02d}.pt" for p in range(2) for t in range(2))
     shard = torch.load(step / "model_tp01_pp00.pt", weights_only=True)

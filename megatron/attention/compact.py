@@ -28,6 +28,11 @@ constant, so forward and backward use the same mask and the log-sum-exp merge st
 
 Block sizes: the CPU kernel is much more efficient on long query blocks (prefix), while
 the local band wastes ``(near_block - 1) / n_local`` of its work (near), hence two sizes.
+
+Queries at an offset: with ``q_offset`` the queries are the last ``L - q_offset`` keys (block
+boundaries start at the offset), and ``special`` may replace the flags derived from ``is_sep``.
+Context parallelism runs the kernel this way over a key layout ``[remote specials | halo | own
+segment]`` (``megatron/attention/context_parallel.py`` explains why the rule is unchanged).
 """
 from __future__ import annotations
 
@@ -88,6 +93,7 @@ class CompactPlan:
     # [B, n_near, near_block, max keys]: what each query of a near block attends to, its keys
     # ordered as in ``_near_keys`` (special ranges, then the local band), padded.
     near_keep: torch.Tensor
+    q_offset: int = 0  # queries are keys [q_offset, L); block bounds are key positions
     _masks: dict = field(default_factory=dict)
 
     def near_mask(self, blk: NearBlock, dtype: torch.dtype, group: int) -> torch.Tensor:
@@ -154,9 +160,12 @@ def _is_nondecreasing(x: torch.Tensor) -> bool:
 
 
 def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
-               prefix_block: Optional[int] = None, near_block: Optional[int] = None) -> CompactPlan:
+               prefix_block: Optional[int] = None, near_block: Optional[int] = None,
+               special: Optional[torch.Tensor] = None, q_offset: int = 0) -> CompactPlan:
+    """The plan for keys [0, L) and queries [q_offset, L); ``special`` [B, L] overrides the
+    initial-or-separator flags otherwise derived from ``is_sep`` and ``rule``."""
     B, L = is_sep.shape
-    default_prefix, default_near = default_blocks(L)
+    default_prefix, default_near = default_blocks(L - q_offset)
     prefix_block = prefix_block or default_prefix
     near_block = min(near_block or default_near, prefix_block)
     if prefix_block % near_block:
@@ -165,7 +174,7 @@ def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tens
     w = rule.n_local
     docs = doc_ids if (rule.separate_documents and doc_ids is not None) else None
     contiguous_docs = docs is None or _is_nondecreasing(docs)
-    special = special_flags(is_sep, rule, docs)
+    special = special_flags(is_sep, rule, docs) if special is None else special.bool()
     idx, pos = gather_specials(special, never_visible=L + w)
     csum0 = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev),
                        torch.cumsum(special.long(), dim=1)], dim=1)  # csum0[:, t + 1] = #specials <= t
@@ -183,7 +192,7 @@ def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tens
         return csum0.gather(1, doc_start[:, t])
 
     # Prefix: the specials every query of the block sees, in every batch row (and document).
-    p_start = torch.arange(0, L, prefix_block, device=dev)
+    p_start = torch.arange(q_offset, L, prefix_block, device=dev)
     p_last = torch.clamp(p_start + prefix_block, max=L) - 1
     f_lo = doc_floor(p_last).amax(dim=0)
     f_hi = visible_count(p_start).amin(dim=0)
@@ -192,9 +201,9 @@ def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tens
     f_hi = torch.maximum(f_hi, f_lo)
 
     # Near: whatever the enclosing prefix leaves out of [lo, hi), plus the local band.
-    n_start = torch.arange(0, L, near_block, device=dev)
+    n_start = torch.arange(q_offset, L, near_block, device=dev)
     n_last = torch.clamp(n_start + near_block, max=L) - 1
-    parent = n_start // prefix_block
+    parent = (n_start - q_offset) // prefix_block
     lo = doc_floor(n_start).amin(dim=0)
     hi = torch.maximum(visible_count(n_last).amax(dim=0), lo)
     below_end = torch.minimum(hi, f_lo[parent]).clamp(min=lo)  # [lo, below_end)
@@ -212,7 +221,7 @@ def build_plan(is_sep: torch.Tensor, rule: SepRule, doc_ids: Optional[torch.Tens
         ranges = [(x, y) for x, y in ((l0, l1), (h0, h1)) if y > x]
         groups[par][1].append(NearBlock(n, a, z + 1, ranges, ls))
     return CompactPlan(idx, groups, _near_keep(pos, idx, docs, w, near_block, n_start, n_last, lo, below_end,
-                                               above_start, hi, local_start))
+                                               above_start, hi, local_start), q_offset)
 
 
 def _near_keep(pos: torch.Tensor, idx: torch.Tensor, docs: Optional[torch.Tensor], w: int, near_block: int,
@@ -322,15 +331,17 @@ class CompactSepAttention(torch.autograd.Function):
         v_special = _gather_rows(v, plan.special_idx)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        off = plan.q_offset  # query rows are key positions minus the offset
         for pre, nears in plan.groups:
             for blk in nears:
-                o, l_blk = _flash_fwd(_fold(q, group, blk.start, blk.end), _near_keys(k, k_special, blk),
+                a, b = blk.start - off, blk.end - off
+                o, l_blk = _flash_fwd(_fold(q, group, a, b), _near_keys(k, k_special, blk),
                                       _near_keys(v, v_special, blk), 0.0, False,
                                       attn_mask=_near_call_mask(plan, blk, bias, q.dtype, group), scale=scale)
-                out[:, :, blk.start:blk.end] = _unfold(o, group)
-                lse[:, :, blk.start:blk.end] = _unfold(l_blk, group)
+                out[:, :, a:b] = _unfold(o, group)
+                lse[:, :, a:b] = _unfold(l_blk, group)
             if not pre.empty:
-                a, b = pre.start, pre.end
+                a, b = pre.start - off, pre.end - off
                 o_pre, lse_pre = _flash_fwd(_fold(q, group, a, b), k_special[:, :, pre.lo:pre.hi],
                                             v_special[:, :, pre.lo:pre.hi], 0.0, False,
                                             attn_mask=_prefix_call_mask(plan, pre, bias, q.dtype, group), scale=scale)
@@ -355,9 +366,10 @@ class CompactSepAttention(torch.autograd.Function):
         dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
         dk_special = torch.zeros_like(k_special)
         dv_special = torch.zeros_like(v_special)
+        off = plan.q_offset
         for pre, nears in plan.groups:
             for blk in nears:
-                a, b = blk.start, blk.end
+                a, b = blk.start - off, blk.end - off
                 dq_b, dk_b, dv_b = _flash_bwd(
                     _fold(grad_out, group, a, b), _fold(q, group, a, b), _near_keys(k, k_special, blk),
                     _near_keys(v, v_special, blk), _fold(out, group, a, b), _fold(lse, group, a, b), 0.0, False,
@@ -368,10 +380,10 @@ class CompactSepAttention(torch.autograd.Function):
                     dk_special[:, :, x:y] += dk_b[:, :, offset:offset + y - x]
                     dv_special[:, :, x:y] += dv_b[:, :, offset:offset + y - x]
                     offset += y - x
-                dk[:, :, blk.local_start:b] += dk_b[:, :, offset:]
-                dv[:, :, blk.local_start:b] += dv_b[:, :, offset:]
+                dk[:, :, blk.local_start:blk.end] += dk_b[:, :, offset:]
+                dv[:, :, blk.local_start:blk.end] += dv_b[:, :, offset:]
             if not pre.empty:
-                a, b = pre.start, pre.end
+                a, b = pre.start - off, pre.end - off
                 dq_p, dk_p, dv_p = _flash_bwd(
                     _fold(grad_out, group, a, b), _fold(q, group, a, b), k_special[:, :, pre.lo:pre.hi],
                     v_special[:, :, pre.lo:pre.hi], _fold(out, group, a, b), _fold(lse, group, a, b), 0.0, False,
@@ -391,18 +403,25 @@ def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep:
                       rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
                       scale: Optional[float] = None, plan: Optional[CompactPlan] = None,
                       prefix_block: Optional[int] = None, near_block: Optional[int] = None,
-                      bias: Optional[AlibiBias] = None) -> torch.Tensor:
-    """Sep-Attention, q [B, Hq, L, D], k/v [B, Hkv, L, D], is_sep [B, L] -> [B, Hq, L, D].
+                      special: Optional[torch.Tensor] = None, bias: Optional[AlibiBias] = None) -> torch.Tensor:
+    """Sep-Attention, q [B, Hq, Lq, D], k/v [B, Hkv, L, D], is_sep [B, L] -> [B, Hq, Lq, D].
 
-    ``plan`` may be passed in to share it between layers with the same rule and inputs; ``bias`` adds ALiBi.
+    The queries are the last ``Lq <= L`` keys (``Lq == L``: ordinary self-attention). ``plan`` may
+    be passed in to share it between layers with the same rule and inputs; ``special`` as in
+    :func:`build_plan`; ``bias`` adds ALiBi (key positions are token positions: self-attention only).
     """
+    q_offset = k.shape[2] - q.shape[2]
+    if q_offset < 0:
+        raise ValueError(f"{q.shape[2]} queries but only {k.shape[2]} keys")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
     if q.device.type != "cpu":
         raise ValueError("attention.impl 'compact' uses PyTorch's CPU flash kernel; use 'flex' on CUDA")
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
-    if plan is None:
+    if plan is None and (special is not None or q_offset):
+        plan = build_plan(is_sep, rule, doc_ids, prefix_block, near_block, special, q_offset)
+    elif plan is None:
         plan = _PLANS.get(is_sep, doc_ids, (rule, prefix_block, near_block),
                           lambda: build_plan(is_sep, rule, doc_ids, prefix_block, near_block))
     if scale is None:

@@ -2,8 +2,8 @@
 
 Layout of ``SAVE/global_stepN/``::
 
-    manifest.json          iteration, consumed samples, layout (tp, pp, dp), config, shard metadata
-    model_tp00_pp00.pt     model state of tensor rank 0 / pipeline stage 0 (written by dp rank 0)
+    manifest.json          iteration, consumed samples, layout (tp, pp, dp, cp), config, shard metadata
+    model_tp00_pp00.pt     model state of tensor rank 0 / pipeline stage 0 (written by dp and cp rank 0)
     optim_tp00_pp00.pt     optimizer state of that shard, keyed by parameter name
     meta_tp00_pp00.json    shape and tensor-parallel dim of every parameter of that shard
     rng_rank00000.pt       RNG states of each global rank
@@ -118,7 +118,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
     final = root / step_dir_name(iteration)
     tmp = _make_tmp_dir(root, iteration, session)
     files: Dict[str, Dict[str, Any]] = {}
-    if st.dp_rank == 0:
+    if st.dp_rank == 0 and st.cp_rank == 0:  # one writer per (tp, pp) shard; the rest are replicas
         files.update(write_shard(model.state_dict(), tmp / shard_name("model", st.tp_rank, st.pp_rank)))
         if optimizer_state is not None:
             files.update(write_shard(optimizer_state, tmp / shard_name("optim", st.tp_rank, st.pp_rank)))
@@ -129,7 +129,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
     if global_rank() == 0:
         manifest = {
             "format_version": FORMAT_VERSION, "iteration": iteration,
-            "layout": {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size},
+            "layout": {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size, "cp": st.cp_size},
             "config": config_tree, "trainer": extra,
             "has_optimizer": optimizer_state is not None,
             "files": files,

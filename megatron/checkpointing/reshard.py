@@ -1,4 +1,6 @@
 """Merge a sharded checkpoint into one full state dict, and re-shard it for another TP x PP layout.
+Data- and context-parallel sizes do not enter: parameters are replicated over those ranks, so any
+dp x cp layout loads the shards of its tp x pp.
 
 Merging: parameter names are global (layers are keyed by global index), so pipeline stages merge
 by union; tensor-parallel shards concatenate along the ``tp_dim`` recorded in each
@@ -184,7 +186,8 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
     if unused:
         raise CheckpointError(f"parameters not placed in any target shard: {sorted(unused)[:5]}")
     src_ckpt = resolve_checkpoint_dir(ckpt_dir)
-    old_world = manifest["layout"]["tp"] * manifest["layout"]["pp"] * manifest["layout"].get("dp", 1)
+    old = manifest["layout"]
+    old_world = old["tp"] * old["pp"] * old.get("dp", 1) * old.get("cp", 1)
     for r in range(min(old_world, tp * pp)):
         rng = src_ckpt / f"rng_rank{r:05d}.pt"
         if rng.is_file():
@@ -192,7 +195,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
             files.update(file_digest(tmp / rng.name))
     new_manifest = dict(manifest, config=tree, has_optimizer=bool(full_optim), format_version=FORMAT_VERSION,
                         files=files,
-                        layout={"tp": tp, "pp": pp, "dp": 1},
+                        layout={"tp": tp, "pp": pp, "dp": 1, "cp": 1},
                         resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
     atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=1, default=str))
     if final.exists():

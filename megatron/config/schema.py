@@ -163,6 +163,7 @@ class Fp16Config:
 class ParallelConfig:
     model_parallel_size: int = 1  # tensor parallel
     pipe_parallel_size: int = 1  # 0 is accepted as 1 (NeoX's "no pipeline engine" spelling)
+    context_parallel_size: int = 1  # sequence of each micro-batch split over this many ranks
     sequence_parallel: bool = False
     pipe_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     virtual_pipe_stages: int = 1

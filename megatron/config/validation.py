@@ -203,6 +203,7 @@ def _check_model(cfg: Config, err, log) -> None:
         "train_micro_batch_size_per_gpu": tr.train_micro_batch_size_per_gpu,
         "gradient_accumulation_steps": tr.gradient_accumulation_steps, "train_iters": tr.train_iters,
         "model_parallel_size": par.model_parallel_size, "log_interval": cfg.logging.log_interval,
+        "context_parallel_size": par.context_parallel_size,
         "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by, "mlp_multiple_of": m.mlp_multiple_of,
         "max_skipped_steps": tr.max_skipped_steps,
     }
@@ -410,18 +411,47 @@ def _validate_schedule(cfg: Config) -> None:
                           "use stage 0 (flat data-parallel all-reduce) with pipelining")
 
 
+# Attention kernels that run under context parallelism (megatron/parallel/context_parallel.py).
+CONTEXT_PARALLEL_IMPLS = ("auto", "reference", "compact", "sdpa")
+
+
+def validate_context_parallel(cfg: Config) -> None:
+    """Context parallelism: the sequence splits into 2 x cp equal segments (balanced split), each
+    rank's chunk splits over tp under sequence parallelism, and the attention kernel has a CP form."""
+    par, m = cfg.parallel, cfg.model
+    cp, tp = par.context_parallel_size, par.model_parallel_size
+    if cp == 1:
+        return
+    if m.seq_length % (2 * cp):
+        raise ConfigError(f"context_parallel_size {cp}: seq_length {m.seq_length} must be divisible by "
+                          f"2 x context_parallel_size = {2 * cp} (each rank holds two of 2 x cp segments)")
+    if par.sequence_parallel and tp > 1 and (m.seq_length // cp) % tp:
+        raise ConfigError(f"sequence_parallel with context_parallel_size {cp}: each rank's {m.seq_length // cp} "
+                          f"positions must be divisible by model_parallel_size {tp}")
+    impl = cfg.attention.impl
+    if impl not in CONTEXT_PARALLEL_IMPLS:
+        raise ConfigError(f"attention.impl {impl!r} does not run with context_parallel_size {cp}; use one of "
+                          f"{', '.join(CONTEXT_PARALLEL_IMPLS)}")
+    unsupported = [what for what, used in (("pos_emb: alibi", m.pos_emb == "alibi"), ("bipe", m.bipe),
+                                           ("attention_dropout", m.attention_dropout > 0)) if used]
+    if unsupported:
+        raise ConfigError(f"context_parallel_size {cp} does not support {', '.join(unsupported)} (the exchanged "
+                          "key layout has no token-distance bias and no dropout); use context_parallel_size 1")
+
+
 def validate_layout(cfg: Config, world_size: int) -> int:
     """Check the parallel layout against the world size; returns the data-parallel size."""
     par, m = cfg.parallel, cfg.model
-    tp, pp = par.model_parallel_size, par.pipe_parallel_size
-    if world_size % (tp * pp):
+    tp, pp, cp = par.model_parallel_size, par.pipe_parallel_size, par.context_parallel_size
+    if world_size % (tp * pp * cp):
         raise ConfigError(f"world size {world_size} is not divisible by model_parallel_size {tp} x "
-                          f"pipe_parallel_size {pp}")
+                          f"pipe_parallel_size {pp}" + (f" x context_parallel_size {cp}" if cp > 1 else ""))
     validate_model_split(cfg, tp, pp)
     if par.sequence_parallel and tp > 1 and m.seq_length % tp:
         raise ConfigError(f"sequence_parallel: seq_length {m.seq_length} is not divisible by "
                           f"model_parallel_size {tp}")
-    dp = world_size // (tp * pp)
+    validate_context_parallel(cfg)
+    dp = world_size // (tp * pp * cp)
     tb = cfg.training.train_batch_size
     derived = cfg.training.train_micro_batch_size_per_gpu * cfg.training.gradient_accumulation_steps * dp
     if tb is not None and tb != derived:

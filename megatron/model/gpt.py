@@ -31,6 +31,7 @@ from megatron.parallel import (
     parallel_lm_logits,
     vocab_parallel_cross_entropy,
 )
+from megatron.parallel.context_parallel import ContextParallelAttention, sequence_chunk
 from megatron.parallel.mappings import gather_from_tp, scatter_to_sequence_parallel
 
 
@@ -89,6 +90,8 @@ class GPTModel(nn.Module):
 
     def attention_inputs(self, tokens: torch.Tensor,
                          positions: Optional[torch.Tensor] = None) -> AttentionInputs:
+        """Separator flags and document ids of the whole sequence ``tokens`` [B, L], and RoPE tables
+        (under context parallelism: of this rank's chunk, at its global positions)."""
         B, L = tokens.shape
         self._check_bipe_positions(positions)
         if positions is None:
@@ -99,7 +102,12 @@ class GPTModel(nn.Module):
             if self.eod_id is None:  # built without a tokenizer (parameter counts, resharding): no forward
                 raise ValueError("attention.sepllm.separate_documents needs the tokenizer's EOD id")
             docs = document_ids(tokens, self.eod_id)
+        cp = None
+        if self.layout.cp_size > 1:  # ----- context parallelism (megatron/parallel/context_parallel.py)
+            cp = ContextParallelAttention(self.layout, is_sep, docs)
+            positions = sequence_chunk(positions, self.layout)
         # BiPE: rotary and ALiBi see segment indices; the token positions still drive the Sep rule.
+        # (Neither runs under context parallelism: config validation rejects the pairing.)
         segments = bilevel_positions(tokens, self.bipe_separator_ids)[1] if self.bipe else None
         cos = sin = None
         if self.rotary is not None:
@@ -107,13 +115,18 @@ class GPTModel(nn.Module):
         alibi = None
         if self.alibi_slopes is not None:
             alibi = AlibiBias(torch.tensor(self.alibi_slopes, device=tokens.device), segments)
-        return AttentionInputs(is_sep, docs, cos, sin, alibi=alibi)
+        return AttentionInputs(is_sep, docs, cos, sin, alibi=alibi, context_parallel=cp)
 
     def _check_bipe_positions(self, positions: Optional[torch.Tensor]) -> None:
         if self.bipe and positions is not None:
             raise ValueError("a BiPE model derives its positions from the tokens; do not pass positions")
 
     def embed_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings [B, L, H] of ``tokens`` [B, L]; under context parallelism of this rank's chunk."""
+        if self.layout.cp_size > 1:
+            if positions is None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+            tokens, positions = sequence_chunk(tokens, self.layout), sequence_chunk(positions, self.layout)
         h = self.embed(tokens)
         self._check_bipe_positions(positions)
         if self.bipe:
@@ -160,7 +173,10 @@ def split_batch(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: ParallelLayout,
             fused: Optional[bool] = None) -> torch.Tensor:
-    """Mean next-token cross entropy of a micro-batch, from this rank's vocabulary shard of the logits."""
+    """Mean next-token cross entropy of a micro-batch, from this rank's vocabulary shard of the logits.
+    Under context parallelism ``labels`` hold the whole sequence and the logits this rank's chunk:
+    the mean is over the chunk (the engines average it over the cp ranks)."""
+    labels = sequence_chunk(labels, layout)
     return vocab_parallel_cross_entropy(logits, labels, layout, fused=fused).mean()
 
 

@@ -25,6 +25,7 @@ from megatron.parallel import (
     mark_sequence_parallel,
     new_parameter,
 )
+from megatron.parallel.context_parallel import ContextParallelAttention
 from megatron.parallel.layers import InitMethod
 
 
@@ -49,6 +50,9 @@ class AttentionInputs:
     sin: Optional[torch.Tensor]
     kv_cache: Optional[KVCacheHook] = None  # streaming inference: the cache does positions and attention
     alibi: Optional[AlibiBias] = None  # pos_emb alibi: this rank's slopes (and BiPE segment positions)
+    # Context parallelism: this rank holds a chunk of the sequence (is_sep/doc_ids stay global,
+    # cos/sin are the chunk's) and attention exchanges keys with the other cp ranks.
+    context_parallel: Optional[ContextParallelAttention] = None
 
 
 class Norm(nn.Module):
@@ -119,9 +123,12 @@ class SelfAttention(nn.Module):
             if self.rotary_dim:
                 q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
                                        fused=self.fused_rope)
-            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inp.is_sep, self.rule,
-                         inp.doc_ids, impl=self.impl, dropout_p=self.dropout if self.training else 0.0,
-                         bias=inp.alibi).transpose(1, 2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if inp.context_parallel is not None:
+                out = inp.context_parallel.attend(q, k, v, self.rule, self.impl).transpose(1, 2)
+            else:
+                out = attend(q, k, v, inp.is_sep, self.rule, inp.doc_ids, impl=self.impl,
+                             dropout_p=self.dropout if self.training else 0.0, bias=inp.alibi).transpose(1, 2)
         return self.dense(out.reshape(B, L, -1))
 
 

@@ -1,6 +1,10 @@
 """Gradient and value synchronisation outside the tensor-parallel layers: data-parallel averaging
 (DDP semantics, one flat buffer), the tied-embedding all-reduce between first and last pipeline stage,
-and the TP sum of sequence-parallel gradients."""
+and the TP sum of sequence-parallel gradients.
+
+Under context parallelism each rank's loss is the mean over its part of the sequence (equal parts),
+so losses and gradients are averaged over the data-parallel x context-parallel ranks (Megatron's
+"data parallel group with cp"): the result is the mean over every token, as on one rank."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -25,19 +29,24 @@ def _allreduce_flat(grads: List[torch.Tensor], group, average: bool) -> None:
         offset += g.numel()
 
 
+def replica_group(layout: ParallelLayout):
+    """The ranks holding the same parameters but different data: data-parallel, times context-parallel."""
+    return layout.dp_cp_group if layout.cp_size > 1 else layout.dp_group
+
+
 def allreduce_gradients(params: List[torch.nn.Parameter], layout: ParallelLayout) -> None:
-    """Average gradients over the data-parallel group, as one flat buffer."""
-    if layout.dp_size > 1:
-        _allreduce_flat([p.grad for p in params if p.grad is not None], layout.dp_group, average=True)
+    """Average gradients over the data-parallel (x context-parallel) group, as one flat buffer."""
+    if layout.dp_size * layout.cp_size > 1:
+        _allreduce_flat([p.grad for p in params if p.grad is not None], replica_group(layout), average=True)
 
 
 def average_over_dp(value: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
-    """The mean of ``value`` over the data-parallel ranks (a new tensor)."""
-    if layout.dp_size == 1:
+    """The mean of ``value`` over the data-parallel (x context-parallel) ranks (a new tensor)."""
+    if layout.dp_size * layout.cp_size == 1:
         return value
     value = value.clone()
-    dist.all_reduce(value, group=layout.dp_group)
-    return value / layout.dp_size
+    dist.all_reduce(value, group=replica_group(layout))
+    return value / (layout.dp_size * layout.cp_size)
 
 
 def tied_embedding_weight(model: torch.nn.Module) -> Optional[torch.nn.Parameter]:

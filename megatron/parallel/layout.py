@@ -35,6 +35,7 @@ class ParallelLayout:
     pp_group: ProcessGroup = field(default=None, compare=False, repr=False)
     dp_group: ProcessGroup = field(default=None, compare=False, repr=False)
     cp_group: ProcessGroup = field(default=None, compare=False, repr=False)
+    dp_cp_group: ProcessGroup = field(default=None, compare=False, repr=False)  # dp x cp ranks (cp > 1)
     embedding_group: ProcessGroup = field(default=None, compare=False, repr=False)  # first + last stage
     pp_ranks: Tuple[int, ...] = (0,)  # global ranks of this rank's pipeline, first stage first
 
@@ -101,9 +102,11 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, virtual_pip
         "cp_group": lambda p, d, c, t: [global_rank(t, x, d, p, tp, cp, dp) for x in range(cp)],
         "dp_group": lambda p, d, c, t: [global_rank(t, c, x, p, tp, cp, dp) for x in range(dp)],
         "pp_group": lambda p, d, c, t: [global_rank(t, c, d, x, tp, cp, dp) for x in range(pp)],
+        # Parameters replicated over data- and context-parallel ranks average their gradients here.
+        "dp_cp_group": lambda p, d, c, t: [global_rank(t, y, x, p, tp, cp, dp) for x in range(dp) for y in range(cp)],
     }
     if cp == 1:
-        del ranks_of["cp_group"]  # no context parallelism: no singleton groups to create
+        del ranks_of["cp_group"], ranks_of["dp_cp_group"]  # no context parallelism: dp_group is the group
     groups = {}
     for name, members in ranks_of.items():
         seen = set()
@@ -129,7 +132,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, virtual_pip
 def layout_from_config(cfg, world_size: int = 1, rank: int = 0, groups: bool = False) -> ParallelLayout:
     """The layout a config asks for (``groups=True``: create the process groups, collective)."""
     par = cfg.parallel
-    args = dict(tp=par.model_parallel_size, pp=par.pipe_parallel_size,
+    args = dict(tp=par.model_parallel_size, pp=par.pipe_parallel_size, cp=par.context_parallel_size,
                 virtual_pipe_stages=par.virtual_pipe_stages, sequence_parallel=par.sequence_parallel)
     if groups and (world_size > 1 or dist.is_initialized()):  # one-rank groups too (ZeRO on one process)
         return initialize_model_parallel(**args)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from megatron.model import lm_loss, split_batch
+from megatron.parallel.context_parallel import agree_over_cp
 
 
 class PipelineChunk(nn.Module):
@@ -52,6 +53,7 @@ class PipelineChunk(nn.Module):
                 hidden = m.embed_tokens(tokens)
             else:
                 hidden, tokens = inputs
+                tokens = agree_over_cp(tokens, m.layout)  # context parallelism: see agree_over_cp
             hidden = m.run_layers(hidden, m.attention_inputs(tokens), self.layer_ids)
             if self.is_last:
                 return m.head(hidden)  # this rank's vocabulary shard of the logits

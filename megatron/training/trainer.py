@@ -93,7 +93,8 @@ class Trainer:
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg), log=self.log)
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
-                 f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size}, device {self.device}")
+                 f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size} cp={self.layout.cp_size}, "
+                 f"device {self.device}")
         self.log_run_summary()
         self.node_log(f"joined: tp rank {self.layout.tp_rank}, pp rank {self.layout.pp_rank}, dp rank "
                       f"{self.layout.dp_rank}, device {self.device}")

@@ -22,7 +22,7 @@ import torch
 
 from megatron.model import micro_batch_loss
 from megatron.parallel import ParallelLayout
-from megatron.parallel.data_parallel import average_over_dp, sequence_parallel_params
+from megatron.parallel.data_parallel import average_over_dp, replica_group, sequence_parallel_params
 from megatron.parallel.mappings import sum_over_tp
 from megatron.training.guards import non_finite_reason, skip_step
 from megatron.training.optimizer import NamedState, param_groups
@@ -47,14 +47,16 @@ class ProcessGroupsForDeepSpeed:
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group
 
+    # Under context parallelism ZeRO partitions and averages over data- x context-parallel ranks:
+    # the parameters are replicated over both (megatron/parallel/data_parallel.py: replica_group).
     def get_data_parallel_rank(self) -> int:
-        return self.st.dp_rank
+        return self.st.dp_rank * self.st.cp_size + self.st.cp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.st.dp_size
+        return self.st.dp_size * self.st.cp_size
 
     def get_data_parallel_group(self):
-        return self.st.dp_group
+        return replica_group(self.st)
 
 
 def deepspeed_config(cfg) -> Dict[str, Any]:
