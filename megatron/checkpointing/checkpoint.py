@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpointing.integrity import (
+    atomic_write_text,
     fsync_dir,
     load_shard,
     read_json_file,
@@ -57,15 +58,6 @@ def shard_name(kind: str, tp_rank: int, pp_rank: int) -> str:
 
 def step_dir_name(iteration: int) -> str:
     return f"global_step{iteration}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def ensure_writable(save_dir: str) -> None:

@@ -118,8 +118,8 @@ def write_shard(obj: Any, path: Path) -> Digest:
     return {path.name: {"size": writer.size, "checksum": writer.checksum()}}
 
 
-def write_text(path: Path, text: str) -> Digest:
-    """Atomic, fsynced text file; returns its digest entry."""
+def atomic_write_text(path: Path, text: str) -> bytes:
+    """Write ``text`` to ``path`` through a fsynced temporary file and a rename; returns the bytes."""
     data = text.encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -127,6 +127,12 @@ def write_text(path: Path, text: str) -> Digest:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return data
+
+
+def write_text(path: Path, text: str) -> Digest:
+    """Atomic, fsynced text file; returns its digest entry."""
+    data = atomic_write_text(path, text)
     hasher = new_hasher()
     hasher.update(data)
     return {path.name: {"size": len(data), "checksum": f"{hasher.name}:{hasher.hexdigest()}"}}

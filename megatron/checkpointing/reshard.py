@@ -28,7 +28,6 @@ from megatron.checkpointing.checkpoint import (
     LATEST,
     MANIFEST,
     NamedState,
-    atomic_write_text,
     read_manifest,
     read_optimizer_shard,
     read_shard_meta,
@@ -37,7 +36,7 @@ from megatron.checkpointing.checkpoint import (
     shard_name,
     step_dir_name,
 )
-from megatron.checkpointing.integrity import file_digest, load_shard, write_shard, write_text
+from megatron.checkpointing.integrity import atomic_write_text, file_digest, load_shard, write_shard, write_text
 from megatron.errors import CheckpointError
 
 TIED_COPY = "lm_head.weight"
