@@ -9,11 +9,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import TOKENIZER
 
 from megatron.config import config_from_tree, config_to_tree, load_config
 from megatron.config.neox_compat import BY_KEY, MAPPED, NOOP, RULES, UNSUPPORTED, markdown_table
 from megatron.config.schema import mlp_sizes
 from megatron.errors import ConfigError
+from megatron.tokenizer import build_tokenizer
+from megatron.training.summary import separator_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALECT = ROOT / "tests" / "data" / "neox_dialect"
@@ -172,6 +175,24 @@ def test_sepllm_reference_keys_map_onto_the_rule():
     assert (sep.mode, sep.n_init, sep.n_local) == ("streamingllm", 3, 64)
     assert noop_line(logs) == {"PRINT_KV_RATIO", "print_ratio_intervals"}
     assert streaming.logging.kv_ratio_interval is None
+
+
+def test_separator_ids_that_are_not_separators_in_this_tokenizer_are_flagged():
+    """SepLLM's configs list GPT-NeoX-20B's ids (209 ' ', 186 '\\t', 187 '\\n'); with another tokenizer
+    those ids are other tokens, which the start-up log says in one warning line."""
+    cfg, _ = load("sepllm")
+    cfg.data.vocab_file = str(TOKENIZER)
+    ids = cfg.attention.sepllm.separator_ids
+    ours = build_tokenizer("HFTokenizer", str(TOKENIZER), None).token_texts()
+    lines = separator_lines(cfg, ids, ours)
+    assert lines[0].startswith("separators (9 ids): 2 '!', 13 ',', 15 '.'")
+    warning = [ln for ln in lines if ln.startswith("warning:")]
+    assert len(warning) == 1 and warning[0].startswith("warning: separators 186, 187, 209 are not punctuation")
+    assert str(TOKENIZER) in warning[0] and "separator_tokens" in warning[0]
+    neox_20b = {15: ".", 13: ",", 32: "?", 2: "!", 28: ";", 27: ":", 209: " ", 186: "\t", 187: "\n"}
+    assert not [ln for ln in separator_lines(cfg, ids, neox_20b) if ln.startswith("warning:")]
+    cfg.attention.sepllm.separator_ids = None  # chosen by text: whatever the tokenizer made of them
+    assert not [ln for ln in separator_lines(cfg, [5, 6], ours) if ln.startswith("warning:")]
 
 
 def test_unsupported_features_of_every_file_in_one_report():

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -83,6 +84,37 @@ def separator_line(ids: Sequence[int], token_texts: Optional[Dict[int, str]] = N
     return f"{what} ({len(ids)} ids): {shown or 'none'}"
 
 
+def looks_like_separator(text: Optional[str]) -> bool:
+    """Punctuation, symbols and whitespace only: what SepLLM's separators are."""
+    return bool(text) and all(ch.isspace() or unicodedata.category(ch)[0] in "PS" for ch in text)
+
+
+def separator_lines(cfg: Config, separator_ids: Sequence[int], token_texts: Dict[int, str]) -> List[str]:
+    """The separator ids with their tokens (SepLLM layers, BiPE), and a warning for ids set by number in
+    the config that are not punctuation or whitespace in this tokenizer: ids are tokenizer-specific, and
+    the SepLLM reference's configs list GPT-NeoX-20B's."""
+    sep, lines = cfg.attention.sepllm, []
+    listed: List[Tuple[str, Sequence[int], bool]] = []
+    if any(r.mode == "sepllm" for r in layer_rules(cfg)):
+        listed.append(("separators", separator_ids, sep.separator_ids is not None))
+    if cfg.model.bipe:
+        bipe = cfg.model.bipe_separator_ids
+        listed.append(("BiPE separators", separator_ids if bipe is None else bipe,
+                       bipe is not None or sep.separator_ids is not None))
+    warned: List[List[int]] = []
+    for what, ids, by_number in listed:
+        lines.append(separator_line(ids, token_texts, what))
+        odd = sorted(i for i in set(ids) if not looks_like_separator(token_texts.get(i)))
+        if by_number and odd and odd not in warned:
+            warned.append(odd)
+            where = f" ({cfg.data.vocab_file})" if cfg.data.vocab_file else ""
+            lines.append(f"warning: {what} {', '.join(map(str, odd))} are not punctuation or whitespace in "
+                         f"this tokenizer{where}; separator ids depend on the tokenizer (the "
+                         "SepLLM reference's are GPT-NeoX-20B's): set attention.sepllm.separator_tokens to "
+                         "choose them by text")
+    return lines
+
+
 def parameter_counts(cfg: Config, vocab_size: int) -> Dict[str, int]:
     """Counts of the whole (one-rank) model, built on the meta device: total, embedding (input token
     and position tables) and the matmul parameters per token (non-embedding + the LM head's)."""
@@ -155,11 +187,6 @@ def run_report(cfg: Config, dp: int) -> List[str]:
     if uses_separators(cfg):
         ids = sep.separator_ids if sep.separator_ids is not None else tokenizer.separator_ids(
             sep.separator_tokens, sep.include_space_prefixed)
-        texts = tokenizer.token_texts()
-        if any(r.mode == "sepllm" for r in layer_rules(cfg)):
-            lines.append(separator_line(ids, texts))
-        if cfg.model.bipe:
-            bipe = cfg.model.bipe_separator_ids
-            lines.append(separator_line(ids if bipe is None else bipe, texts, "BiPE separators"))
+        lines += separator_lines(cfg, ids, tokenizer.token_texts())
     lines.append(batch_line(cfg, dp))
     return lines

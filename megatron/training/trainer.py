@@ -36,7 +36,7 @@ from megatron.training.summary import (
     layer_rules,
     parameter_counts,
     parameter_line,
-    separator_line,
+    separator_lines,
     uses_separators,
 )
 from megatron.training.throughput import Throughput, device_peak_tflops, kept_fractions
@@ -110,12 +110,9 @@ class Trainer:
         self.log(parameter_line(cfg, counts, self.vocab_size, self.tokenizer.vocab_size))
         for line in attention_lines(cfg):
             self.log(line)
-        texts = self.tokenizer.token_texts() if uses_separators(cfg) else {}
-        if any(r.mode == "sepllm" for r in self.rules):
-            self.log(separator_line(self.separator_ids, texts))
-        if cfg.model.bipe:
-            bipe = cfg.model.bipe_separator_ids
-            self.log(separator_line(self.separator_ids if bipe is None else bipe, texts, "BiPE separators"))
+        if uses_separators(cfg):
+            for line in separator_lines(cfg, self.separator_ids, self.tokenizer.token_texts()):
+                self.log(line)
         self.log(batch_line(cfg, self.dp_size))
         peak = cfg.logging.peak_theoretical_tflops or device_peak_tflops(cfg.training.precision, self.device)
         self.throughput = Throughput(counts["matmul"], cfg.model.num_attention_heads * cfg.model.head_dim,
