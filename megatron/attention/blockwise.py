@@ -12,7 +12,7 @@ value heads are expanded for the call and their gradients summed back per group.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -62,12 +62,20 @@ def _rows(x: torch.Tensor, seg: Placed) -> torch.Tensor:
     return x[:, :, seg[2]:seg[2] + seg[1] - seg[0]]
 
 
-def _mask_args(kind):
-    if kind == "all":
-        return False, None
-    if kind == "causal":
-        return True, None
-    return False, kind[0]
+def visible_blocks(q_segs: List[Placed], k_segs: List[Placed], doc_ids: Optional[torch.Tensor],
+                   dtype: torch.dtype) -> Iterator[Tuple[Placed, Placed, bool, Optional[torch.Tensor],
+                                                         Optional[torch.Tensor]]]:
+    """(query segment, key segment, causal, additive mask, rows that see a key) of every block in which
+    some query sees some key; mask and rows are None for the unmasked and causal blocks."""
+    for qs in q_segs:
+        for ks in k_segs:
+            kind = block_mask(qs, ks, doc_ids, dtype)
+            if kind is None:
+                continue
+            if isinstance(kind, str):
+                yield qs, ks, kind == "causal", None, None
+            else:
+                yield qs, ks, False, kind[0], kind[1]
 
 
 def blocks_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segs: List[Placed],
@@ -76,20 +84,15 @@ def blocks_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segs: Li
     """Merge the attention of q [B, Hq, Lq, D] over the chunk k/v [B, Hkv, Lk, D] into the running
     ``out`` [B, Hq, Lq, D] and ``lse`` [B, Hq, Lq] (fp32, -inf where no key was seen yet)."""
     hq = q.shape[1]
-    for qs in q_segs:
-        for ks in k_segs:
-            kind = block_mask(qs, ks, doc_ids, q.dtype)
-            if kind is None:
-                continue
-            causal, mask = _mask_args(kind)
-            o, l_blk = _flash_fwd(_rows(q, qs), expand_kv_heads(_rows(k, ks), hq), expand_kv_heads(_rows(v, ks), hq),
-                                  0.0, causal, attn_mask=mask, scale=scale)
-            if mask is not None:  # the kernel reports lse 0 for rows that see nothing
-                l_blk = l_blk.masked_fill(~kind[1], float("-inf"))
-            o_run, l_run = _rows(out, qs), lse[:, :, qs[2]:qs[2] + qs[1] - qs[0]]
-            merged, l_new = _merge(o, l_blk, o_run, l_run)
-            o_run.copy_(torch.where(torch.isneginf(l_new)[..., None], torch.zeros_like(merged), merged))
-            l_run.copy_(l_new)
+    for qs, ks, causal, mask, rows_seeing in visible_blocks(q_segs, k_segs, doc_ids, q.dtype):
+        o, l_blk = _flash_fwd(_rows(q, qs), expand_kv_heads(_rows(k, ks), hq), expand_kv_heads(_rows(v, ks), hq),
+                              0.0, causal, attn_mask=mask, scale=scale)
+        if mask is not None:  # the kernel reports lse 0 for rows that see nothing
+            l_blk = l_blk.masked_fill(~rows_seeing, float("-inf"))
+        o_run, l_run = _rows(out, qs), _rows(lse, qs)
+        merged, l_new = _merge(o, l_blk, o_run, l_run)
+        o_run.copy_(torch.where(torch.isneginf(l_new)[..., None], torch.zeros_like(merged), merged))
+        l_run.copy_(l_new)
 
 
 def blocks_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -99,19 +102,14 @@ def blocks_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     """Accumulate the gradients of every visible block of q over the chunk k/v into dq, dk, dv,
     from the merged ``out`` and ``lse`` of the whole attention."""
     hq, hkv = q.shape[1], k.shape[1]
-    for qs in q_segs:
-        for ks in k_segs:
-            kind = block_mask(qs, ks, doc_ids, q.dtype)
-            if kind is None:
-                continue
-            causal, mask = _mask_args(kind)
-            dq_b, dk_b, dv_b = _flash_bwd(
-                _rows(grad_out, qs), _rows(q, qs), expand_kv_heads(_rows(k, ks), hq),
-                expand_kv_heads(_rows(v, ks), hq), _rows(out, qs), lse[:, :, qs[2]:qs[2] + qs[1] - qs[0]],
-                0.0, causal, attn_mask=mask, scale=scale)
-            _rows(dq, qs).add_(dq_b)
-            if hq != hkv:
-                dk_b = dk_b.unflatten(1, (hkv, hq // hkv)).sum(2)
-                dv_b = dv_b.unflatten(1, (hkv, hq // hkv)).sum(2)
-            _rows(dk, ks).add_(dk_b)
-            _rows(dv, ks).add_(dv_b)
+    for qs, ks, causal, mask, _ in visible_blocks(q_segs, k_segs, doc_ids, q.dtype):
+        dq_b, dk_b, dv_b = _flash_bwd(
+            _rows(grad_out, qs), _rows(q, qs), expand_kv_heads(_rows(k, ks), hq),
+            expand_kv_heads(_rows(v, ks), hq), _rows(out, qs), _rows(lse, qs),
+            0.0, causal, attn_mask=mask, scale=scale)
+        _rows(dq, qs).add_(dq_b)
+        if hq != hkv:
+            dk_b = dk_b.unflatten(1, (hkv, hq // hkv)).sum(2)
+            dv_b = dv_b.unflatten(1, (hkv, hq // hkv)).sum(2)
+        _rows(dk, ks).add_(dk_b)
+        _rows(dv, ks).add_(dv_b)
