@@ -39,7 +39,7 @@ def run(configs, rank: int) -> int:
         printed = bool(os.environ.get("SEPLLM_CONFIG_PRINTED"))  # deepy.py already printed the merge messages
         try:
             cfg, _ = load_config(configs, log=(lambda *_: None) if printed else log)
-            if rank == 0 and not os.environ.get("SEPLLM_CONFIG_PRINTED"):
+            if rank == 0 and not printed:
                 print("resolved config:\n" + dump_config(cfg), flush=True)
             from megatron.parallel.distributed import shutdown_distributed
             from megatron.training.trainer import Trainer

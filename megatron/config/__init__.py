@@ -1,5 +1,5 @@
 """Typed configuration: the schema, YAML loading and merging, NeoX / SepLLM compatibility, validation."""
-from megatron.config.loader import config_to_tree, dump_config, load_config, merge_files
+from megatron.config.loader import config_to_tree, dump_config, load_config
 from megatron.config.schema import (
                                     AttentionConfig,
                                     CheckpointConfig,
@@ -17,7 +17,7 @@ from megatron.config.schema import (
 )
 from megatron.config.validation import config_from_tree, validate_launch, validate_layout, validate_model_split
 
-__all__ = ["config_from_tree", "config_to_tree", "dump_config", "load_config", "merge_files",
+__all__ = ["config_from_tree", "config_to_tree", "dump_config", "load_config",
            "validate_launch", "validate_layout", "validate_model_split", "AttentionConfig", "CheckpointConfig",
            "Config", "DataConfig", "Fp16Config", "LaunchConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig",
            "ParallelConfig", "SepLLMConfig", "TrainingConfig", "ZeroConfig"]

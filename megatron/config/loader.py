@@ -20,10 +20,6 @@ def _norm_key(key: Any) -> Any:
     return key.replace("-", "_") if isinstance(key, str) else key
 
 
-def read_yaml(path: str) -> Dict[str, Any]:
-    return read_yaml_with_lines(path)[0]
-
-
 def _key_lines(node: yaml.Node, prefix: str, out: Dict[str, int]) -> None:
     """Line (1-based) of every mapping key below ``node``, by normalized dotted path."""
     if not isinstance(node, yaml.MappingNode):
@@ -42,15 +38,20 @@ def read_yaml_with_lines(path: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
     text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-        lines: Dict[str, int] = {}
-        _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), "", lines)
+    lines: Dict[str, int] = {}
+    loader = yaml.SafeLoader(text)
+    try:  # one parse: the node tree gives the key lines, its construction the data (= yaml.safe_load)
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
+        if node is not None:
+            _key_lines(node, "", lines)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
@@ -73,12 +74,6 @@ class Merged:
     source: Dict[str, str] = field(default_factory=dict)  # dotted key -> file that set it
     lines: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (file, dotted key) -> line
     files: List[str] = field(default_factory=list)  # in merge order
-
-
-def merge_files(paths: List[str], log=print) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """Merge YAML files left to right. Returns (merged tree, provenance: dotted key -> file)."""
-    merged = merge(paths, log)
-    return merged.tree, merged.source
 
 
 def merge(paths: List[str], log=print) -> Merged:

@@ -79,8 +79,6 @@ class Trainer:
         self.separator_ids = (sep.separator_ids if sep.separator_ids is not None else
                               self.tokenizer.separator_ids(sep.separator_tokens, sep.include_space_prefixed))
         self.build_data()
-        if cfg.checkpoint.save:
-            ensure_writable(cfg.checkpoint.save)
         self.model = build_model(cfg, self.vocab_size, self.separator_ids, self.tokenizer.eod_id,
                                  self.layout).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
