@@ -42,7 +42,7 @@ from megatron.checkpointing.integrity import (
 from megatron.checkpointing.session import SaveSession, checkpoint_steps, remove_checkpoint_dir
 from megatron.errors import CheckpointError
 from megatron.parallel import ParallelLayout
-from megatron.parallel.distributed import barrier
+from megatron.parallel.distributed import barrier, rank0_decides, world_size
 from megatron.parallel.distributed import rank as global_rank
 
 MANIFEST = "manifest.json"
@@ -156,8 +156,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
 def _make_tmp_dir(root: Path, iteration: int, session: Optional[SaveSession]) -> Path:
     """Rank 0 checks it still owns the directory and creates this run's temporary directory; every
     rank gets its path, or the same CheckpointError."""
-    box = [None, None]  # [path, error]
-    if global_rank() == 0:
+    def make() -> str:
         try:
             if session is not None and session.lock is not None:
                 session.lock.check_held()
@@ -166,21 +165,18 @@ def _make_tmp_dir(root: Path, iteration: int, session: Optional[SaveSession]) ->
             if tmp.exists():
                 shutil.rmtree(tmp)  # leftover of an interrupted save of this same process
             tmp.mkdir()
-            box[0] = str(tmp)
-        except (CheckpointError, OSError) as e:
-            box[1] = str(e) if isinstance(e, CheckpointError) else f"cannot write into '{root}': {e}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise CheckpointError(box[1])
-    return Path(box[0])
+        except OSError as e:
+            raise CheckpointError(f"cannot write into '{root}': {e}") from None
+        return str(tmp)
+
+    return Path(rank0_decides(make))
 
 
 def _gather_file_records(files: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Every rank's file records, merged on rank 0 (after this, every rank has finished writing)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return files
-    gathered = [None] * dist.get_world_size() if global_rank() == 0 else None
+    gathered = [None] * world_size() if global_rank() == 0 else None
     dist.gather_object(files, gathered, dst=0)
     merged: Dict[str, Dict[str, Any]] = {}
     for part in gathered or []:

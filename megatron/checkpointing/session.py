@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import torch.distributed as dist
-
 from megatron.checkpointing.integrity import fsync_dir, write_text
 from megatron.checkpointing.lock import SaveDirLock, acquire_save_lock
 from megatron.errors import CheckpointError
+from megatron.parallel.distributed import rank0_decides
 
 STEP_PREFIX = "global_step"
 ABANDONED = "abandoned"
@@ -63,14 +62,6 @@ def clean_leftovers(root: Path, log: Callable[[str], None]) -> None:
             f"{', '.join(sorted(p.name for p in stale)[:4])}{' ...' if len(stale) > 4 else ''}")
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 class SaveSession:
     """Every rank holds one (collective to open); rank 0 does the filesystem work."""
 
@@ -87,21 +78,20 @@ class SaveSession:
         loaded_step = None
         if loaded_ckpt is not None and Path(loaded_ckpt).resolve().parent == root.resolve():
             loaded_step = step_of(Path(loaded_ckpt))
-        lock, box = None, [None, None]  # [error message, run id]
-        if _rank() == 0:
+        lock: Optional[SaveDirLock] = None
+
+        def take() -> str:
+            nonlocal lock
+            lock = acquire_save_lock(save_dir, log)
             try:
-                lock = acquire_save_lock(save_dir, log)
-                box[1] = lock.run_id
                 clean_leftovers(root, log)
-            except CheckpointError as e:
-                if lock is not None:
-                    lock.release()
-                box[0] = str(e)
-        if _world() > 1:
-            dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise CheckpointError(box[0])
-        return cls(root, lock, box[1], loaded_step, log)
+            except CheckpointError:
+                lock.release()
+                raise
+            return lock.run_id
+
+        run_id = rank0_decides(take)
+        return cls(root, lock, run_id, loaded_step, log)
 
     @property
     def parent(self) -> Optional[str]:
@@ -140,8 +130,7 @@ class SaveSession:
 
     def after_publish(self, iteration: int, keep_last: Optional[int]) -> None:
         """Rank 0, once ``latest`` names the new checkpoint: record it and prune."""
-        if iteration not in self.written:
-            self.written.append(iteration)
+        self.record(iteration)
         if not keep_last:
             return
         keep = set(self.written[-keep_last:])
@@ -152,7 +141,7 @@ class SaveSession:
                 remove_checkpoint_dir(self.root / f"{STEP_PREFIX}{s}")
 
     def record(self, iteration: int) -> None:
-        """Every rank other than 0: keep the lineage in step with rank 0's."""
+        """Note a checkpoint this run wrote (every rank; rank 0 through ``after_publish``)."""
         if iteration not in self.written:
             self.written.append(iteration)
 

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any, Callable, List, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from megatron.errors import UserError
+
+T = TypeVar("T")
 
 
 def device_for_rank() -> torch.device:
@@ -49,6 +54,26 @@ def barrier() -> None:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` runs on rank 0 only; every rank returns its result, or raises the UserError it
+    raised (filesystem work that one rank does for all: a lock, a temporary directory)."""
+    box: List[Any] = [None, None]  # [result, error]
+    if rank() == 0:
+        try:
+            box[0] = decide()
+        except UserError as e:
+            box[1] = e
+    if world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
 
 
 def shutdown_distributed() -> None:
