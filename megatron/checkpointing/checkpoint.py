@@ -236,11 +236,12 @@ def load_checkpoint(load: str, model: torch.nn.Module) -> Dict[str, Any]:
     return manifest
 
 
-def read_shard_meta(ckpt: Path, tp_rank: int, pp_rank: int) -> Dict[str, Dict[str, Any]]:
+def read_shard_meta(ckpt: Path, tp_rank: int, pp_rank: int,
+                    manifest: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
     path = ckpt / f"meta_tp{tp_rank:02d}_pp{pp_rank:02d}.json"
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' is missing {path.name}")
-    return read_json_file(path, read_manifest(ckpt))["params"]
+    return read_json_file(path, manifest if manifest is not None else read_manifest(ckpt))["params"]
 
 
 def named_from_numbered(optim_sd: Dict[str, Any], meta: Dict[str, Dict[str, Any]], where: str) -> NamedState:
@@ -265,7 +266,7 @@ def read_optimizer_shard(ckpt: Path, tp_rank: int, pp_rank: int, manifest: Dict[
         raise CheckpointError(f"checkpoint '{ckpt}' is missing shard {path.name}")
     state = load_shard(path, False, manifest)
     if manifest.get("format_version", 1) < 2:
-        state = named_from_numbered(state, read_shard_meta(ckpt, tp_rank, pp_rank), str(path))
+        state = named_from_numbered(state, read_shard_meta(ckpt, tp_rank, pp_rank, manifest), str(path))
     return state
 
 

@@ -43,10 +43,10 @@ TIED_COPY = "lm_head.weight"
 StateDict = Dict[str, torch.Tensor]
 
 
-def _load(path: Path, weights_only: bool = True) -> Any:
+def _load(path: Path, manifest: Dict[str, Any]) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path.parent}' is missing shard {path.name}")
-    return load_shard(path, weights_only)  # size and checksum verified against the manifest
+    return load_shard(path, True, manifest)  # size and checksum verified against the manifest
 
 
 def is_tied(manifest: Dict[str, Any]) -> bool:
@@ -81,8 +81,8 @@ def load_full_checkpoint(ckpt_dir: str, with_optimizer: bool = True
     groups: List[dict] = []
     tied = is_tied(manifest)
     for p in range(pp):
-        metas = [read_shard_meta(ckpt, t, p) for t in range(tp)]
-        shards = [_load(ckpt / shard_name("model", t, p)) for t in range(tp)]
+        metas = [read_shard_meta(ckpt, t, p, manifest) for t in range(tp)]
+        shards = [_load(ckpt / shard_name("model", t, p), manifest) for t in range(tp)]
         optims = [read_optimizer_shard(ckpt, t, p, manifest) for t in range(tp)] if with_optimizer else []
         for shard_groups in (o["param_groups"] for o in optims):
             groups = groups or [dict(g, params=set()) for g in shard_groups]
