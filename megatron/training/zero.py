@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -109,13 +108,14 @@ class ZeroEngine:
                 loss = micro_batch_loss(self.engine, mb.to(self.device))
             total += loss.detach().float()
             if i == len(micro_batches) - 1:  # before the boundary step: the reduced mean loss
-                mean_loss = float(average_over_dp(total / len(micro_batches), self.layout))
-                if not math.isfinite(mean_loss):
-                    # Non-finite gradients make DeepSpeed's overflow check skip the update (non-finite
-                    # guard): guaranteed here even if this rank's own gradients came out finite.
-                    loss = loss * float("nan")
+                reduced = average_over_dp(total / len(micro_batches), self.layout)
+                # A non-finite mean makes this rank's gradients non-finite too, so DeepSpeed's overflow
+                # check skips the update on every rank (non-finite guard), even where this rank's own
+                # gradients came out finite. Multiplying by exactly 1.0 otherwise, with no host sync.
+                loss = loss * torch.where(torch.isfinite(reduced), 1.0, float("nan")).to(loss.dtype)
             self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
             self.engine.step()  # reduce-scatter, clip and update at the accumulation boundary
+        mean_loss = float(reduced)
         norm = self.engine.get_global_grad_norm()
         stats = {"loss": mean_loss, "lr": lr, "grad_norm": float(norm) if norm is not None else 0.0}
         if self.engine.fp16_enabled():
