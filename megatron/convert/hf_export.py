@@ -126,6 +126,7 @@ def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size:
     recorded = ((manifest.get("trainer") or {}).get("source") or {}).get("architecture")
     family = family_for_model(cfg, architecture or recorded)
     family.check_exportable(cfg)
+    sepllm = sepllm_settings(cfg, cache)  # its errors depend on the config only: before reading the weights
 
     state = load_merged_state(ckpt_dir)
     check_finite(state, ckpt_dir, allow_non_finite, log)
@@ -150,7 +151,7 @@ def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size:
     special = special_token_ids(tok_src) if tok_src else {}
     weight_dtype = next(iter(hf_state.values())).dtype
     config = {**family.hf_config(cfg, vocab), **special,
-              "torch_dtype": TORCH_DTYPE_NAMES.get(weight_dtype, "float32"), "sepllm": sepllm_settings(cfg, cache)}
+              "torch_dtype": TORCH_DTYPE_NAMES.get(weight_dtype, "float32"), "sepllm": sepllm}
     if needs_remote_code(cfg):
         config["auto_map"] = auto_map(family.architecture)
 

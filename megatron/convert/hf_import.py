@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from megatron.checkpointing import save_checkpoint
-from megatron.config import Config, config_from_tree, config_to_tree, validate_layout
+from megatron.config import Config, SepLLMConfig, config_from_tree, config_to_tree, validate_layout
 from megatron.convert.common import DTYPES, TensorSource, read_hf_weights, read_json
 from megatron.convert.families import GPT2Family, family_from_hf_config, strip_gpt2_prefix
 from megatron.convert.tokenizer_files import copy_tokenizer_files, tokenizer_data_keys, tokenizer_vocab_size
@@ -35,8 +35,7 @@ class ImportResult:
     padded_vocab_size: int
 
 
-SEPLLM_RULE_KEYS = ("mode", "n_init", "n_local", "interval", "separator_tokens", "include_space_prefixed",
-                    "separator_ids", "full_attention_layers", "layer_n_local", "separate_documents")
+SEPLLM_RULE_KEYS = tuple(f.name for f in fields(SepLLMConfig))  # what the export writes (dataclasses.asdict)
 
 
 def imported_attention(hf: Dict[str, Any]) -> Dict[str, Any]:

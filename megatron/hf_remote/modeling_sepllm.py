@@ -30,8 +30,3 @@ class SepLLMGPT2LMHeadModel(SepLLMMixin, GPT2LMHeadModel):
 class SepLLMFalconForCausalLM(SepLLMMixin, FalconForCausalLM):
     pass
 
-
-# Stock architecture name -> SepLLM class name, for the exporter's auto_map.
-CLASS_FOR_ARCHITECTURE = {base.__name__: cls.__name__ for cls, base in (
-    (SepLLMGPTNeoXForCausalLM, GPTNeoXForCausalLM), (SepLLMLlamaForCausalLM, LlamaForCausalLM),
-    (SepLLMGPT2LMHeadModel, GPT2LMHeadModel), (SepLLMFalconForCausalLM, FalconForCausalLM))}
