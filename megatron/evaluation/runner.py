@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron.checkpointing.integrity import atomic_write_text
 from megatron.config import config_from_tree, config_to_tree, load_config
 from megatron.config.schema import Config
 from megatron.errors import InferenceError
@@ -197,13 +198,6 @@ def output_files(settings: EvalSettings, results: Dict[str, Any]) -> Tuple[Path,
     return out / f"{name}.json", out / f"{name}.md"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def results_table(results: Dict[str, Any]) -> str:
     from lm_eval.utils import make_table
 
@@ -217,8 +211,9 @@ def write_outputs(settings: EvalSettings, results: Dict[str, Any]) -> Tuple[Path
     from lm_eval.utils import handle_non_serializable
 
     json_path, md_path = output_files(settings, results)
-    atomic_write(json_path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-    atomic_write(md_path, results_table(results) + "\n")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    atomic_write_text(md_path, results_table(results) + "\n")
     return json_path, md_path
 
 
