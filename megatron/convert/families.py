@@ -615,7 +615,7 @@ def family_from_hf_config(hf: Dict[str, Any]) -> Family:
 
 
 def refuse_unexportable_positions(cfg: Config) -> None:
-    """ALiBi and BiPE (issue 13) have no counterpart in the exported transformers classes."""
+    """ALiBi and BiPE have no counterpart in the exported transformers classes."""
     m = cfg.model
     if m.bipe or m.pos_emb == "alibi":
         what = "BiPE (bipe: true)" if m.bipe else "ALiBi (pos_emb: alibi)"

@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -101,7 +102,7 @@ class Trainer:
         if self.is_logger:
             self._print(msg)
 
-    # --- issue 13: what this run does, in words, and its throughput accounting
+    # ------------------------------------------------------------- what this run does, in words; throughput
     def log_run_summary(self) -> None:
         cfg = self.cfg
         counts = parameter_counts(cfg, self.vocab_size)
@@ -120,14 +121,16 @@ class Trainer:
                  "causal attention)" + (f", MFU against {peak:g} TFLOPS per device" if peak else
                                         "; set peak_theoretical_tflops for MFU"))
 
-    @property
+    @cached_property
     def rules(self):
         return layer_rules(self.cfg)
 
+    @cached_property
+    def _separator_id_tensor(self) -> torch.Tensor:
+        return torch.tensor(sorted(set(self.separator_ids)), dtype=torch.long)
+
     def kept_fractions(self, micro_batch: torch.Tensor):
-        ids = torch.tensor(sorted(set(self.separator_ids)), dtype=torch.long)
-        return kept_fractions(micro_batch[:, :-1], self.rules, ids, self.tokenizer.eod_id)
-    # --- end issue 13
+        return kept_fractions(micro_batch[:, :-1], self.rules, self._separator_id_tensor, self.tokenizer.eod_id)
 
     def node_log(self, msg: str) -> None:
         """One line from the first process of every other node, so each node's output shows it took part."""
