@@ -403,12 +403,12 @@ def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep:
                       rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
                       scale: Optional[float] = None, plan: Optional[CompactPlan] = None,
                       prefix_block: Optional[int] = None, near_block: Optional[int] = None,
-                      special: Optional[torch.Tensor] = None, bias: Optional[AlibiBias] = None) -> torch.Tensor:
+                      bias: Optional[AlibiBias] = None) -> torch.Tensor:
     """Sep-Attention, q [B, Hq, Lq, D], k/v [B, Hkv, L, D], is_sep [B, L] -> [B, Hq, Lq, D].
 
     The queries are the last ``Lq <= L`` keys (``Lq == L``: ordinary self-attention). ``plan`` may
-    be passed in to share it between layers with the same rule and inputs; ``special`` as in
-    :func:`build_plan`; ``bias`` adds ALiBi (key positions are token positions: self-attention only).
+    be passed in to share it between layers with the same rule and inputs; ``bias`` adds ALiBi (key
+    positions are token positions: self-attention only).
     """
     q_offset = k.shape[2] - q.shape[2]
     if q_offset < 0:
@@ -419,8 +419,8 @@ def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep:
         raise ValueError("attention.impl 'compact' uses PyTorch's CPU flash kernel; use 'flex' on CUDA")
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
-    if plan is None and (special is not None or q_offset):
-        plan = build_plan(is_sep, rule, doc_ids, prefix_block, near_block, special, q_offset)
+    if plan is None and q_offset:
+        plan = build_plan(is_sep, rule, doc_ids, prefix_block, near_block, q_offset=q_offset)
     elif plan is None:
         plan = _PLANS.get(is_sep, doc_ids, (rule, prefix_block, near_block),
                           lambda: build_plan(is_sep, rule, doc_ids, prefix_block, near_block))
