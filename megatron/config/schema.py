@@ -117,6 +117,12 @@ class SepLLMConfig:
     layer_n_local: Dict[int, int] = field(default_factory=dict)  # per-layer window overrides
     separate_documents: bool = False  # never attend across EOD boundaries
 
+    def separator_ids_from(self, tokenizer) -> List[int]:
+        """The separator ids: those set by number, else ``tokenizer``'s ids of ``separator_tokens``."""
+        if self.separator_ids is not None:
+            return list(self.separator_ids)
+        return list(tokenizer.separator_ids(self.separator_tokens, self.include_space_prefixed))
+
 
 @dataclass
 class AttentionConfig:

@@ -24,11 +24,9 @@ def _full_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
 def separator_ids_for(cfg: Config, tokenizer=None) -> List[int]:
     """Separator ids from the config when given, else derived from the tokenizer by string."""
     sep = cfg.attention.sepllm
-    if sep.separator_ids is not None:
-        return list(sep.separator_ids)
-    if tokenizer is None:
+    if tokenizer is None and sep.separator_ids is None:
         return []
-    return list(tokenizer.separator_ids(sep.separator_tokens, sep.include_space_prefixed))
+    return sep.separator_ids_from(tokenizer)
 
 
 def load_model(load: str, tokenizer=None, device: str = "cpu",

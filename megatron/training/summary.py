@@ -178,15 +178,18 @@ def run_report(cfg: Config, dp: int) -> List[str]:
     from megatron.tokenizer import build_tokenizer, padded_vocab_size
 
     check_paths(cfg)
-    d, sep = cfg.data, cfg.attention.sepllm
+    d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                               cfg.parallel.model_parallel_size)
-    lines = [parameter_line(cfg, parameter_counts(cfg, vocab), vocab, tokenizer.vocab_size)]
-    lines += attention_lines(cfg)
+    return summary_lines(cfg, parameter_counts(cfg, vocab), vocab, tokenizer,
+                         cfg.attention.sepllm.separator_ids_from(tokenizer), dp)
+
+
+def summary_lines(cfg: Config, counts: Dict[str, int], vocab_size: int, tokenizer,
+                  separator_ids: Sequence[int], dp: int) -> List[str]:
+    """The run in words, as the trainer logs it at start-up and ``--dry-run`` prints it."""
+    lines = [parameter_line(cfg, counts, vocab_size, tokenizer.vocab_size)] + attention_lines(cfg)
     if uses_separators(cfg):
-        ids = sep.separator_ids if sep.separator_ids is not None else tokenizer.separator_ids(
-            sep.separator_tokens, sep.include_space_prefixed)
-        lines += separator_lines(cfg, ids, tokenizer.token_texts())
-    lines.append(batch_line(cfg, dp))
-    return lines
+        lines += separator_lines(cfg, separator_ids, tokenizer.token_texts())
+    return lines + [batch_line(cfg, dp)]

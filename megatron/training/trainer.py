@@ -31,15 +31,7 @@ from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer
 from megatron.training.resume import build_engine_and_resume, nothing_to_load
-from megatron.training.summary import (
-    attention_lines,
-    batch_line,
-    layer_rules,
-    parameter_counts,
-    parameter_line,
-    separator_lines,
-    uses_separators,
-)
+from megatron.training.summary import layer_rules, parameter_counts, summary_lines
 from megatron.training.throughput import Throughput, device_peak_tflops, kept_fractions
 
 
@@ -76,9 +68,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                             cfg.parallel.model_parallel_size)
-        sep = cfg.attention.sepllm
-        self.separator_ids = (sep.separator_ids if sep.separator_ids is not None else
-                              self.tokenizer.separator_ids(sep.separator_tokens, sep.include_space_prefixed))
+        self.separator_ids = cfg.attention.sepllm.separator_ids_from(self.tokenizer)
         self.build_data()
         self.model = build_model(cfg, self.vocab_size, self.separator_ids, self.tokenizer.eod_id,
                                  self.layout).to(self.device)
@@ -106,13 +96,8 @@ class Trainer:
     def log_run_summary(self) -> None:
         cfg = self.cfg
         counts = parameter_counts(cfg, self.vocab_size)
-        self.log(parameter_line(cfg, counts, self.vocab_size, self.tokenizer.vocab_size))
-        for line in attention_lines(cfg):
+        for line in summary_lines(cfg, counts, self.vocab_size, self.tokenizer, self.separator_ids, self.dp_size):
             self.log(line)
-        if uses_separators(cfg):
-            for line in separator_lines(cfg, self.separator_ids, self.tokenizer.token_texts()):
-                self.log(line)
-        self.log(batch_line(cfg, self.dp_size))
         peak = cfg.logging.peak_theoretical_tflops or device_peak_tflops(cfg.training.precision, self.device)
         self.throughput = Throughput(counts["matmul"], cfg.model.num_attention_heads * cfg.model.head_dim,
                                      cfg.model.seq_length, self.global_batch * cfg.model.seq_length,
