@@ -465,11 +465,6 @@ class FalconVariant:
         return "input_layernorm", "post_attention_layernorm"
 
 
-def falcon_kv_heads(cfg: Config) -> int:
-    m = cfg.model
-    return m.num_kv_heads or m.num_attention_heads
-
-
 def falcon_key(hf: Dict[str, Any], *names: str, default: Any = None) -> Any:
     """A Falcon config value under its transformers name or the older RefinedWeb spelling."""
     return next((hf[n] for n in names if hf.get(n) is not None), default)
@@ -492,7 +487,7 @@ class FalconFamily(Family):
     def for_export(self, cfg: Config, state: Dict[str, torch.Tensor]) -> "FalconFamily":
         """Falcon-7B's layout (old architecture, one shared norm) when the model fits it, else the
         new decoder architecture (any number of KV heads; one or two norms)."""
-        m, kv = cfg.model, falcon_kv_heads(cfg)
+        m, kv = cfg.model, cfg.model.kv_heads
         old_kv = kv in (1, m.num_attention_heads)
         if not m.gpt_j_residual:
             if not old_kv:
@@ -544,7 +539,7 @@ class FalconFamily(Family):
             "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": vocab_size,
             "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
             "num_attention_heads": m.num_attention_heads,
-            "num_kv_heads": falcon_kv_heads(cfg) if v.new_decoder_architecture else m.num_attention_heads,
+            "num_kv_heads": m.kv_heads if v.new_decoder_architecture else m.num_attention_heads,
             "new_decoder_architecture": v.new_decoder_architecture, "parallel_attn": v.parallel_attn,
             "multi_query": v.multi_query, "alibi": False,
             "bias": m.use_bias_in_attn_linear or m.use_bias_in_mlp, "ffn_hidden_size": ffn_size(cfg.model),
@@ -577,7 +572,7 @@ class FalconFamily(Family):
 
     def _qkv(self, cfg: Config, i: int) -> Tuple[str, int]:
         m = cfg.model
-        rows = (m.num_attention_heads + 2 * falcon_kv_heads(cfg)) * (m.hidden_size // m.num_attention_heads)
+        rows = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
         return f"{self.prefix}h.{i}.self_attention.query_key_value", rows
 
     def import_qkv(self, src: TensorSource, cfg: Config, i: int) -> Dict[str, torch.Tensor]:
@@ -634,7 +629,7 @@ def family_for_model(cfg: Config, architecture: Optional[str] = None) -> Family:
             raise ConversionError(f"unknown architecture {architecture!r}; choose one of {SUPPORTED}")
         return family
     if m.pos_emb == "rotary" and m.norm == "layernorm" and m.activation in OUR_ACTIVATIONS \
-            and falcon_kv_heads(cfg) != m.num_attention_heads:
+            and m.kv_heads != m.num_attention_heads:
         return FAMILIES["falcon"]  # GPT-NeoX has no grouped-query attention; Falcon does
     if m.pos_emb == "learned":
         return FAMILIES["gpt2"]
