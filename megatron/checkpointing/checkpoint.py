@@ -129,20 +129,9 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
         if session is not None:
             manifest["lineage"] = {"parent": session.parent, "run": session.run_id}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
-        fsync_dir(tmp)
         if session is not None:
             session.before_publish()
-        if final.exists():
-            old = root / f".old-{step_dir_name(iteration)}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-        atomic_write_text(root / LATEST, step_dir_name(iteration) + "\n")
-        fsync_dir(root)
+        publish(tmp, root, iteration)
         if session is not None:
             session.after_publish(iteration, keep_last)
         elif keep_last:
@@ -150,6 +139,25 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
     elif session is not None:
         session.record(iteration)
     barrier()
+    return final
+
+
+def publish(tmp: Path, root: Path, iteration: int) -> Path:
+    """Rename the complete checkpoint ``tmp`` into place (replacing an older copy of the same step,
+    never leaving the step missing) and point ``latest`` at it; directories fsynced around the renames."""
+    final = root / step_dir_name(iteration)
+    fsync_dir(tmp)
+    if final.exists():
+        old = root / f".old-{step_dir_name(iteration)}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    atomic_write_text(root / LATEST, step_dir_name(iteration) + "\n")
+    fsync_dir(root)
     return final
 
 

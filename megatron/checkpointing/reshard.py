@@ -16,7 +16,6 @@ at the new layout continues as the old one would have.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -25,9 +24,9 @@ import torch
 
 from megatron.checkpointing.checkpoint import (
     FORMAT_VERSION,
-    LATEST,
     MANIFEST,
     NamedState,
+    publish,
     read_manifest,
     read_optimizer_shard,
     read_shard_meta,
@@ -155,7 +154,6 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
     root = Path(out_dir)
     iteration = manifest["iteration"]
     tmp = root / f".tmp-{step_dir_name(iteration)}"
-    final = root / step_dir_name(iteration)
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -197,11 +195,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                         layout={"tp": tp, "pp": pp, "dp": 1, "cp": 1},
                         resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
     atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(root / LATEST, step_dir_name(iteration) + "\n")
-    return final
+    return publish(tmp, root, iteration)
 
 
 def _reshard_optimizer(meta: Dict[str, Dict[str, Any]], full_optim: Dict[str, Dict[str, Any]],
