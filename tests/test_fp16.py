@@ -181,7 +181,7 @@ def skip_unless_deepspeed_has_fp16():
                     "AVX512-FP16/AMX-FP16); the refusal is checked here instead")
 
 
-def test_zero_fp16_is_refused_in_one_line_where_deepspeed_has_no_fp16(tmp_path):
+def test_zero_fp16_is_refused_in_one_line_where_deepspeed_has_no_fp16():
     """NeoX's 160M recipe (fp16 + ZeRO-1) on a machine where DeepSpeed refuses fp16: one line and exit 2
     from the launcher, not DeepSpeed's traceback in every rank; without ZeRO the same config is accepted."""
     device, has_fp16 = deepspeed_fp16_device()

@@ -481,8 +481,9 @@ def validate_layout(cfg: Config, world_size: int) -> int:
 
 
 def validate_launch(cfg: Config, world_size: int) -> int:
-    """Everything a launch needs checked before any process group starts: the pipeline schedule and
-    ZeRO settings, then the layout against the world size. Returns the data-parallel size."""
+    """Everything a launch needs checked before any process group starts: optional packages, fp16 under
+    ZeRO against this machine's DeepSpeed, the pipeline schedule and ZeRO settings, then the layout
+    against the world size. Returns the data-parallel size."""
     _check_optional_packages(cfg)
     _check_zero_fp16_device(cfg)
     _validate_virtual_stages(cfg)
