@@ -15,7 +15,6 @@ import prepare_corpus  # noqa: E402
 
 
 @pytest.mark.slow  # four short training runs plus streaming evaluation: minutes on a loaded 2-core box
-@pytest.mark.heavy
 def test_smoke_run_writes_table_from_its_logs(tmp_path):
     out = tmp_path / "exp"
     res = subprocess.run([sys.executable, "tools/run_experiments.py", "--smoke", "--out-dir", str(out)],
