@@ -4,14 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13 is what this project is developed and tested on; override for CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
+# The versions the whole suite passed with; `make venv CONSTRAINTS=` installs the newest allowed instead.
+CONSTRAINTS ?= requirements/constraints.txt
+PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: venv demo demo-data test test-all lint clean-demo
+.PHONY: venv demo demo-data test test-slow test-all aot-check lint clean-demo
 
-$(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt
+$(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -27,11 +30,21 @@ demo-data: data/tiny/corpus_text_document.idx
 demo: demo-data
 	$(PY) deepy.py train.py configs/tiny.yml
 
+# Test tiers (README "Tests"): the default tier; the part of the slow tier CI runs; everything.
 test: venv
 	$(PY) -m pytest --durations=10
 
+test-slow: venv
+	$(PY) -m pytest -m "slow and not heavy" --durations=10
+
 test-all: venv
 	$(PY) -m pytest -m "" --durations=10
+
+# All 108 shipped Sep-Attention Triton variants lowered for sm_90 and sm_80 with Triton's ptxas (no GPU);
+# fails if a 16-bit variant spills. The test suite lowers a sample of 36 per architecture.
+aot-check: venv
+	env -u TRITON_INTERPRET $(PY) -m megatron.attention.triton_aot --arch 90
+	env -u TRITON_INTERPRET $(PY) -m megatron.attention.triton_aot --arch 80
 
 lint: venv
 	$(VENV)/bin/ruff check .

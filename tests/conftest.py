@@ -21,6 +21,13 @@ SAMPLE = ROOT / "data" / "sample"
 TOKENIZER = SAMPLE / "tokenizer.json"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``heavy`` narrows ``slow`` (pytest.ini): a heavy test not marked slow would run in the default tier."""
+    loose = [item.nodeid for item in items if item.get_closest_marker("heavy") and not item.get_closest_marker("slow")]
+    if loose:
+        raise pytest.UsageError(f"marked heavy but not slow: {', '.join(loose)}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -278,6 +278,30 @@ def test_preprocess_fails_clearly_when_a_worker_is_killed(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+class ExitsLater:
+    """A worker process whose exit status appears ``after`` seconds from now."""
+
+    def __init__(self, code: int, after: float):
+        self.code, self.at = code, time.monotonic() + after
+
+    @property
+    def exitcode(self):
+        return self.code if time.monotonic() >= self.at else None
+
+
+def test_dead_worker_is_named_by_its_signal_even_before_its_exit_status_is_in():
+    """The pool reports a death when the worker's pipe closes, a moment before the kernel has the exit
+    status (a race seen on a loaded box); the survivors it then ends with SIGTERM do not hide the SIGKILL."""
+    from types import SimpleNamespace
+
+    from megatron.data.preprocess import dead_worker_cause
+
+    killed = "killed by signal 9, as the out-of-memory killer does"
+    assert dead_worker_cause(SimpleNamespace(_processes={1: ExitsLater(-9, 0.2), 2: ExitsLater(0, 10)})) == killed
+    assert dead_worker_cause(SimpleNamespace(_processes={1: ExitsLater(-15, 0), 2: ExitsLater(-9, 0)})) == killed
+    assert dead_worker_cause(SimpleNamespace(_processes={1: ExitsLater(1, 0)})) == "exit code 1"
+
+
 @pytest.mark.slow
 def test_preprocess_sigterm_leaves_no_temp_files(tmp_path):
     src = tmp_path / "in.jsonl"

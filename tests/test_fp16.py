@@ -1,15 +1,17 @@
 """fp16 with dynamic loss scaling (NeoX's ``fp16`` section): the scaler's rule against DeepSpeed's,
-overflow steps skipped and counted, fp16 losses equal to fp32 within fp16 precision, exact resume."""
+overflow steps skipped and counted, fp16 losses equal to fp32 within fp16 precision, exact resume; under
+ZeRO, DeepSpeed's scaler where DeepSpeed runs fp16 and one refusal line where it does not."""
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
-from conftest import tiny_config_tree
+from conftest import ROOT, run_cli, tiny_config_tree
 from distributed_helpers import model_tree, run_layout, train_layout
 
-from megatron.config import config_from_tree
+from megatron.config import config_from_tree, load_config, validate_launch
+from megatron.config.validation import deepspeed_fp16_device
 from megatron.errors import ConfigError
 from megatron.training.loss_scaler import LossScaler
 from megatron.training.trainer import Trainer
@@ -171,9 +173,36 @@ def test_overflow_on_one_rank_skips_the_step_on_all(layout):
     assert max(abs(a - b) for a, b in zip(results[0]["losses"], single["losses"])) < 1e-3
 
 
+# ------------------------------------------------------------------ ZeRO: DeepSpeed's fp16, where DeepSpeed has it
+def skip_unless_deepspeed_has_fp16():
+    device, has_fp16 = deepspeed_fp16_device()
+    if not has_fp16:
+        pytest.skip(f"DeepSpeed has no fp16 on this machine's {device} (it needs CUDA, or a CPU with "
+                    "AVX512-FP16/AMX-FP16); the refusal is checked here instead")
+
+
+def test_zero_fp16_is_refused_in_one_line_where_deepspeed_has_no_fp16():
+    """NeoX's 160M recipe (fp16 + ZeRO-1) on a machine where DeepSpeed refuses fp16: one line and exit 2
+    from the launcher, not DeepSpeed's traceback in every rank; without ZeRO the same config is accepted."""
+    device, has_fp16 = deepspeed_fp16_device()
+    if has_fp16:
+        pytest.skip(f"DeepSpeed runs fp16 on this machine's {device}: the ZeRO fp16 tests below run instead")
+    recipe = str(ROOT / "tests" / "data" / "neox_dialect" / "my_neox_160M.yml")
+    out = run_cli(["deepy.py", "--dry-run", "train.py", recipe])
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: precision fp16 with zero_optimization.stage 1: DeepSpeed has no fp16 on this machine's {device} "
+        "(it needs CUDA, or a CPU with AVX512-FP16/AMX-FP16); use precision bf16 or fp32, or "
+        "zero_optimization.stage 0 (fp16 with our own loss scaler)"]
+    cfg, _ = load_config([recipe], log=lambda m: None)
+    cfg.parallel.zero_optimization.stage = 0
+    assert validate_launch(cfg, 1) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_zero_fp16_reports_deepspeed_scale_and_skips():
+    skip_unless_deepspeed_has_fp16()
     tree = model_tree(zero_optimization={"stage": 1}, gradient_accumulation_steps=2,
                       **{k: v for k, v in FP16.items() if k != "gradient_accumulation_steps"})
     results = run_layout(tree, 2, steps=3, overflow_at={0: 1, 1: 1})
@@ -187,6 +216,7 @@ def test_zero_fp16_reports_deepspeed_scale_and_skips():
 @pytest.mark.distributed
 def test_zero_fp16_resume_continues_with_the_saved_scale(tmp_path):
     """Scale 2^24 overflows at first; the checkpoint at step 2 carries DeepSpeed's scaler state."""
+    skip_unless_deepspeed_has_fp16()
     tree = model_tree(zero_optimization={"stage": 2}, gradient_accumulation_steps=2, precision="fp16",
                       fp16={"initial_scale_power": 24, "hysteresis": 1}, attention={"impl": "compact"})
     full = run_layout(tree, 2, steps=4, save_at=2, save_dir=str(tmp_path))[0]

@@ -166,6 +166,8 @@ def rss_mib() -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.timeout(1800)  # 20,000 generate steps: close to 10 minutes on a loaded 2-core box
 def test_streaming_20k_tokens_in_transformers_keeps_memory_flat():
     """20,000 generated tokens through model.generate with the default budget a4 s64 w256 c800. A cache
     that kept everything would hold 20,000 x 2 layers x K and V x 256 floats = 78 MiB at the end."""

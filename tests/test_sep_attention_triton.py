@@ -264,26 +264,38 @@ def check_aot(args, expect_lines: int) -> None:
     proc = run_aot(args)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("no ptxas in this triton install")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]  # non-zero also when a 16-bit variant spills
     lines = [line for line in proc.stdout.splitlines() if "regs=" in line]
     assert len(lines) == expect_lines, proc.stdout
-    # The 16-bit rows are the GPU training path and must not spill; fp32 (a fallback) may.
-    spilling = [line for line in lines if not line.endswith("spill=0") and ",fp32," not in line]
-    assert not spilling, spilling
 
 
 def test_sep_attention_kernels_lower_to_sm90_quick():
     """bf16, head dim 128, documents: the forward and the special dK/dV kernel (the two largest)
-    compile for sm_90 without spills; the slow test below lowers every shipped variant."""
+    compile for sm_90 without spills; the slow test below lowers a sample of every kind."""
     check_aot(["--quick", "--arch", "90"], expect_lines=2)
 
 
+def test_aot_sweep_fails_on_a_spilling_16_bit_variant_only():
+    pytest.importorskip("triton")
+    from megatron.attention.triton_aot import spilling
+    from megatron.kernels.aot_check import CompileReport
+
+    reports = [CompileReport("sep_dq_kernel[D=64,bf16,docs=ids,M=128,N=32]", 8, 255, 8),
+               CompileReport("sep_fwd_kernel[D=128,fp32,docs=none,M=32,N=16]", 4, 255, 52),
+               CompileReport("sep_fwd_kernel[D=128,fp16,docs=none,M=128,N=32]", 8, 232, 0),
+               CompileReport("sep_dq_kernel[D=256,fp16,docs=contig,M=32,N=32]", 4, None, None)]
+    assert spilling(reports) == [reports[0].name, reports[3].name]  # no spill count read: not known to fit
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [90, 80])
-def test_every_shipped_sep_attention_configuration_lowers(arch):
+@pytest.mark.timeout(1800)  # 36 compiles: ~3 minutes on 2 idle cores, over 10 on a loaded box
+@pytest.mark.parametrize("arch", [90, pytest.param(80, marks=pytest.mark.heavy)])
+def test_every_sep_attention_kernel_dtype_and_head_dim_lowers(arch):
+    """Each kernel x dtype x head dim once (36 of the 108 shipped variants, the document variants
+    rotating); ``make aot-check`` lowers all 108 for both architectures."""
     from megatron.attention.triton_aot import shipped_variants
 
-    check_aot(["--arch", str(arch)], expect_lines=len(list(shipped_variants())))
+    check_aot(["--sample", "--arch", str(arch)], expect_lines=len(list(shipped_variants("sample"))))
 
 
 if __name__ == "__main__":

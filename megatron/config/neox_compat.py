@@ -194,7 +194,10 @@ RULES: List[Rule] = [
     # ---------------------------------------------------------------- precision, optimizer, schedule
     group("precision", "precision", "fp32, bfloat16 (bf16), fp16; checked against the fp16/bf16 sections"),
     group("fp16", "precision, fp16", "enabled: precision fp16 with its loss-scale settings; "
-                                     "type bfloat16 (DeeperSpeed): precision bf16", DS),
+                                     "type bfloat16 (DeeperSpeed): precision bf16. Under ZeRO (stage 1-2) "
+                                     "DeepSpeed scales the loss and runs fp16 only on CUDA or a CPU with "
+                                     "AVX512-FP16/AMX-FP16: elsewhere refused at launch in one line (stage 0 "
+                                     "runs fp16 on any device with our loss scaler)", DS),
     group("bf16", "precision", "enabled: precision bf16 (loss-scale keys in it have no effect)", DS),
     noop("fp32_allreduce", "gradients are fp32 (master weights) and reduced in fp32 already", DS),
     noop_unless("data_types", lambda v: not v or v == {"grad_accum_dtype": "fp32"},

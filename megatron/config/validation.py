@@ -327,6 +327,36 @@ def _check_optional_packages(cfg: Config) -> None:
                           "pip install -e '.[tensorboard]' (or remove tensorboard_dir)")
 
 
+def deepspeed_fp16_device() -> Tuple[str, bool]:
+    """DeepSpeed's accelerator on this machine, and whether it runs fp16: DeepSpeed's own answer (what
+    ``DeepSpeedEngine._do_sanity_check`` asks), i.e. CUDA from compute capability 7.0, a CPU only
+    where oneDNN has fp16 (AVX512-FP16 or AMX-FP16)."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # DeepSpeed's "Setting accelerator to CPU" on first use
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    finally:
+        logging.disable(previous)
+    return accelerator.device_name(), bool(accelerator.is_fp16_supported())
+
+
+def _check_zero_fp16_device(cfg: Config) -> None:
+    """fp16 under ZeRO needs DeepSpeed's fp16 on this machine (without ZeRO our own loss scaler runs
+    fp16 on any device): one line here instead of DeepSpeed's traceback in every rank."""
+    stage = cfg.parallel.zero_optimization.stage
+    if stage == 0 or cfg.training.precision != "fp16":
+        return
+    device, has_fp16 = deepspeed_fp16_device()
+    if not has_fp16:
+        raise ConfigError(f"precision fp16 with zero_optimization.stage {stage}: DeepSpeed has no fp16 on this "
+                          f"machine's {device} (it needs CUDA, or a CPU with AVX512-FP16/AMX-FP16); use precision "
+                          "bf16 or fp32, or zero_optimization.stage 0 (fp16 with our own loss scaler)")
+
+
 def _check_positions(cfg: Config, err) -> None:
     """ALiBi and BiPE: what each attention impl can run, checked before launch."""
     m, impl = cfg.model, cfg.attention.impl
@@ -451,9 +481,11 @@ def validate_layout(cfg: Config, world_size: int) -> int:
 
 
 def validate_launch(cfg: Config, world_size: int) -> int:
-    """Everything a launch needs checked before any process group starts: the pipeline schedule and
-    ZeRO settings, then the layout against the world size. Returns the data-parallel size."""
+    """Everything a launch needs checked before any process group starts: optional packages, fp16 under
+    ZeRO against this machine's DeepSpeed, the pipeline schedule and ZeRO settings, then the layout
+    against the world size. Returns the data-parallel size."""
     _check_optional_packages(cfg)
+    _check_zero_fp16_device(cfg)
     _validate_virtual_stages(cfg)
     par = cfg.parallel
     validate_model_split(cfg, 1, par.pipe_parallel_size, par.virtual_pipe_stages)

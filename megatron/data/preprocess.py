@@ -149,9 +149,15 @@ def results_in_order(workers: int, all_batches: Iterator[List[Item]], init_args:
         stop_pool(pool)
 
 
-def dead_worker_cause(pool) -> str:
-    codes = [p.exitcode for p in list(getattr(pool, "_processes", {}).values()) if p.exitcode]
-    signals = [-c for c in codes if c < 0]
+def dead_worker_cause(pool, wait_s: float = 2.0) -> str:
+    """How the worker died. The pool can report the death (its pipe closed) a moment before the kernel
+    has the exit status, so wait up to ``wait_s`` for one; a SIGTERM is likely the pool ending the
+    survivors, so another signal comes first."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    deadline = time.monotonic() + wait_s
+    while not (codes := [p.exitcode for p in processes if p.exitcode]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    signals = sorted((-c for c in codes if c < 0), key=lambda s: s == signal.SIGTERM)
     if signals:
         return f"killed by signal {signals[0]}{', as the out-of-memory killer does' if signals[0] == 9 else ''}"
     return f"exit code {codes[0]}" if codes else "killed"
