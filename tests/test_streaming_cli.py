@@ -149,6 +149,12 @@ def test_generate_cli(tiny_checkpoint, capsys):
     assert exit_code(gen, ["--load", save, "--prompt", "x", "--cache-size", "8", "--local-size", "6"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "init_cache_size + local_size" in err
+    assert exit_code(gen, ["--load", save, "--prompt", "x", "--chat"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: the tokenizer in '{tiny_checkpoint}' has no chat template "
+                                               "(chat_template.jinja, chat_template.json or tokenizer_config.json "
+                                               "'chat_template')")
+    assert exit_code(gen, ["--load", save, "--prompt", "x", "--system", "Be brief."]) == 2
+    assert capsys.readouterr().err.strip() == "error: --system needs --chat"
 
 
 def test_eval_streaming_ppl_cli(tiny_checkpoint, tmp_path, capsys):
