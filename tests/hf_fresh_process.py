@@ -2,12 +2,14 @@
 
     python -I tests/hf_fresh_process.py JOBS.json RESULTS.pt
 
-JOBS.json lists {"dir", "tokens" [[...]], "prompt" [...], "new_tokens", "plain", "readme"}; for each
-export this loads it with trust_remote_code, computes fp32 logits of ``tokens``, generates greedily
+JOBS.json lists {"dir", "tokens" [[...]], "prompt" [...], "new_tokens", "plain", "readme", "remote"}; for
+each export this loads it with trust_remote_code (without it when "remote" is false), records
+transformers' load report (missing / unexpected / mismatched keys), computes fp32 logits of ``tokens``,
+generates greedily
 from ``prompt`` with the export's default cache and with an explicit ``model.sepllm_cache()``
 (recording its length after every step); with ``plain``, the logits of the same directory loaded
 without remote code; with ``readme``, the README's example on that text. Results go to RESULTS.pt
-(torch.save of a dict per directory). Used by test_hf_sepllm.py.
+(torch.save of a dict per directory). Used by test_hf_sepllm.py and test_hf_export_matrix.py.
 """
 import json
 import sys
@@ -21,10 +23,18 @@ class NoOurPackage:
             raise ImportError(f"{name} is not available in this process")
 
 
+def load(transformers, torch, directory, remote):
+    """(model, its load report as plain lists)."""
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, trust_remote_code=remote, dtype=torch.float32, output_loading_info=True)
+    report = {key: sorted(str(k) for k in info.get(key) or ())
+              for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    return model.eval(), report
+
+
 def run_job(job, transformers, torch):
-    model = transformers.AutoModelForCausalLM.from_pretrained(job["dir"], trust_remote_code=True,
-                                                              dtype=torch.float32).eval()
-    out = {"class": type(model).__name__, "module": type(model).__module__}
+    model, report = load(transformers, torch, job["dir"], job.get("remote", True))
+    out = {"class": type(model).__name__, "module": type(model).__module__, "load_report": report}
     tokens = torch.tensor(job["tokens"])
     with torch.no_grad():
         out["logits"] = model(tokens).logits
@@ -51,7 +61,7 @@ def run_job(job, transformers, torch):
         out["readme_prompt"] = inputs["input_ids"][0].tolist()
         out["readme_generated"] = model.generate(**inputs, max_new_tokens=job["new_tokens"])[0].tolist()
     if job.get("plain"):
-        plain = transformers.AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32).eval()
+        plain, out["plain_load_report"] = load(transformers, torch, job["dir"], False)
         out["plain_class"] = type(plain).__name__
         with torch.no_grad():
             out["plain_logits"] = plain(tokens).logits

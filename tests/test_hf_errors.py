@@ -186,3 +186,17 @@ def test_clis_print_one_line_and_exit_2(neox_dir, tmp_path):
                    str(tmp_path / "o"), "--quiet"])
     assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert "nowhere' does not exist" in res.stderr
+
+
+def test_gguf_input_that_is_missing_or_not_gguf_is_one_line(tmp_path):
+    res = run_cli(["tools/ckpts/convert_from_hf.py", "--input", str(tmp_path / "model.gguf"), "--save",
+                   str(tmp_path / "c"), "--quiet"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"convert_from_hf: error: GGUF file '{tmp_path / 'model.gguf'}' not found"]
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file" * 8)
+    res = run_cli(["tools/ckpts/convert_from_hf.py", "--input", str(tmp_path / "bad.gguf"), "--save",
+                   str(tmp_path / "c"), "--quiet"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert f"'{tmp_path / 'bad.gguf'}' could not be read as a GGUF model by transformers" in res.stderr
+    assert [p.name for p in (tmp_path / "c").iterdir()] == []  # the temporary HF directory is gone

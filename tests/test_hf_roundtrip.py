@@ -161,20 +161,47 @@ def test_original_gpt2_names_without_transformer_prefix(tmp_path):
         torch.testing.assert_close(ours.full_logits(tokens)[..., :VOCAB], hf(tokens).logits, atol=1e-5, rtol=0)
 
 
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% endif %}")
+
+
 def test_tokenizer_files_travel_both_ways(tmp_path):
+    """tokenizer.json, tokenizer_config.json and a chat model's chat_template.jinja: imported next to the
+    checkpoint, exported with the bos/eos/pad ids; tools/generate.py renders the template as transformers
+    does and stops at the model's eos as well as at the end-of-document token."""
     tokenizers = pytest.importorskip("tokenizers")
-    vocab = {f"t{i}": i for i in range(VOCAB - 1)}
+    from megatron.tokenizer import build_tokenizer
+    from megatron.tokenizer.chat import render_chat, stop_ids
+
+    vocab = {f"t{i}": i for i in range(VOCAB - 2)}
+    vocab["<|im_end|>"] = VOCAB - 2
     vocab["<|endoftext|>"] = VOCAB - 1
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     hf_dir = save_hf(tiny_neox(), tmp_path / "hf")
     tok.save(str(hf_dir / "tokenizer.json"))
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                             "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     result = import_hf(str(hf_dir), str(tmp_path / "ckpt"), seq_length=32, divisible_by=64, progress=False,
                        log=quiet)
     copied = tmp_path / "ckpt" / "tokenizer" / "tokenizer.json"
     assert copied.is_file() and f"vocab_file: {copied.resolve()}" in result.config_path.read_text()
+    assert (tmp_path / "ckpt" / "tokenizer" / "chat_template.jinja").read_text() == CHAT_TEMPLATE
     out = tmp_path / "out"
     export_hf(str(tmp_path / "ckpt"), str(out), progress=False, log=quiet)
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == VOCAB - 1
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    for name in ("generation_config.json", "config.json"):
+        config = json.loads((out / name).read_text())
+        assert (config["eos_token_id"], config["pad_token_id"]) == (VOCAB - 2, VOCAB - 1), name
+
+    ours = build_tokenizer("HFTokenizer", str(copied))
+    assert stop_ids(ours) == [VOCAB - 2, VOCAB - 1]
+    messages = [{"role": "system", "content": "t1 t2"}, {"role": "user", "content": "t3"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert render_chat(ours, messages) == theirs.apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=True)
+    assert render_chat(ours, messages) == "<|im_start|>system\nt1 t2<|im_end|>\n<|im_start|>user\nt3<|im_end|>\n" \
+                                          "<|im_start|>assistant\n"

@@ -151,6 +151,8 @@ def test_export_computes_our_sep_attention_in_stock_transformers(exports, tokeni
     assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_sepllm.SepLLM{ARCHITECTURES[family]}"}
     assert item["result"]["class"] == f"SepLLM{ARCHITECTURES[family]}"
     assert item["result"]["module"].startswith("transformers_modules.")
+    assert item["result"]["load_report"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [],
+                                             "error_msgs": []}
     model, _ = our_model(item, tokenizer)
     with torch.no_grad():
         ours = model.full_logits(torch.tensor(item["tokens"]))[..., :config["vocab_size"]]

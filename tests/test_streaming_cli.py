@@ -149,6 +149,12 @@ def test_generate_cli(tiny_checkpoint, capsys):
     assert exit_code(gen, ["--load", save, "--prompt", "x", "--cache-size", "8", "--local-size", "6"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "init_cache_size + local_size" in err
+    assert exit_code(gen, ["--load", save, "--prompt", "x", "--chat"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: the tokenizer in '{tiny_checkpoint}' has no chat template "
+                                               "(chat_template.jinja, chat_template.json or tokenizer_config.json "
+                                               "'chat_template')")
+    assert exit_code(gen, ["--load", save, "--prompt", "x", "--system", "Be brief."]) == 2
+    assert capsys.readouterr().err.strip() == "error: --system needs --chat"
 
 
 def test_eval_streaming_ppl_cli(tiny_checkpoint, tmp_path, capsys):
@@ -169,6 +175,40 @@ def test_eval_streaming_ppl_cli(tiny_checkpoint, tmp_path, capsys):
     assert (out_dir / "streaming_ppl.png").stat().st_size > 1000
     assert exit_code(tool, ["--load", str(tiny_checkpoint / "save"), "--text-file", str(tmp_path / "missing.txt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def streaming_rows(tool, ckpt, text, out_dir, policy, chunk, capsys, *budget):
+    code = exit_code(tool, ["--load", ckpt, "--text-file", str(text), "--num-tokens", "90", "--report-every", "30",
+                            "--policies", policy, "--chunk", str(chunk), "--out-dir", str(out_dir), *budget])
+    assert code == 0, capsys.readouterr().err
+    return list(csv.DictReader(open(out_dir / f"{policy}.csv")))
+
+
+@pytest.mark.parametrize("policy,budget", [
+    ("full", ()),
+    # every eviction drops only keys the Sep-Attention rule (n_init 2, n_local 8) hides
+    ("sepllm", ("--decode-mask", "rule", "--no-pos-shift", "--init-cache-size", "2", "--sep-cache-size", "40",
+                "--local-size", "8", "--cache-size", "66")),
+])
+def test_eval_streaming_ppl_chunked_equals_token_by_token(tiny_checkpoint, tmp_path, capsys, policy, budget):
+    tool = load_tool("eval_streaming_ppl")
+    text = tmp_path / "book.txt"
+    text.write_text(TEXT)
+    ckpt = str(tiny_checkpoint / "save")
+    one = streaming_rows(tool, ckpt, text, tmp_path / "one", policy, 1, capsys, *budget)
+    chunked = streaming_rows(tool, ckpt, text, tmp_path / "chunked", policy, 7, capsys, *budget)
+    assert [int(r["tokens"]) for r in chunked] == [int(r["tokens"]) for r in one] == [30, 60, 90]
+    for a, b in zip(one, chunked):
+        assert float(b["ppl"]) == pytest.approx(float(a["ppl"]), rel=1e-5)
+        assert float(b["ppl_cumulative"]) == pytest.approx(float(a["ppl_cumulative"]), rel=1e-5)
+        assert b["full_kv_avg"] == a["full_kv_avg"]
+    if policy == "full":
+        assert [(r["kv_len"], r["kv_len_avg"]) for r in chunked] == [(r["kv_len"], r["kv_len_avg"]) for r in one]
+    else:
+        assert int(one[-1]["compressions"]) > 0 and int(chunked[-1]["compressions"]) > 0
+        assert max(int(r["kv_len"]) for r in chunked) <= 66
+    assert exit_code(tool, ["--load", ckpt, "--text-file", str(text), "--chunk", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --chunk must be >= 1, got 0"
 
 
 def test_cli_unknown_checkpoint_subprocess(tmp_path):

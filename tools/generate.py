@@ -3,6 +3,11 @@
 
     python tools/generate.py --load CKPT --prompt "Once upon a time" --max-new-tokens 64 \\
         --temperature 0.8 --top-p 0.95 --policy sepllm --cache-size 800
+    python tools/generate.py --load checkpoints/smollm2 --chat --prompt "What is gravity?"
+
+Generation stops at the end-of-document token and at the model's own eos (tokenizer_config.json
+'eos_token', e.g. '<|im_end|>' of a chat model). --chat sends the prompt as one user message through
+the model's chat template (chat_template.jinja next to the tokenizer, as an HF import keeps it).
 
 Bad input (unknown checkpoint, empty prompt, cache budget too small, ...) prints one line to
 stderr and exits with status 2.
@@ -29,13 +34,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file ('-' = stdin)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     s = p.add_argument_group("sampling")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="0 = off")
     s.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
+    s.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token or the eos")
     p.add_argument("--stats", action="store_true", help="print cache statistics to stderr at the end")
     add_cache_args(p)
     return p.parse_args(argv)
@@ -63,8 +70,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron.inference.generation import TextStreamer, generate_tokens
     from megatron.inference.loading import load_model, load_tokenizer
     from megatron.inference.sampling import SamplingConfig
+    from megatron.tokenizer.chat import render_chat, stop_ids
 
     tokenizer = load_tokenizer(args.load, args.tokenizer_type, args.vocab_file, args.merge_file)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        prompt = render_chat(tokenizer, messages)
+    elif args.system:
+        raise InferenceError("--system needs --chat")
     model, _, _ = load_model(args.load, tokenizer, args.device)
     sampling = SamplingConfig(args.greedy, args.temperature, args.top_k, args.top_p, args.seed,
                               vocab_limit=min(tokenizer.vocab_size, model.vocab_size))
@@ -73,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise InferenceError("the prompt encodes to no tokens")
     engine = StreamingEngine(model, cache_cfg)
     streamer = TextStreamer(tokenizer.decode)
-    stops = () if args.no_stop else (tokenizer.eod_id,)
+    stops = () if args.no_stop else tuple(stop_ids(tokenizer))
     start, count = time.perf_counter(), 0
     for token in generate_tokens(engine, prompt_ids, args.max_new_tokens, sampling, stops, args.prefill_chunk):
         count += 1

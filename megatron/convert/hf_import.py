@@ -1,4 +1,4 @@
-"""HF checkpoint directory -> our checkpoint (iteration 0, weights only) + a matching YAML.
+"""HF checkpoint directory (or a GGUF file) -> our checkpoint (iteration 0, weights only) + a matching YAML.
 
 The SepLLM post-training path: take a full-attention model and continue training it with
 Sep-Attention (see configs/finetune_example.yml).
@@ -18,12 +18,11 @@ from megatron.checkpointing import save_checkpoint
 from megatron.config import Config, SepLLMConfig, config_from_tree, config_to_tree, validate_layout
 from megatron.convert.common import DTYPES, TensorSource, read_hf_weights, read_json
 from megatron.convert.families import GPT2Family, family_from_hf_config, strip_gpt2_prefix
+from megatron.convert.gguf import gguf_to_hf, is_gguf
 from megatron.convert.tokenizer_files import copy_tokenizer_files, tokenizer_data_keys, tokenizer_vocab_size
 from megatron.errors import CheckpointError, ConfigError, ConversionError
 from megatron.model import GPTModel, build_model
 from megatron.tokenizer import padded_vocab_size
-
-DEFAULT_MAX_SEQ_LENGTH = 2048
 
 
 @dataclass
@@ -56,7 +55,7 @@ def build_config_tree(model_keys: Dict[str, Any], seq_length: Optional[int], div
                       pp: int, data_keys: Dict[str, str],
                       attention: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     max_pos = model_keys["max_position_embeddings"]
-    seq = seq_length or min(max_pos, DEFAULT_MAX_SEQ_LENGTH)
+    seq = seq_length or max_pos  # the model's context, as GPT-NeoX configs set it; train shorter with --seq-length
     if model_keys.get("pos_emb") == "learned" and seq > max_pos:
         raise ConversionError(f"--seq-length {seq} exceeds the model's {max_pos} learned positions")
     return {**model_keys, "seq_length": seq, "make_vocab_size_divisible_by": divisible_by,
@@ -117,13 +116,30 @@ def write_yaml(path: Path, tree: Dict[str, Any], hf_dir: Path, architecture: str
 def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: int = 1, pp: int = 1,
               seq_length: Optional[int] = None, divisible_by: int = 128, dtype: str = "fp32",
               force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> ImportResult:
+    """Import the HF model directory ``hf_dir``, or a ``.gguf`` file (dequantized through transformers
+    into a temporary HF directory first)."""
     src_dir, save = Path(hf_dir), Path(save_dir)
-    if not src_dir.is_dir():
-        raise ConversionError(f"HF model directory '{hf_dir}' does not exist")
     if save.exists() and any(save.iterdir()) and not force:
         raise ConversionError(f"save directory '{save}' is not empty; pass --force to overwrite")
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    args = (config_out, tp, pp, seq_length, divisible_by, dtype, progress, log)
+    if is_gguf(hf_dir) and not src_dir.is_dir():
+        if not src_dir.is_file():
+            raise ConversionError(f"GGUF file '{hf_dir}' not found")
+        save.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=save) as tmp:
+            converted = gguf_to_hf(hf_dir, str(Path(tmp) / "hf"), dtype, log)
+            return import_dir(converted, save, *args, origin=src_dir)
+    if not src_dir.is_dir():
+        raise ConversionError(f"HF model directory '{hf_dir}' does not exist")
+    return import_dir(src_dir, save, *args, origin=src_dir)
+
+
+def import_dir(src_dir: Path, save: Path, config_out: Optional[str], tp: int, pp: int, seq_length: Optional[int],
+               divisible_by: int, dtype: str, progress: bool, log: Callable[[str], None],
+               origin: Path) -> ImportResult:
+    """``import_hf`` of an HF directory; ``origin`` is what the user named (recorded in the checkpoint)."""
     hf = read_json(src_dir / "config.json")
     family = family_from_hf_config(hf)
     tok_dir = save / "tokenizer"
@@ -138,8 +154,8 @@ def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: 
     if isinstance(family, GPT2Family):
         tensors = strip_gpt2_prefix(tensors)
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in tensors.items()}
-    source = TensorSource(tensors, origin=str(src_dir), shape_hint=str(src_dir / "config.json"),
-                          ignorable=family.ignorable)
+    hint = str(src_dir / "config.json") if src_dir == origin else f"the model config of '{origin}'"
+    source = TensorSource(tensors, origin=str(origin), shape_hint=hint, ignorable=family.ignorable)
     weights = family.to_ours(source, cfg, vocab_size, padded, progress=progress)
     del tensors, source
 
@@ -158,12 +174,12 @@ def import_hf(hf_dir: str, save_dir: str, config_out: Optional[str] = None, tp: 
 
     model = model_with_weights(cfg, padded, weights)
     extra = {"consumed_samples": 0,
-             "source": {"hf_dir": str(src_dir.resolve()), "architecture": family.architecture,
+             "source": {"hf_dir": str(origin.resolve()), "architecture": family.architecture,
                         "vocab_size": vocab_size}}
     write_checkpoint(model, cfg, save, tp, pp, extra, log)
     config_path = Path(config_out) if config_out else save / "model.yml"
-    write_yaml(config_path, tree, src_dir, family.architecture)
-    log(f"imported {family.architecture} from {src_dir}: {cfg.model.num_layers} layers, hidden "
-        f"{cfg.model.hidden_size}, vocab {vocab_size} (padded {padded}) -> {save} (tp={tp} pp={pp}); "
-        f"config {config_path}")
+    write_yaml(config_path, tree, origin, family.architecture)
+    log(f"imported {family.architecture} from {origin}: {cfg.model.num_layers} layers, hidden "
+        f"{cfg.model.hidden_size}, vocab {vocab_size} (padded {padded}), seq_length {cfg.model.seq_length} "
+        f"-> {save} (tp={tp} pp={pp}); config {config_path}")
     return ImportResult(save, config_path, family.architecture, vocab_size, padded)

@@ -10,9 +10,12 @@ from megatron.convert.common import read_json
 from megatron.errors import DataError
 from megatron.tokenizer import Tokenizer, build_tokenizer
 
-# Tokenizer files copied between an HF directory and our tokenizer directory, when present.
+# Tokenizer files copied between an HF directory and our tokenizer directory, when present
+# (transformers 5 keeps a chat model's template in chat_template.jinja, older versions in
+# tokenizer_config.json or chat_template.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json")
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
 
 
 def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> List[str]:
@@ -26,7 +29,8 @@ def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> List[str]:
 
 
 def special_token_ids(tokenizer_dir: Path) -> Dict[str, int]:
-    """bos/eos ids from tokenizer_config.json + tokenizer.json (or vocab.json); {} when unknown."""
+    """bos/eos ids (and pad, where the tokenizer names one) from tokenizer_config.json + tokenizer.json
+    (or vocab.json); {} when unknown."""
     vocab: Dict[str, int] = {}
     if (tokenizer_dir / "tokenizer.json").is_file():
         tok = read_json(tokenizer_dir / "tokenizer.json")
@@ -41,9 +45,9 @@ def special_token_ids(tokenizer_dir: Path) -> Dict[str, int]:
     names: Dict[str, Any] = {}
     if (tokenizer_dir / "tokenizer_config.json").is_file():
         tc = read_json(tokenizer_dir / "tokenizer_config.json")
-        names = {k: tc.get(k) for k in ("bos_token", "eos_token")}
+        names = {k: tc.get(k) for k in ("bos_token", "eos_token", "pad_token")}
     fallbacks = {"bos_token": ["<|begin_of_text|>", "<s>", "<|endoftext|>"],
-                 "eos_token": ["<|end_of_text|>", "</s>", "<|endoftext|>"]}
+                 "eos_token": ["<|end_of_text|>", "</s>", "<|endoftext|>"], "pad_token": []}
     ids: Dict[str, int] = {}
     for key, candidates in fallbacks.items():
         name = names.get(key)

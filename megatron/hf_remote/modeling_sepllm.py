@@ -30,3 +30,24 @@ class SepLLMGPT2LMHeadModel(SepLLMMixin, GPT2LMHeadModel):
 class SepLLMFalconForCausalLM(SepLLMMixin, FalconForCausalLM):
     pass
 
+
+def load_weights_like_the_stock_classes() -> None:
+    """transformers 5 renames checkpoint keys on load per class (GPT-NeoX's untied head: the file's
+    ``embed_out`` is the model's ``lm_head``) but skips those renames for remote-code classes, which
+    would leave the head at its random initialisation. Register each stock class's renames under our
+    class name. transformers 4 has no renames: its classes use the file's names as they are."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:
+        return
+    for ours in (SepLLMGPTNeoXForCausalLM, SepLLMLlamaForCausalLM, SepLLMGPT2LMHeadModel, SepLLMFalconForCausalLM):
+        stock = ours.__mro__[2]
+        renames = get_checkpoint_conversion_mapping(stock.__name__)  # per-model_type ones reach the stock base model
+        if renames:
+            register_checkpoint_conversion_mapping(ours.__name__, renames, overwrite=True)
+
+
+load_weights_like_the_stock_classes()

@@ -1,8 +1,9 @@
-"""Streaming perplexity: feed a token stream one token at a time (as the reference evaluator does)
-and report, every N tokens, perplexity, KV cache size, throughput and memory."""
+"""Streaming perplexity: feed a token stream one token at a time (as the reference evaluator does) or in
+chunks, and report, every N tokens, perplexity, KV cache size, throughput and memory."""
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import resource
 import time
@@ -59,12 +60,23 @@ class StreamReport:
 
 def evaluate_stream(engine: StreamingEngine, token_ids: Iterable[int], report_every: int,
                     max_tokens: Optional[int] = None, time_budget_s: Optional[float] = None,
-                    on_report: Optional[Callable[[StreamReport], None]] = None) -> List[StreamReport]:
+                    on_report: Optional[Callable[[StreamReport], None]] = None, chunk: int = 1) -> List[StreamReport]:
     """Predict each token of the stream from the ones before it; one report per ``report_every``
     predictions (and one for a final partial interval). Stops at ``max_tokens`` predictions or
-    after ``time_budget_s`` seconds, at an interval boundary."""
+    after ``time_budget_s`` seconds, at an interval boundary.
+
+    ``chunk`` tokens go through one forward (capped by what one forward may append to the cache);
+    chunk 1 is the reference evaluator's token-by-token stream. The cache makes room for a whole
+    chunk at once, so with eviction the tokens of a chunk may see keys the one-token stream had
+    already evicted; without eviction (or under decode_mask 'rule', whose evictions only drop hidden
+    keys) both give the same predictions."""
     if report_every < 1:
         raise InferenceError(f"report_every must be >= 1, got {report_every}")
+    if chunk < 1:
+        raise InferenceError(f"chunk must be >= 1, got {chunk}")
+    if max_tokens is not None and max_tokens < 1:
+        raise InferenceError(f"max_tokens must be >= 1, got {max_tokens}")
+    chunk = min(chunk, engine.config.max_new_per_forward or chunk)
     reports: List[StreamReport] = []
     it = iter(token_ids)
     prev = next(it, None)
@@ -88,16 +100,23 @@ def evaluate_stream(engine: StreamingEngine, token_ids: Iterable[int], report_ev
             on_report(row)
         nll_sum, interval_count, interval_start = 0.0, 0, time.perf_counter()
 
-    for target in it:
-        logits = engine.step(prev)
-        nll = float(F.cross_entropy(logits[None], torch.tensor([target], device=logits.device)))
-        nll_sum += nll
-        nll_total += nll
-        kv_sum += engine.cache.length
-        full_sum += engine.stream_position
-        count += 1
-        interval_count += 1
-        prev = target
+    while True:
+        want = min(chunk, report_every - interval_count, max_tokens - count if max_tokens is not None else chunk)
+        targets = list(itertools.islice(it, want))
+        if not targets:
+            break
+        first_position, n = engine.stream_position, len(targets)
+        logits = engine.forward([prev] + targets[:-1], all_logits=True)
+        nlls = F.cross_entropy(logits, torch.tensor(targets, device=logits.device), reduction="none").tolist()
+        cached_before = engine.cache.length - n  # entries the chunk's first token saw besides itself
+        for i, nll in enumerate(nlls):
+            nll_sum += nll
+            nll_total += nll
+            kv_sum += cached_before + i + 1
+            full_sum += first_position + i + 1
+        count += n
+        interval_count += n
+        prev = targets[-1]
         if interval_count == report_every:
             report()
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:

@@ -85,6 +85,10 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self.encode(t) for t in texts]
 
+    def token_id(self, token: str) -> Optional[int]:
+        """The id of the vocabulary entry ``token`` (a special token's name, e.g. '<|im_end|>'), or None."""
+        return None
+
     def separator_ids(self, strings: Sequence[str], include_space_prefixed: bool = True) -> List[int]:
         """Ids of the tokens whose text is exactly one of ``strings`` (or ' ' + one of them)."""
         wanted = wanted_separator_texts(strings, include_space_prefixed)
@@ -134,6 +138,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
 
     def _is_byte_level(self) -> bool:
         decoder = json.loads(self._tok.to_str()).get("decoder") or {}
@@ -197,6 +204,10 @@ class SPMTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def token_id(self, token: str) -> Optional[int]:
+        idx = self._sp.piece_to_id(token)
+        return None if idx == self._sp.unk_id() and token != self._sp.id_to_piece(idx) else idx
 
     def token_texts(self) -> Dict[int, str]:
         # Decoding a single id drops a leading '▁', so the piece text is read directly instead.
