@@ -32,12 +32,13 @@ def make_model(seed=0):
 
 @pytest.fixture
 def saved(tmp_path):
-    """A checkpoint with model, optimizer and RNG files; returns its global_step directory."""
+    """A checkpoint with model, optimizer, meta and RNG files; returns its global_step directory."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
-    return save_checkpoint(str(tmp_path), 3, model, named_optimizer_state(opt, model), {"consumed_samples": 6}, {})
+    return save_checkpoint(str(tmp_path), 3, model, named_optimizer_state(opt, model), {"consumed_samples": 6},
+                           {"optimizer": {"type": "adamw", "params": {"lr": 0.001}}})
 
 
 def load_into_fresh(path):
@@ -118,12 +119,75 @@ def test_dangling_latest_is_a_clear_error(saved):
         load_into_fresh(saved.parent)
 
 
+def as_written_before(ckpt: Path, file_checksums: bool) -> None:
+    """Rewrite ``ckpt`` as older versions wrote it: format 2, no checksum of the manifest or meta files
+    in themselves, and (``file_checksums=False``) no size and checksum of each file either."""
+    from megatron.checkpointing.integrity import file_digest
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for meta in ckpt.glob("meta_*.json"):
+        doc = json.loads(meta.read_text())
+        del doc["checksum"]
+        meta.write_text(json.dumps(doc))
+        manifest["files"].update(file_digest(meta))
+    del manifest["checksum"]
+    manifest["format_version"] = 2
+    if not file_checksums:
+        del manifest["files"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
 def test_checkpoint_without_checksums_still_loads_with_a_note(saved, capsys):
-    manifest = json.loads((saved / "manifest.json").read_text())
-    del manifest["files"]
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    as_written_before(saved, file_checksums=False)
     assert load_into_fresh(saved)["iteration"] == 3
-    assert "predates checksums" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "predates checksums" in out and "predates manifest checksums" in out
+
+
+def test_checkpoint_from_before_manifest_checksums_still_loads_with_a_note(saved, capsys):
+    as_written_before(saved, file_checksums=True)
+    assert load_into_fresh(saved)["iteration"] == 3
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "predates manifest checksums; its manifest is used without verification" in notes[0]
+    flip_byte(saved / "model_tp00_pp00.pt", 700)  # its files are still verified
+    with pytest.raises(CheckpointError, match="fails its .* checksum"):
+        load_into_fresh(saved)
+
+
+def edit_manifest(ckpt: Path, old: str, new: str) -> None:
+    """A change that keeps manifest.json valid JSON (a flipped digit, a hand edit)."""
+    text = (ckpt / "manifest.json").read_text()
+    assert text.count(old) == 1, old
+    (ckpt / "manifest.json").write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("old,new", [('"iteration": 3', '"iteration": 5'),
+                                     ('"consumed_samples": 6', '"consumed_samples": 2'),
+                                     ('"lr": 0.001', '"lr": 0.002'),
+                                     ('"format_version": 3', '"format_version": 2')],
+                         ids=["iteration", "consumed_samples", "config", "format_version"])
+def test_manifest_changed_but_still_valid_json_is_one_error(saved, old, new):
+    edit_manifest(saved, old, new)
+    with pytest.raises(CheckpointError, match=r"manifest.json' fails its own \w+ checksum: its content was "
+                                              r"changed after it was written") as err:
+        load_into_fresh(saved.parent)
+    assert "\n" not in str(err.value)
+
+
+def test_manifest_that_lost_its_checksum_is_an_error(saved):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    del manifest["checksum"]
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest.json' lacks its 'checksum' entry"):
+        load_into_fresh(saved)
+
+
+def test_meta_file_is_verified_on_a_same_layout_resume(saved):
+    meta = saved / "meta_tp00_pp00.json"
+    text = meta.read_text()
+    meta.write_text(text.replace("[8, 8]", "[8, 9]", 1))  # same size, still valid JSON
+    with pytest.raises(CheckpointError, match="meta_tp00_pp00.json' fails its .* checksum"):
+        load_into_fresh(saved.parent)
 
 
 def test_corrupt_checkpoint_through_cli_is_one_line(tiny_dataset, tmp_path):

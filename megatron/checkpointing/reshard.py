@@ -15,7 +15,6 @@ at the new layout continues as the old one would have.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -23,7 +22,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron.checkpointing.checkpoint import (
-    FORMAT_VERSION,
     MANIFEST,
     NamedState,
     publish,
@@ -35,7 +33,15 @@ from megatron.checkpointing.checkpoint import (
     shard_name,
     step_dir_name,
 )
-from megatron.checkpointing.integrity import atomic_write_text, file_digest, load_shard, write_shard, write_text
+from megatron.checkpointing.integrity import (
+    FORMAT_VERSION,
+    atomic_write_text,
+    file_digest,
+    load_shard,
+    signed_json,
+    write_shard,
+    write_signed_json,
+)
 from megatron.errors import CheckpointError
 
 TIED_COPY = "lm_head.weight"
@@ -175,7 +181,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                 shard[name] = value
                 used.add(src)
             files.update(write_shard(shard, tmp / shard_name("model", t, p)))
-            files.update(write_text(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", json.dumps({"params": meta})))
+            files.update(write_signed_json(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", {"params": meta}))
             if full_optim:
                 files.update(write_shard(_reshard_optimizer(meta, full_optim, groups, tied, t, tp),
                                          tmp / shard_name("optim", t, p)))
@@ -194,7 +200,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                         files=files,
                         layout={"tp": tp, "pp": pp, "dp": 1, "cp": 1},
                         resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
-    atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=1, default=str))
+    atomic_write_text(tmp / MANIFEST, signed_json(new_manifest, indent=1))
     return publish(tmp, root, iteration)
 
 
