@@ -98,10 +98,13 @@ def main(argv=None) -> int:
         commands = [dataclasses.replace(commands[args.node_rank], remote=False)]  # this node's share, here
     # Stop signals are forwarded to the ranks (they save and exit 0); the children get SIGTERM if this
     # launcher dies, even by SIGKILL: no orphan ranks (megatron/launch/signals.py).
+    from megatron.launch.outcome import command_exit_code
     from megatron.launch.signals import start_local, wait_all
 
     procs = [start_local(c.shell() if c.remote else c.argv, env, shell=c.remote) for c in commands]
-    return wait_all(procs, [["ssh", c.host] if c.remote else c.argv for c in commands])
+    code = wait_all(procs, [["ssh", c.host] if c.remote else c.argv for c in commands])
+    # The ranks' exit code (megatron/launch/outcome.py); a command killed by signal N: 128 + N.
+    return command_exit_code(code, args.script if world == 1 else "a node's torchrun")
 
 
 if __name__ == "__main__":
