@@ -12,7 +12,7 @@ import time
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,9 +46,10 @@ _worker_state: dict = {}
 
 def init_worker(tokenizer_type: str, vocab_file: str, merge_file: Optional[str], json_key: str,
                 append_eod: bool, dtype_name: str, in_pool: bool = False) -> None:
-    if in_pool:  # the main process handles stop signals and ends the pool; workers just go
+    if in_pool:  # the main process handles stop signals and ends the pool in order; workers ignore
+        # them, also when a scheduler or a terminal signals every process of the job at once
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
     _worker_state.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod,
                          dtype=np.dtype(dtype_name))
@@ -150,7 +151,12 @@ def results_in_order(workers: int, all_batches: Iterator[List[Item]], init_args:
 
 
 def dead_worker_cause(pool) -> str:
-    codes = [p.exitcode for p in list(getattr(pool, "_processes", {}).values()) if p.exitcode]
+    processes = list(getattr(pool, "_processes", {}).values())
+    # The pool notices a death when the worker's files close, a moment before its exit status exists.
+    deadline = time.monotonic() + 2.0
+    while not any(p.exitcode for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    codes = [p.exitcode for p in processes if p.exitcode]
     signals = [-c for c in codes if c < 0]
     if signals:
         return f"killed by signal {signals[0]}{', as the out-of-memory killer does' if signals[0] == 9 else ''}"
@@ -158,12 +164,20 @@ def dead_worker_cause(pool) -> str:
 
 
 def stop_pool(pool) -> None:
-    """End the workers now (on success they are idle; on errors and signals nothing waits for them)."""
+    """End the pool. Intact, it is shut down in order: pending batches cancelled, the few being
+    tokenized let finish (well under a second), the manager thread joined. Killing the workers
+    instead can leave the pool's feeder thread blocked forever sending a batch into a pipe nobody
+    reads (the exit then waits for it: CPython gh-107219, fixed on Windows only), and a pool left
+    running races concurrent.futures' exit hook (a "Bad file descriptor" traceback). A pool whose
+    worker died (broken) has stopped its work already: its other workers are ended now."""
+    if not getattr(pool, "_broken", False):
+        pool.shutdown(wait=True, cancel_futures=True)
+        return
     processes = list(getattr(pool, "_processes", {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         if p.is_alive():
-            p.terminate()
+            p.kill()  # workers ignore SIGTERM
     for p in processes:
         p.join(timeout=5)
 
@@ -193,8 +207,19 @@ def make_progress(quiet: bool):
     return tqdm(unit="doc", unit_scale=True, mininterval=1.0, delay=1.0, file=sys.stderr, desc="tokenizing")
 
 
-def preprocess(opts: PreprocessOptions) -> PreprocessStats:
-    """Tokenize ``opts.input`` into ``opts.output_dataset``.bin/.idx; DataError on bad input."""
+class Stopped(Exception):
+    """A stop signal arrived; preprocessing stopped between two batches and wrote nothing."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def preprocess(opts: PreprocessOptions, stop_signal: Callable[[], int] = lambda: 0) -> PreprocessStats:
+    """Tokenize ``opts.input`` into ``opts.output_dataset``.bin/.idx; DataError on bad input.
+    ``stop_signal()`` (non-zero: the signal received) is polled between batches: the caller's signal
+    handler only notes the signal, and :class:`Stopped` is raised here, where unwinding is safe (not
+    inside the worker pool's machinery or a fork); the temporary files are removed."""
     # Workers tokenize single-threaded: HF's own thread pool would fight the worker processes for cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if opts.workers < 1:
@@ -213,6 +238,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
                                        init_args)
             with closing(ordered):  # shuts the worker pool down on errors too
                 for results in ordered:
+                    if stop_signal():
+                        raise Stopped(stop_signal())
                     write_results(results, builder, stats, opts.skip_bad_lines, dtype)
                     if progress is not None:
                         stats.seconds = time.perf_counter() - start
