@@ -104,3 +104,25 @@ def test_reshard_rejects_bad_layout(reference, tmp_path):
     out = subprocess.run([sys.executable, str(RESHARD), "--load", str(tmp_path / "ck"), "--save",
                           str(tmp_path / "o"), "--tp", "4"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "num_kv_heads" in out.stderr
+
+
+def test_reshard_refuses_its_input_or_a_non_empty_output_unless_forced(reference, tmp_path):
+    cfg, _, _, grads = reference
+    write_sharded(cfg, tmp_path / "tp2", 2, 1, grads)
+    tool = [sys.executable, str(RESHARD), "--tp", "1"]
+    assert subprocess.run(tool + ["--load", str(tmp_path / "tp2"), "--save", str(tmp_path / "run")],
+                          capture_output=True, text=True).returncode == 0
+    run, step = tmp_path / "run", tmp_path / "run" / "global_step1"
+    before = {p.name: p.read_bytes() for p in step.iterdir()}
+    for load, save, message in ((run, run, "holds the checkpoint being re-sharded"),
+                                (step, run, "holds the checkpoint being re-sharded"),
+                                (step, step, "holds the checkpoint being re-sharded"),
+                                (run, tmp_path / "tp2", "is not empty; pass --force")):
+        out = subprocess.run(tool + ["--load", str(load), "--save", str(save)], capture_output=True, text=True)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+    assert {p.name: p.read_bytes() for p in step.iterdir()} == before  # the original, untouched
+    forced = subprocess.run(tool + ["--load", str(run), "--save", str(run), "--force", "--pp", "2"],
+                            capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((step / MANIFEST).read_text())["layout"]["pp"] == 2

@@ -143,6 +143,22 @@ def build_stage_model(cfg, vocab_size: int, tp: int, pp: int, tp_rank: int, pp_r
     return build_model(cfg, vocab_size, (), None, layout=layout, device=device)
 
 
+def check_output_dir(load: str, save: str, force: bool) -> None:
+    """The re-shard tool writes into a new directory: never, without ``force``, into the save root of
+    the checkpoint it reads (that replaces the original step in place) nor a non-empty directory."""
+    src = resolve_checkpoint_dir(load).resolve()
+    out = Path(save).resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--save '{save}' exists and is not a directory")
+    if force:
+        return
+    if out in (src, src.parent) or src in out.parents:
+        raise CheckpointError(f"--save '{save}' holds the checkpoint being re-sharded ('{src}'), which would be "
+                              "replaced in place; write to a new directory, or pass --force to replace it")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"--save directory '{save}' is not empty; pass --force to write into it")
+
+
 def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: bool = False) -> Path:
     """Write ``out_dir/global_stepN`` (and ``out_dir/latest``) for layout ``tp`` x ``pp``.
 
