@@ -13,6 +13,10 @@ the parameter count, the attention rule of every layer and the batch and token a
 Script arguments: the YAML files follow the script; options deepy does not know (``--tasks x``), with
 their values, and everything after a bare ``--``, are passed on to the script in order, as in NeoX's
 ``deepy.py eval.py my.yml --eval_tasks ...``. deepy's own options may come before or after the script.
+
+Exit code: the ranks' (0 done or stopped by a signal after saving, 2 bad config / data / checkpoint, 3
+diverged, 128 + N a rank killed by signal N, 1 a crash), with the error printed once for all ranks
+(megatron/launch/outcome.py).
 """
 from __future__ import annotations
 
