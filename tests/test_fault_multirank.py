@@ -66,7 +66,7 @@ def test_summary_names_the_cause_not_its_consequences():
                                            0: status(0, CRASH, 1, "Traceback B\nRuntimeError: peer gone", 2.0)})
     assert code == 1 and lines == ["rank 1 failed:\nTraceback A\nValueError: bug"]
     assert summarize({}, {}) == (0, [])
-    assert summarize({1: 7}, {}) == (7, ["error: rank 1 exited with code 7"])
+    assert summarize({1: 7}, {}) == (7, [])  # a script that prints its own errors: only its exit code
 
 
 # ----------------------------------------------------------------------------- user errors, two ranks

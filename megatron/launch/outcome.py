@@ -18,7 +18,7 @@ its consequences, in this order of precedence:
      the out-of-memory killer, SIGSEGV, ...): one line naming the rank and the signal; 128 + N;
   3. a crash: the earliest rank's traceback, once; exit 1;
   4. a stop signal before training started: its message once; 128 + N;
-  5. anything else: one line with the rank and its exit code.
+  5. anything else (a script that prints its own errors, not train.py): its exit code, nothing added.
 """
 from __future__ import annotations
 
@@ -134,9 +134,7 @@ def summarize(exit_codes: Dict[int, int], statuses: Dict[int, RankStatus]) -> Tu
     rank, code = failed[0]
     if code < 0:
         return 128 - code, [_killed_line(rank, -code)]
-    if code > 128:  # a rank's own signal exit (a second stop signal); it said so itself
-        return code, []
-    return code, [f"error: rank {rank} exited with code {code}"]
+    return code, []  # a script that reports its own errors (or a second stop signal): it said why itself
 
 
 def command_exit_code(returncode: int, what: str) -> int:
