@@ -38,6 +38,8 @@ def _quiet_failure_logs() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     status_dir = Path(tempfile.mkdtemp(prefix="sepllm-ranks-"))
     os.environ[STATUS_DIR_ENV] = str(status_dir)  # the ranks inherit it
+    # torchrun's own default for several ranks per node, without its four-line banner about it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
