@@ -107,22 +107,27 @@ def test_reshard_rejects_bad_layout(reference, tmp_path):
 
 
 def test_reshard_refuses_its_input_or_a_non_empty_output_unless_forced(reference, tmp_path):
+    from megatron.checkpointing.reshard import check_output_dir, save_resharded
+    from megatron.errors import CheckpointError
+
     cfg, _, _, grads = reference
     write_sharded(cfg, tmp_path / "tp2", 2, 1, grads)
-    tool = [sys.executable, str(RESHARD), "--tp", "1"]
-    assert subprocess.run(tool + ["--load", str(tmp_path / "tp2"), "--save", str(tmp_path / "run")],
-                          capture_output=True, text=True).returncode == 0
-    run, step = tmp_path / "run", tmp_path / "run" / "global_step1"
+    run = tmp_path / "run"
+    step = save_resharded(str(tmp_path / "tp2"), str(run), 1, 1)
     before = {p.name: p.read_bytes() for p in step.iterdir()}
     for load, save, message in ((run, run, "holds the checkpoint being re-sharded"),
                                 (step, run, "holds the checkpoint being re-sharded"),
                                 (step, step, "holds the checkpoint being re-sharded"),
                                 (run, tmp_path / "tp2", "is not empty; pass --force")):
-        out = subprocess.run(tool + ["--load", str(load), "--save", str(save)], capture_output=True, text=True)
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+        with pytest.raises(CheckpointError, match=message):
+            check_output_dir(str(load), str(save), force=False)
+        check_output_dir(str(load), str(save), force=True)
+    tool = [sys.executable, str(RESHARD), "--load", str(run), "--save", str(run), "--tp", "1", "--pp", "2"]
+    out = subprocess.run(tool, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: --save '{run}' holds the checkpoint being re-sharded ('{step}'), which would be replaced in place; "
+        "write to a new directory, or pass --force to replace it"], out.stderr
     assert {p.name: p.read_bytes() for p in step.iterdir()} == before  # the original, untouched
-    forced = subprocess.run(tool + ["--load", str(run), "--save", str(run), "--force", "--pp", "2"],
-                            capture_output=True, text=True)
+    forced = subprocess.run(tool + ["--force"], capture_output=True, text=True)
     assert forced.returncode == 0, forced.stderr
     assert json.loads((step / MANIFEST).read_text())["layout"]["pp"] == 2
