@@ -24,7 +24,7 @@ import random
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NoReturn, Optional, Tuple
 
 import numpy as np
 import torch
@@ -131,8 +131,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
                 session.before_publish()
             publish(tmp, root, iteration)
         except OSError as e:
-            raise _save_failed(tmp, final, {"path": str(tmp / MANIFEST), "errno": e.errno,
-                                            "strerror": e.strerror or str(e)}, 0) from None
+            _fail_save(tmp, final, {"path": str(tmp / MANIFEST), "errno": e.errno, "strerror": e.strerror or str(e)}, 0)
         if session is not None:
             session.after_publish(iteration, keep_last)
         elif keep_last:
@@ -193,7 +192,7 @@ def _all_written(files: Dict[str, Dict[str, Any]], failure: Optional[Dict[str, A
     failures = [f for _, f, _ in parts if f is not None]
     if failures:
         needed = sum(e for _, _, e in parts) + SMALL_FILES_BYTES * len(parts)
-        rank0_decides(lambda: _raise(_save_failed(tmp, final, failures[0], needed)))
+        rank0_decides(lambda: _fail_save(tmp, final, failures[0], needed))
     merged: Dict[str, Dict[str, Any]] = {}
     for part, _, _ in parts:
         merged.update(part)
@@ -204,10 +203,6 @@ SMALL_FILES_BYTES = 64 << 10  # RNG state and metadata of one rank, about
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _raise(err: Exception) -> None:
-    raise err
-
-
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
@@ -215,8 +210,9 @@ def _size(n: int) -> str:
     return f"{n:,} bytes"
 
 
-def _save_failed(tmp: Path, final: Path, failure: Dict[str, Any], needed: int) -> CheckpointError:
-    """Rank 0: remove the incomplete copy now (it holds the space a full disk needs) and say why."""
+def _fail_save(tmp: Path, final: Path, failure: Dict[str, Any], needed: int) -> NoReturn:
+    """Rank 0: remove the incomplete copy now (it holds the space a full disk needs) and raise the
+    CheckpointError that says why (``failure``: the write that failed; ``needed``: bytes, 0 unknown)."""
     shutil.rmtree(tmp, ignore_errors=True)
     root = final.parent
     latest = root / LATEST
@@ -228,11 +224,11 @@ def _save_failed(tmp: Path, final: Path, failure: Dict[str, Any], needed: int) -
         except OSError:
             free = "unknown"
         need = f"about {_size(needed)}" if needed else "more space"
-        return CheckpointError(f"disk full while saving checkpoint '{final}' (writing '{failure['path']}'): it needs "
+        raise CheckpointError(f"disk full while saving checkpoint '{final}' (writing '{failure['path']}'): it needs "
                                f"{need}, {free} free in '{root}'; the incomplete copy was removed and {kept}. "
                                "Free space or set 'save' to another directory, then resume")
-    return CheckpointError(f"cannot write checkpoint file '{failure['path']}': {failure['strerror']}; the "
-                           f"incomplete copy was removed and {kept}")
+    raise CheckpointError(f"cannot write checkpoint file '{failure['path']}': {failure['strerror']}; the "
+                          f"incomplete copy was removed and {kept}")
 
 
 def publish(tmp: Path, root: Path, iteration: int) -> Path:
