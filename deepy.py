@@ -13,6 +13,10 @@ the parameter count, the attention rule of every layer and the batch and token a
 Script arguments: the YAML files follow the script; options deepy does not know (``--tasks x``), with
 their values, and everything after a bare ``--``, are passed on to the script in order, as in NeoX's
 ``deepy.py eval.py my.yml --eval_tasks ...``. deepy's own options may come before or after the script.
+
+Exit code: the ranks' (0 done or stopped by a signal after saving, 2 bad config / data / checkpoint, 3
+diverged, 128 + N a rank killed by signal N, 1 a crash), with the error printed once for all ranks
+(megatron/launch/outcome.py).
 """
 from __future__ import annotations
 
@@ -98,10 +102,13 @@ def main(argv=None) -> int:
         commands = [dataclasses.replace(commands[args.node_rank], remote=False)]  # this node's share, here
     # Stop signals are forwarded to the ranks (they save and exit 0); the children get SIGTERM if this
     # launcher dies, even by SIGKILL: no orphan ranks (megatron/launch/signals.py).
+    from megatron.launch.outcome import command_exit_code
     from megatron.launch.signals import start_local, wait_all
 
     procs = [start_local(c.shell() if c.remote else c.argv, env, shell=c.remote) for c in commands]
-    return wait_all(procs, [["ssh", c.host] if c.remote else c.argv for c in commands])
+    code = wait_all(procs, [["ssh", c.host] if c.remote else c.argv for c in commands])
+    # The ranks' exit code (megatron/launch/outcome.py); a command killed by signal N: 128 + N.
+    return command_exit_code(code, args.script if world == 1 else "a node's torchrun")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 
 Exit codes: 0 finished, or stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint; 2 bad config,
 data or checkpoint (one ``error:`` line); 3 training diverged (non-finite steps, see
-max_skipped_steps); 128 + N: signal N arrived before training started.
+max_skipped_steps); 128 + N: signal N arrived before training started. deepy.py returns the same
+codes for any number of ranks (megatron/launch/outcome.py).
 """
 from __future__ import annotations
 
@@ -22,17 +23,22 @@ def main(argv=None) -> int:
 
     if launched_by_launcher():
         die_with_parent()
-    exit_signals.install()  # stays installed until exit: no traceback from a late signal either
-    return run(args.configs, int(os.environ.get("RANK", "0")))
+    exit_signals.install()
+    code = run(args.configs, int(os.environ.get("RANK", "0")))
+    exit_signals.exit_quietly_on_signal(code)  # no traceback from a signal during interpreter exit
+    return code
 
 
 def run(configs, rank: int) -> int:
+    # A failure is told once: under deepy.py the launcher prints each rank's message once
+    # (megatron/launch/outcome.py); alone, this process prints it.
+    from megatron.launch.outcome import INTERRUPTED, report_crash, report_failure
     from megatron.training.exit_signals import Interrupted
 
     trained = False
     try:
         from megatron.config import dump_config, load_config
-        from megatron.errors import UserError, report
+        from megatron.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
         from megatron.training.guards import TrainingDiverged
 
         log = print if rank == 0 else (lambda *_: None)
@@ -48,16 +54,22 @@ def run(configs, rank: int) -> int:
             trained = True
             shutdown_distributed()
         except UserError as e:
-            return report(e)
+            return report_failure(EXIT_USER_ERROR, f"error: {e}")
         except TrainingDiverged as e:
-            if rank == 0:
-                print(f"error: {e}", file=sys.stderr)
-            return 3
+            return report_failure(EXIT_DIVERGED, f"error: {e}", every_rank=False)
     except Interrupted as e:  # outside the training loop (inside it, a signal saves and stops cleanly)
-        if rank == 0:
-            print(f"{e} {'after training had finished' if trained else 'before training started; nothing saved'}",
-                  file=sys.stderr)
-        return 0 if trained else 128 + e.signum
+        if trained:
+            if rank == 0:
+                print(f"{e} after training had finished", file=sys.stderr)
+            return 0
+        return report_failure(128 + e.signum, f"{e} before training started; nothing saved", every_rank=False,
+                              kind=INTERRUPTED)
+    except Exception:
+        import traceback
+
+        if report_crash(traceback.format_exc()):  # the launcher shows it once, not once per rank
+            return 1
+        raise
     return 0
 
 

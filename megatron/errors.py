@@ -40,6 +40,7 @@ class LaunchError(UserError):
 
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # training stopped: non-finite steps (megatron.training.guards)
 EXIT_INTERRUPTED = 130
 
 

@@ -112,3 +112,17 @@ def wait_gone(pids: List[int], timeout: float) -> List[int]:
             return []
         time.sleep(0.2)
     return [p for p in pids if alive(p)]
+
+
+def launched_ranks(deepy_pid: int, count: int, timeout: float = 60) -> List[int]:
+    """[node agent (torchrun), rank 0, rank 1, ...] of a one-node deepy.py run."""
+    from megatron.launch.signals import child_pids
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        torchrun = child_pids(deepy_pid)
+        ranks = child_pids(torchrun[0]) if torchrun else []
+        if len(ranks) == count:
+            return torchrun + ranks
+        time.sleep(0.2)
+    raise AssertionError("ranks did not start")

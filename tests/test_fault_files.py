@@ -32,12 +32,13 @@ def make_model(seed=0):
 
 @pytest.fixture
 def saved(tmp_path):
-    """A checkpoint with model, optimizer and RNG files; returns its global_step directory."""
+    """A checkpoint with model, optimizer, meta and RNG files; returns its global_step directory."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
-    return save_checkpoint(str(tmp_path), 3, model, named_optimizer_state(opt, model), {"consumed_samples": 6}, {})
+    return save_checkpoint(str(tmp_path), 3, model, named_optimizer_state(opt, model), {"consumed_samples": 6},
+                           {"optimizer": {"type": "adamw", "params": {"lr": 0.001}}})
 
 
 def load_into_fresh(path):
@@ -118,12 +119,75 @@ def test_dangling_latest_is_a_clear_error(saved):
         load_into_fresh(saved.parent)
 
 
+def as_written_before(ckpt: Path, file_checksums: bool) -> None:
+    """Rewrite ``ckpt`` as older versions wrote it: format 2, no checksum of the manifest or meta files
+    in themselves, and (``file_checksums=False``) no size and checksum of each file either."""
+    from megatron.checkpointing.integrity import file_digest
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for meta in ckpt.glob("meta_*.json"):
+        doc = json.loads(meta.read_text())
+        del doc["checksum"]
+        meta.write_text(json.dumps(doc))
+        manifest["files"].update(file_digest(meta))
+    del manifest["checksum"]
+    manifest["format_version"] = 2
+    if not file_checksums:
+        del manifest["files"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
 def test_checkpoint_without_checksums_still_loads_with_a_note(saved, capsys):
-    manifest = json.loads((saved / "manifest.json").read_text())
-    del manifest["files"]
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    as_written_before(saved, file_checksums=False)
     assert load_into_fresh(saved)["iteration"] == 3
-    assert "predates checksums" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "predates checksums" in out and "predates manifest checksums" in out
+
+
+def test_checkpoint_from_before_manifest_checksums_still_loads_with_a_note(saved, capsys):
+    as_written_before(saved, file_checksums=True)
+    assert load_into_fresh(saved)["iteration"] == 3
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "predates manifest checksums; its manifest is used without verification" in notes[0]
+    flip_byte(saved / "model_tp00_pp00.pt", 700)  # its files are still verified
+    with pytest.raises(CheckpointError, match="fails its .* checksum"):
+        load_into_fresh(saved)
+
+
+def edit_manifest(ckpt: Path, old: str, new: str) -> None:
+    """A change that keeps manifest.json valid JSON (a flipped digit, a hand edit)."""
+    text = (ckpt / "manifest.json").read_text()
+    assert text.count(old) == 1, old
+    (ckpt / "manifest.json").write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("old,new", [('"iteration": 3', '"iteration": 5'),
+                                     ('"consumed_samples": 6', '"consumed_samples": 2'),
+                                     ('"lr": 0.001', '"lr": 0.002'),
+                                     ('"format_version": 3', '"format_version": 2')],
+                         ids=["iteration", "consumed_samples", "config", "format_version"])
+def test_manifest_changed_but_still_valid_json_is_one_error(saved, old, new):
+    edit_manifest(saved, old, new)
+    with pytest.raises(CheckpointError, match=r"manifest.json' fails its own \w+ checksum: its content was "
+                                              r"changed after it was written") as err:
+        load_into_fresh(saved.parent)
+    assert "\n" not in str(err.value)
+
+
+def test_manifest_that_lost_its_checksum_is_an_error(saved):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    del manifest["checksum"]
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest.json' lacks its 'checksum' entry"):
+        load_into_fresh(saved)
+
+
+def test_meta_file_is_verified_on_a_same_layout_resume(saved):
+    meta = saved / "meta_tp00_pp00.json"
+    text = meta.read_text()
+    meta.write_text(text.replace("[8, 8]", "[8, 9]", 1))  # same size, still valid JSON
+    with pytest.raises(CheckpointError, match="meta_tp00_pp00.json' fails its .* checksum"):
+        load_into_fresh(saved.parent)
 
 
 def test_corrupt_checkpoint_through_cli_is_one_line(tiny_dataset, tmp_path):
@@ -302,20 +366,43 @@ def test_dead_worker_is_named_by_its_signal_even_before_its_exit_status_is_in():
     assert dead_worker_cause(SimpleNamespace(_processes={1: ExitsLater(1, 0)})) == "exit code 1"
 
 
+def sigterm_preprocess(tmp_path: Path, src: Path, delay: float, whole_group: bool):
+    """Start preprocessing, send SIGTERM ``delay`` s after its temporary files appear (to the main
+    process, or to every process of its group as a scheduler does); (exit code, stderr, leftovers)."""
+    out_dir = tmp_path / f"out-{delay}-{whole_group}"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
+                             str(out_dir / "out"), "--vocab-file", str(TOKENIZER), "--workers", "2", "--quiet"],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out_dir.glob("out*.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        assert proc.poll() is None, "finished before the signal; make the input larger"
+        (os.killpg if whole_group else os.kill)(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, 0)
+        workers_left = True
+    except ProcessLookupError:
+        workers_left = False
+    return proc.returncode, err, sorted(p.name for p in out_dir.iterdir()), workers_left
+
+
 @pytest.mark.slow
-def test_preprocess_sigterm_leaves_no_temp_files(tmp_path):
+def test_preprocess_sigterm_stops_cleanly_every_time(tmp_path):
+    """Whenever SIGTERM arrives (while the worker pool starts, forks, or tokenizes), preprocessing stops
+    with one line, exit 143, no temporary files, no traceback and no worker left; repeated, because a
+    signal landing inside the pool's machinery failed only some of the time."""
     src = tmp_path / "in.jsonl"
     lines = (SAMPLE / "corpus.jsonl").read_text().splitlines()
     src.write_text("\n".join(lines * 40) + "\n")
-    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
-                             str(tmp_path / "out"), "--vocab-file", str(TOKENIZER), "--workers", "2", "--quiet"],
-                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("out*.tmp-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "finished before the signal; make the input larger"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert err.strip().splitlines() == ["interrupted by SIGTERM; no output written"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    for k, delay in enumerate((0.0, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6)):
+        code, err, left, workers_left = sigterm_preprocess(tmp_path, src, delay, whole_group=k % 2 == 1)
+        assert (code, err.strip().splitlines()) == (143, ["interrupted by SIGTERM; no output written"]), (delay, err)
+        assert left == [] and not workers_left, (delay, left)

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from conftest import ROOT, free_port, run_cli, tiny_config_tree, write_config
-from fault_helpers import poison_forward, wait_for_line, wait_gone
+from fault_helpers import launched_ranks, poison_forward, wait_for_line, wait_gone
 
 from megatron.config import config_from_tree
 from megatron.training.guards import TrainingDiverged
@@ -183,19 +182,6 @@ def test_in_process_trainer_stops_on_a_signal_and_restores_the_handlers(tiny_dat
     assert len(losses) == 3 and trainer.iteration == 3
     assert any(m.startswith("stopped by SIGTERM after iteration 3") for m in logs)
     assert signal.getsignal(signal.SIGTERM) is handler_before
-
-
-def launched_ranks(deepy_pid: int, count: int, timeout: float = 60) -> list:
-    from megatron.launch.signals import child_pids
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        torchrun = child_pids(deepy_pid)
-        ranks = child_pids(torchrun[0]) if torchrun else []
-        if len(ranks) == count:
-            return torchrun + ranks
-        time.sleep(0.2)
-    raise AssertionError("ranks did not start")
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from conftest import ROOT, SAMPLE, TOKENIZER, run_cli, tiny_config_tree
 from test_hf_common import VOCAB, safetensors_state, save_hf, tiny_llama, transformers
 
 from megatron.checkpointing import read_manifest, resolve_checkpoint_dir, save_checkpoint
+from megatron.checkpointing.integrity import signed_json
 from megatron.config import config_from_tree, config_to_tree
 from megatron.convert import export_hf, import_hf
 from megatron.inference import CacheConfig, StreamingEngine
@@ -95,7 +96,7 @@ def imported_sepllm_export(root: Path) -> dict:
     manifest = json.loads(manifest_path.read_text())
     manifest["config"]["attention"]["sepllm"].update(mode="sepllm", n_init=2, n_local=4, separator_ids=IMPORTED_SEPS,
                                                      full_attention_layers=[-1])
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_text(signed_json(manifest))  # manifests carry their own checksum
     out = root / "hf_imported"
     export_hf(str(root / "ckpt_imported"), str(out), progress=False, log=quiet)
     return {"ckpt": root / "ckpt_imported", "dir": out, "stock": hf_dir}

@@ -104,3 +104,30 @@ def test_reshard_rejects_bad_layout(reference, tmp_path):
     out = subprocess.run([sys.executable, str(RESHARD), "--load", str(tmp_path / "ck"), "--save",
                           str(tmp_path / "o"), "--tp", "4"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "num_kv_heads" in out.stderr
+
+
+def test_reshard_refuses_its_input_or_a_non_empty_output_unless_forced(reference, tmp_path):
+    from megatron.checkpointing.reshard import check_output_dir, save_resharded
+    from megatron.errors import CheckpointError
+
+    cfg, _, _, grads = reference
+    write_sharded(cfg, tmp_path / "tp2", 2, 1, grads)
+    run = tmp_path / "run"
+    step = save_resharded(str(tmp_path / "tp2"), str(run), 1, 1)
+    before = {p.name: p.read_bytes() for p in step.iterdir()}
+    for load, save, message in ((run, run, "holds the checkpoint being re-sharded"),
+                                (step, run, "holds the checkpoint being re-sharded"),
+                                (step, step, "holds the checkpoint being re-sharded"),
+                                (run, tmp_path / "tp2", "is not empty; pass --force")):
+        with pytest.raises(CheckpointError, match=message):
+            check_output_dir(str(load), str(save), force=False)
+        check_output_dir(str(load), str(save), force=True)
+    tool = [sys.executable, str(RESHARD), "--load", str(run), "--save", str(run), "--tp", "1", "--pp", "2"]
+    out = subprocess.run(tool, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: --save '{run}' holds the checkpoint being re-sharded ('{step}'), which would be replaced in place; "
+        "write to a new directory, or pass --force to replace it"], out.stderr
+    assert {p.name: p.read_bytes() for p in step.iterdir()} == before  # the original, untouched
+    forced = subprocess.run(tool + ["--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((step / MANIFEST).read_text())["layout"]["pp"] == 2

@@ -113,3 +113,56 @@ def test_missing_or_empty_load_starts_from_scratch_unless_finetuning(tiny_datase
             missing.mkdir()
         cfg = write_config(tmp_path / "f.yml", tiny_config_tree(tiny_dataset, load=str(missing), finetune=True))
         one_line_error(run_cli(["train.py", cfg]), "finetune: true needs weights", "key 'load'")
+
+
+# ----------------------------------------------------------------------------- device and data at start
+def test_only_what_the_device_cannot_run_is_refused():
+    from megatron.config import validate_device
+    from megatron.errors import ConfigError
+
+    def check(device, interpreter=False, **tree):
+        validate_device(config_from_tree(tree, log=lambda *_: None), device, interpreter)
+
+    for tree, message in ((dict(fused_rope=True), "fused_rope: true needs a CUDA device"),
+                          (dict(attention={"impl": "flash"}), "'flash' needs flash_attn on a CUDA")):
+        with pytest.raises(ConfigError, match=message):
+            check("cpu", **tree)
+    check("cpu", precision="fp16")  # our own fp16 loss scaling runs on CPU
+    check("cpu", precision="bf16", zero_optimization={"stage": 2})
+    check("cpu", interpreter=True, fused_rope=True, fused_layernorm=True)
+    check("cuda", fused_rope=True, attention={"impl": "flash"})
+
+
+def test_zero_fp16_without_deepspeed_fp16_is_one_line_before_training(tiny_dataset, tmp_path):
+    from megatron.config.validation import deepspeed_fp16_device
+
+    if deepspeed_fp16_device()[1]:
+        pytest.skip("DeepSpeed runs fp16 on this machine, so ZeRO with fp16 is allowed")
+    tree = tiny_config_tree(tiny_dataset, precision="fp16", zero_optimization={"stage": 1})
+    one_line_error(run_cli(["train.py", write_config(tmp_path / "c.yml", tree)]),
+                   "precision fp16 with zero_optimization.stage 1: DeepSpeed has no fp16")
+
+
+def test_a_dataset_shorter_than_one_sequence_or_a_split_rounded_to_nothing_warns_once(tmp_path):
+    import numpy as np
+
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+    def dataset(name, docs):
+        with IndexedDatasetBuilder(str(tmp_path / name), np.int32) as builder:
+            for doc in docs:
+                builder.add_document(np.array(doc))
+        return str(tmp_path / name)
+
+    def warnings(data_path, split):
+        logs = []
+        Trainer(config_from_tree(tiny_config_tree(data_path, split=split, train_iters=1)), log=logs.append).train()
+        return [m for m in logs if m.startswith("warning:")]
+
+    short = dataset("short", [list(range(5, 25))])  # 20 tokens, seq_length 32
+    assert warnings(short, "100,0,0") == [f"warning: the train part of '{short}' holds 20 tokens, fewer than one "
+                                          "sequence (seq_length 32 + 1): every sample repeats the same text"]
+    three = dataset("three", [list(range(5, 45))] * 3)
+    assert warnings(three, "90,10,0") == [f"warning: split '90,10,0' rounds the valid part of '{three}' (3 documents "
+                                          "in all) to zero documents: no validation"]
+    assert warnings(dataset("many", [list(range(5, 45))] * 20), "90,10,0") == []

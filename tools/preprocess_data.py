@@ -23,7 +23,7 @@ from typing import List, Optional
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.data.preprocess import DTYPES, PreprocessOptions, preprocess  # noqa: E402
+from megatron.data.preprocess import DTYPES, PreprocessOptions, Stopped, preprocess  # noqa: E402
 from megatron.errors import run_cli  # noqa: E402
 
 
@@ -52,24 +52,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    received = []
+    received: List[int] = []
 
-    def on_sigterm(signum, frame):  # unwinds like Ctrl-C: the dataset builder removes its temporary files
+    def on_stop(signum, frame):
+        # Only noted: preprocessing stops at its next batch, where unwinding is safe. Raising here
+        # could land inside the worker pool's machinery or a fork (a lost signal, or a traceback).
+        if received:
+            raise KeyboardInterrupt  # a second signal: stop now (run_cli's one line)
         received.append(signum)
-        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        preprocess(PreprocessOptions(**vars(args)))
-    except KeyboardInterrupt:
-        if not received:
-            raise  # Ctrl-C: run_cli's one line
-        print("interrupted by SIGTERM; no output written", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        preprocess(PreprocessOptions(**vars(args)), stop_signal=lambda: received[0] if received else 0)
+    except Stopped as stop:
+        print(f"interrupted by {signal.Signals(stop.signum).name}; no output written", file=sys.stderr)
+        return 128 + stop.signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -18,37 +18,37 @@ verifies each file's size and checksum (one clear error naming the file).
 """
 from __future__ import annotations
 
-import json
+import errno
 import os
 import random
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NoReturn, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron.checkpointing.integrity import (
+    FORMAT_VERSION,
     atomic_write_text,
     fsync_dir,
     load_shard,
     read_json_file,
     read_manifest_file,
+    signed_json,
     write_shard,
-    write_text,
+    write_signed_json,
 )
 from megatron.checkpointing.session import SaveSession, checkpoint_steps, remove_checkpoint_dir
 from megatron.errors import CheckpointError
 from megatron.parallel import ParallelLayout
-from megatron.parallel.distributed import barrier, rank0_decides, world_size
 from megatron.parallel.distributed import rank as global_rank
+from megatron.parallel.distributed import rank0_decides, world_size
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-# 2: optimizer shards keyed by parameter name (1: torch's numbered state dict, decayed params first).
-FORMAT_VERSION = 2
 NamedState = Dict[str, Any]
 
 
@@ -104,21 +104,18 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
     """Collective: every rank calls it. ``optimizer_state`` is this shard's named optimizer state (the
     engine's ``optimizer_state()``), ``extra`` holds trainer state (consumed samples, ...). ``session``
     (the Trainer's): ownership check, lineage set-aside and pruning; without one, ``keep_last`` keeps
-    the highest step numbers (and always the one just written)."""
+    the highest step numbers (and always the one just written). A write that fails on any rank (disk
+    full, ...) removes the temporary directory and raises the same CheckpointError on every rank;
+    ``latest`` still names the previous checkpoint."""
     st = layout_of(model)
     root = Path(save_dir)
     final = root / step_dir_name(iteration)
     tmp = _make_tmp_dir(root, iteration, session)
-    files: Dict[str, Dict[str, Any]] = {}
-    if st.dp_rank == 0 and st.cp_rank == 0:  # one writer per (tp, pp) shard; the rest are replicas
-        files.update(write_shard(model.state_dict(), tmp / shard_name("model", st.tp_rank, st.pp_rank)))
-        if optimizer_state is not None:
-            files.update(write_shard(optimizer_state, tmp / shard_name("optim", st.tp_rank, st.pp_rank)))
-        meta = {"params": shard_metadata(model)}
-        files.update(write_text(tmp / f"meta_tp{st.tp_rank:02d}_pp{st.pp_rank:02d}.json", json.dumps(meta)))
-    files.update(write_shard(rng_state(), tmp / f"rng_rank{global_rank():05d}.pt"))
-    files = _gather_file_records(files)
-    if global_rank() == 0:
+    files, failure = _write_rank_files(tmp, st, model, optimizer_state)
+    estimate = _estimated_bytes((model.state_dict(), optimizer_state)) if st.dp_rank == 0 and st.cp_rank == 0 else 0
+    files = _all_written(files, failure, estimate, tmp, final)
+
+    def write_manifest_and_publish() -> None:
         manifest = {
             "format_version": FORMAT_VERSION, "iteration": iteration,
             "layout": {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size, "cp": st.cp_size},
@@ -128,18 +125,110 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
         }
         if session is not None:
             manifest["lineage"] = {"parent": session.parent, "run": session.run_id}
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
-        if session is not None:
-            session.before_publish()
-        publish(tmp, root, iteration)
+        try:
+            atomic_write_text(tmp / MANIFEST, signed_json(manifest, indent=1))
+            if session is not None:
+                session.before_publish()
+            publish(tmp, root, iteration)
+        except OSError as e:
+            _fail_save(tmp, final, {"path": str(tmp / MANIFEST), "errno": e.errno, "strerror": e.strerror or str(e)}, 0)
         if session is not None:
             session.after_publish(iteration, keep_last)
         elif keep_last:
             prune_checkpoints(root, keep_last, protect=iteration)
-    elif session is not None:
+
+    rank0_decides(write_manifest_and_publish)  # every rank waits for it, and learns of its failure
+    if session is not None:
         session.record(iteration)
-    barrier()
     return final
+
+
+def _write_rank_files(tmp: Path, st: ParallelLayout, model: torch.nn.Module, optimizer_state: Optional[NamedState]
+                      ) -> Tuple[Dict[str, Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """This rank's files (digest records), or the write that failed: {path, errno, strerror}."""
+    files: Dict[str, Dict[str, Any]] = {}
+    writing = tmp
+    try:
+        if st.dp_rank == 0 and st.cp_rank == 0:  # one writer per (tp, pp) shard; the rest are replicas
+            writing = tmp / shard_name("model", st.tp_rank, st.pp_rank)
+            files.update(write_shard(model.state_dict(), writing))
+            if optimizer_state is not None:
+                writing = tmp / shard_name("optim", st.tp_rank, st.pp_rank)
+                files.update(write_shard(optimizer_state, writing))
+            writing = tmp / f"meta_tp{st.tp_rank:02d}_pp{st.pp_rank:02d}.json"
+            files.update(write_signed_json(writing, {"params": shard_metadata(model)}))
+        writing = tmp / f"rng_rank{global_rank():05d}.pt"
+        files.update(write_shard(rng_state(), writing))
+    except OSError as e:
+        return files, {"path": str(writing), "errno": e.errno, "strerror": e.strerror or str(e)}
+    return files, None
+
+
+def _estimated_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists): about what torch.save writes."""
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        item = stack.pop()
+        if torch.is_tensor(item):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def _all_written(files: Dict[str, Dict[str, Any]], failure: Optional[Dict[str, Any]], estimate: int, tmp: Path,
+                 final: Path) -> Dict[str, Dict[str, Any]]:
+    """Collective: every rank's file records merged, or, when a write failed on any rank, the
+    temporary directory removed and the same CheckpointError raised on every rank."""
+    parts = [(files, failure, estimate)]
+    if world_size() > 1:
+        parts = [None] * world_size()
+        dist.all_gather_object(parts, (files, failure, estimate))
+    failures = [f for _, f, _ in parts if f is not None]
+    if failures:
+        needed = sum(e for _, _, e in parts) + SMALL_FILES_BYTES * len(parts)
+        rank0_decides(lambda: _fail_save(tmp, final, failures[0], needed))
+    merged: Dict[str, Dict[str, Any]] = {}
+    for part, _, _ in parts:
+        merged.update(part)
+    return merged
+
+
+SMALL_FILES_BYTES = 64 << 10  # RNG state and metadata of one rank, about
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def _fail_save(tmp: Path, final: Path, failure: Dict[str, Any], needed: int) -> NoReturn:
+    """Rank 0: remove the incomplete copy now (it holds the space a full disk needs) and raise the
+    CheckpointError that says why (``failure``: the write that failed; ``needed``: bytes, 0 unknown)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    root = final.parent
+    latest = root / LATEST
+    kept = (f"'{latest}' still names {latest.read_text().strip()}" if latest.is_file()
+            else "no earlier checkpoint was affected")
+    if failure["errno"] in DISK_FULL:
+        try:
+            free = _size(shutil.disk_usage(root).free)
+        except OSError:
+            free = "unknown"
+        need = f"about {_size(needed)}" if needed else "more space"
+        raise CheckpointError(f"disk full while saving checkpoint '{final}' (writing '{failure['path']}'): it needs "
+                               f"{need}, {free} free in '{root}'; the incomplete copy was removed and {kept}. "
+                               "Free space or set 'save' to another directory, then resume")
+    raise CheckpointError(f"cannot write checkpoint file '{failure['path']}': {failure['strerror']}; the "
+                          f"incomplete copy was removed and {kept}")
 
 
 def publish(tmp: Path, root: Path, iteration: int) -> Path:
@@ -180,18 +269,6 @@ def _make_tmp_dir(root: Path, iteration: int, session: Optional[SaveSession]) ->
     return Path(rank0_decides(make))
 
 
-def _gather_file_records(files: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Every rank's file records, merged on rank 0 (after this, every rank has finished writing)."""
-    if world_size() == 1:
-        return files
-    gathered = [None] * world_size() if global_rank() == 0 else None
-    dist.gather_object(files, gathered, dst=0)
-    merged: Dict[str, Dict[str, Any]] = {}
-    for part in gathered or []:
-        merged.update(part)
-    return merged
-
-
 def prune_checkpoints(root: Path, keep_last: int, protect: Optional[int] = None) -> None:
     """Without a session: keep the highest ``keep_last`` step numbers, and always ``protect``."""
     for step in checkpoint_steps(root)[:-keep_last]:
@@ -221,10 +298,14 @@ def read_manifest(ckpt_dir: Path) -> Dict[str, Any]:
     return read_manifest_file(Path(ckpt_dir))
 
 
-def load_checkpoint(load: str, model: torch.nn.Module) -> Dict[str, Any]:
+def load_checkpoint(load: str, model: torch.nn.Module, config_tree: Optional[Dict[str, Any]] = None
+                    ) -> Dict[str, Any]:
     """Loads this rank's model shard into ``model``; returns the manifest (``iteration``, ``trainer``
-    state, ...). The optimizer state and RNG come later, from :func:`load_optimizer_state` and
-    :func:`restore_rng_state`, once the engine that owns the optimizer exists."""
+    state, ...). The manifest and this shard's meta file are verified (their own checksums), then the
+    shard (size and checksum); a shard that does not match the model is one line per tensor, with the
+    model settings that differ from the checkpoint's (``config_tree``: this run's). The optimizer
+    state and RNG come later, from :func:`load_optimizer_state` and :func:`restore_rng_state`, once
+    the engine that owns the optimizer exists."""
     st = layout_of(model)
     ckpt = resolve_checkpoint_dir(load)
     manifest = read_manifest(ckpt)
@@ -234,14 +315,48 @@ def load_checkpoint(load: str, model: torch.nn.Module) -> Dict[str, Any]:
             f"checkpoint '{ckpt}' was saved with model_parallel_size={layout['tp']}, "
             f"pipe_parallel_size={layout['pp']} but this run uses {st.tp_size}, {st.pp_size}; "
             "re-shard it first with tools/ckpts/reshard.py")
+    read_shard_meta(ckpt, st.tp_rank, st.pp_rank, manifest)  # verified on every load, not only when resharding
     model_file = ckpt / shard_name("model", st.tp_rank, st.pp_rank)
     if not model_file.is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' is missing shard {model_file.name}")
-    missing, unexpected = model.load_state_dict(load_shard(model_file, True, manifest), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint '{model_file}' does not match the model: missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+    state = load_shard(model_file, True, manifest)
+    problems = shape_problems(state, model.state_dict())
+    if problems:
+        changed = changed_model_settings(manifest.get("config") or {}, config_tree or {})
+        raise CheckpointError(
+            f"checkpoint '{model_file}' does not match the model ({len(problems)} tensor(s) differ"
+            + (f"; model settings that differ from the checkpoint's: {changed}" if changed else "") + "):\n"
+            + "\n".join(problems[:MAX_LISTED])
+            + (f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""))
+    model.load_state_dict(state)
     return manifest
+
+
+MAX_LISTED = 20  # tensors named in a mismatch error; the rest are counted
+
+
+def shape_problems(saved: Dict[str, Any], expected: Dict[str, Any]) -> list:
+    """One line per tensor that differs: name, checkpoint shape, model shape (or missing on one side)."""
+    lines = []
+    for name, want in expected.items():
+        have = saved.get(name)
+        if have is None:
+            lines.append(f"  {name}: not in the checkpoint, model {list(want.shape)}")
+        elif tuple(have.shape) != tuple(want.shape):
+            lines.append(f"  {name}: checkpoint {list(have.shape)}, model {list(want.shape)}")
+    lines += [f"  {name}: checkpoint {list(saved[name].shape)}, not in the model" for name in saved
+              if name not in expected]
+    return lines
+
+
+def changed_model_settings(saved: Dict[str, Any], current: Dict[str, Any]) -> str:
+    """``hidden_size 32 -> 64, ...``: model-section keys whose values differ between two config trees."""
+    from dataclasses import fields
+
+    from megatron.config.schema import ModelConfig
+
+    keys = [f.name for f in fields(ModelConfig) if f.name in saved and f.name in current]
+    return ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in keys if saved[k] != current[k])
 
 
 def read_shard_meta(ckpt: Path, tp_rank: int, pp_rank: int,

@@ -8,8 +8,14 @@ unreadable) into one :class:`CheckpointError` line naming the file.
 
 The checksum is xxHash's xxh3_64 (about 10 GB/s, ~4% of a 200 MB save, see bench/RESULTS.md); where
 the ``xxhash`` package is missing, zlib's crc32 (about 2 GB/s). The algorithm is part of each
-recorded value, so either one verifies anywhere the package is installed. Checkpoints written before
-checksums existed (no ``files`` in the manifest) still load, with a note.
+recorded value, so either one verifies anywhere the package is installed.
+
+The manifest and the per-shard meta files also carry a checksum of their own content (key
+``checksum``, over a canonical form), checked on every load: a changed value that leaves the JSON
+valid (an iteration, a consumed-sample count, a config value) is one error naming the file.
+
+Older checkpoints still load, with a note: without ``files`` in the manifest (before file checksums),
+or with a manifest of format version < 3 (before manifests carried their own checksum).
 """
 from __future__ import annotations
 
@@ -77,8 +83,16 @@ class HashingWriter:
     def __init__(self, raw, hasher):
         self.raw, self.hasher, self.size = raw, hasher, 0
         self._pool = None
+        self.error: Optional[OSError] = None  # a failed write (disk full), which torch.save re-wraps
 
     def write(self, data) -> int:
+        try:
+            return self._write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def _write(self, data) -> int:
         n = memoryview(data).nbytes
         self.size += n
         if n < self.PARALLEL_MIN:
@@ -106,11 +120,16 @@ class HashingWriter:
 
 
 def write_shard(obj: Any, path: Path) -> Digest:
-    """``torch.save`` to ``path``, hashed on the way and fsynced; returns its digest entry."""
+    """``torch.save`` to ``path``, hashed on the way and fsynced; returns its digest entry. A failed
+    write raises its own OSError (ENOSPC, ...), not the error torch.save makes of it."""
     with open(path, "wb") as raw:
         writer = HashingWriter(raw, new_hasher())
         try:
             torch.save(obj, writer)
+        except Exception:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         finally:
             writer.close_pool()
         raw.flush()
@@ -136,6 +155,46 @@ def write_text(path: Path, text: str) -> Digest:
     hasher = new_hasher()
     hasher.update(data)
     return {path.name: {"size": len(data), "checksum": f"{hasher.name}:{hasher.hexdigest()}"}}
+
+
+# ----------------------------------------------------------------------------- self-checksummed JSON
+SELF_CHECKSUM = "checksum"  # key of a JSON file's checksum of its own content (without this key)
+
+
+def _content_checksum(doc: Dict[str, Any], algorithm: Optional[str] = None) -> str:
+    """Checksum of ``doc`` without its own checksum, over a canonical form (sorted keys, no spaces),
+    so re-indenting the file does not change it but any changed value does."""
+    body = {k: v for k, v in doc.items() if k != SELF_CHECKSUM}
+    hasher = new_hasher(algorithm)
+    hasher.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return f"{hasher.name}:{hasher.hexdigest()}"
+
+
+def signed_json(doc: Dict[str, Any], indent: Optional[int] = None) -> str:
+    """``doc`` as JSON text that carries its own checksum (an older one is replaced)."""
+    body = json.loads(json.dumps({k: v for k, v in doc.items() if k != SELF_CHECKSUM}, default=str))
+    return json.dumps({**body, SELF_CHECKSUM: _content_checksum(body)}, indent=indent)
+
+
+def write_signed_json(path: Path, doc: Dict[str, Any], indent: Optional[int] = None) -> Digest:
+    """Atomic, fsynced JSON file carrying its own checksum; returns its digest entry."""
+    return write_text(path, signed_json(doc, indent))
+
+
+def check_signed_json(doc: Dict[str, Any], path: Path, required: bool) -> bool:
+    """Verify the checksum ``doc`` (read from ``path``) carries of itself: one CheckpointError line
+    when it differs, or when it is ``required`` and absent. False: absent (a file from before)."""
+    recorded = doc.get(SELF_CHECKSUM)
+    if recorded is None:
+        if required:
+            raise CheckpointError(f"'{path}' lacks its '{SELF_CHECKSUM}' entry, which this checkpoint format "
+                                  "writes: corrupted or edited")
+        return False
+    algorithm = str(recorded).partition(":")[0]
+    if algorithm not in ("xxh3_64", "crc32") or _content_checksum(doc, algorithm) != recorded:
+        raise CheckpointError(f"'{path}' fails its own {algorithm} checksum: its content was changed after it "
+                              "was written (corrupted or edited)")
+    return True
 
 
 def file_digest(path: Path, algorithm: Optional[str] = None) -> Digest:
@@ -170,17 +229,30 @@ def fsync_dir(path: Path) -> None:
 _NOTED: set = set()
 
 
-def _note_unverified(ckpt: Path) -> None:
-    if str(ckpt) in _NOTED:
+# 3: the manifest and the meta files carry a checksum of their own content (2: optimizer shards keyed
+# by parameter name; 1: torch's numbered optimizer state dict, decayed parameters first).
+FORMAT_VERSION = 3
+SIGNED_SINCE = 3
+
+
+def _note_unverified(ckpt: Path, what: str) -> None:
+    if (str(ckpt), what) in _NOTED:
         return
-    _NOTED.add(str(ckpt))
+    _NOTED.add((str(ckpt), what))
     if int(os.environ.get("RANK", "0")) == 0:  # stdout: information, not an error
-        print(f"note: checkpoint '{ckpt}' predates checksums; its files are loaded without verification",
-              flush=True)
+        print(f"note: checkpoint '{ckpt}' predates {what}", flush=True)
+
+
+def signed_format(manifest: Dict[str, Any]) -> bool:
+    """Whether this checkpoint's manifest and meta files must carry their own checksums."""
+    version = manifest.get("format_version", 1)
+    return isinstance(version, int) and version >= SIGNED_SINCE
 
 
 def read_manifest_file(ckpt: Path) -> Dict[str, Any]:
-    """The manifest as a dict, or one CheckpointError line (missing, not JSON, missing keys)."""
+    """The manifest as a dict, verified against its own checksum, or one CheckpointError line
+    (missing, not JSON, changed after it was written, missing keys). A manifest from before
+    manifests carried checksums loads with a note."""
     path = ckpt / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
@@ -191,6 +263,8 @@ def read_manifest_file(ckpt: Path) -> Dict[str, Any]:
                               "is incomplete or corrupted") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"manifest '{path}' is not a JSON object: corrupted")
+    if not check_signed_json(manifest, path, required=signed_format(manifest)):
+        _note_unverified(ckpt, "manifest checksums; its manifest is used without verification")
     for key in ("iteration", "layout"):
         if key not in manifest:
             raise CheckpointError(f"manifest '{path}' lacks '{key}': corrupted or not written by this trainer")
@@ -203,7 +277,7 @@ def _record_for(path: Path, manifest: Dict[str, Any]) -> Optional[Dict[str, Any]
         raise CheckpointError(f"checkpoint '{path.parent}' is missing file {path.name}")
     files = manifest.get("files")
     if files is None:
-        _note_unverified(path.parent)
+        _note_unverified(path.parent, "checksums; its files are loaded without verification")
         return None
     record = files.get(path.name)
     if record is None:
@@ -257,10 +331,15 @@ def load_shard(path: Path, weights_only: bool = True, manifest: Optional[Dict[st
     return value
 
 
-def read_json_file(path: Path, manifest: Dict[str, Any]) -> Any:
-    """A verified JSON file of a checkpoint (per-shard metadata)."""
+def read_json_file(path: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """A verified JSON file of a checkpoint (per-shard metadata): its size and checksum as the
+    manifest records them, and the checksum it carries of itself."""
     verify_file(path, manifest)
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"file '{path}' is not valid JSON ({e}): corrupted") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"file '{path}' is not a JSON object: corrupted")
+    check_signed_json(doc, path, required=signed_format(manifest))
+    return doc

@@ -15,7 +15,6 @@ at the new layout continues as the old one would have.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -23,7 +22,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron.checkpointing.checkpoint import (
-    FORMAT_VERSION,
     MANIFEST,
     NamedState,
     publish,
@@ -35,7 +33,15 @@ from megatron.checkpointing.checkpoint import (
     shard_name,
     step_dir_name,
 )
-from megatron.checkpointing.integrity import atomic_write_text, file_digest, load_shard, write_shard, write_text
+from megatron.checkpointing.integrity import (
+    FORMAT_VERSION,
+    atomic_write_text,
+    file_digest,
+    load_shard,
+    signed_json,
+    write_shard,
+    write_signed_json,
+)
 from megatron.errors import CheckpointError
 
 TIED_COPY = "lm_head.weight"
@@ -137,6 +143,22 @@ def build_stage_model(cfg, vocab_size: int, tp: int, pp: int, tp_rank: int, pp_r
     return build_model(cfg, vocab_size, (), None, layout=layout, device=device)
 
 
+def check_output_dir(load: str, save: str, force: bool) -> None:
+    """The re-shard tool writes into a new directory: never, without ``force``, into the save root of
+    the checkpoint it reads (that replaces the original step in place) nor a non-empty directory."""
+    src = resolve_checkpoint_dir(load).resolve()
+    out = Path(save).resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--save '{save}' exists and is not a directory")
+    if force:
+        return
+    if out in (src, src.parent) or src in out.parents:
+        raise CheckpointError(f"--save '{save}' holds the checkpoint being re-sharded ('{src}'), which would be "
+                              "replaced in place; write to a new directory, or pass --force to replace it")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"--save directory '{save}' is not empty; pass --force to write into it")
+
+
 def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: bool = False) -> Path:
     """Write ``out_dir/global_stepN`` (and ``out_dir/latest``) for layout ``tp`` x ``pp``.
 
@@ -175,7 +197,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                 shard[name] = value
                 used.add(src)
             files.update(write_shard(shard, tmp / shard_name("model", t, p)))
-            files.update(write_text(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", json.dumps({"params": meta})))
+            files.update(write_signed_json(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", {"params": meta}))
             if full_optim:
                 files.update(write_shard(_reshard_optimizer(meta, full_optim, groups, tied, t, tp),
                                          tmp / shard_name("optim", t, p)))
@@ -194,7 +216,7 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                         files=files,
                         layout={"tp": tp, "pp": pp, "dp": 1, "cp": 1},
                         resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
-    atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=1, default=str))
+    atomic_write_text(tmp / MANIFEST, signed_json(new_manifest, indent=1))
     return publish(tmp, root, iteration)
 
 

@@ -15,9 +15,15 @@ from megatron.config.schema import (
                                     TrainingConfig,
                                     ZeroConfig,
 )
-from megatron.config.validation import config_from_tree, validate_launch, validate_layout, validate_model_split
+from megatron.config.validation import (
+    config_from_tree,
+    validate_device,
+    validate_launch,
+    validate_layout,
+    validate_model_split,
+)
 
-__all__ = ["config_from_tree", "config_to_tree", "dump_config", "load_config",
+__all__ = ["config_from_tree", "config_to_tree", "dump_config", "load_config", "validate_device",
            "validate_launch", "validate_layout", "validate_model_split", "AttentionConfig", "CheckpointConfig",
            "Config", "DataConfig", "Fp16Config", "LaunchConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig",
            "ParallelConfig", "SepLLMConfig", "TrainingConfig", "ZeroConfig"]

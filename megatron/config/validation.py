@@ -491,3 +491,22 @@ def validate_launch(cfg: Config, world_size: int) -> int:
     validate_model_split(cfg, 1, par.pipe_parallel_size, par.virtual_pipe_stages)
     _validate_schedule(cfg)
     return validate_layout(cfg, world_size)
+
+
+def validate_device(cfg: Config, device_type: str, triton_interpreter: bool = False) -> None:
+    """What the run's device cannot run, refused before training starts (one line each, the first).
+    Only what really fails: on CPU our own fp16 loss scaling, bf16, ``flex`` and the eager kernels all
+    run; forced Triton kernels need CUDA or Triton's interpreter (``TRITON_INTERPRET=1``); flash_attn is
+    CUDA only. (fp16 under ZeRO is ``validate_launch``'s; ``attention.impl: triton`` is checked by the
+    attention package.)"""
+    if device_type == "cuda":
+        return
+    m = cfg.model
+    if not triton_interpreter:
+        for key in ("fused_rope", "fused_layernorm", "fused_cross_entropy"):
+            if getattr(m, key) is True:
+                raise ConfigError(f"{key}: true needs a CUDA device (this run is on {device_type}) or "
+                                  "TRITON_INTERPRET=1 set before start; leave it unset (auto: eager on CPU) or false")
+    if cfg.attention.impl == "flash":
+        raise ConfigError(f"attention.impl 'flash' needs flash_attn on a CUDA device (this run is on {device_type}); "
+                          "use 'sdpa' for the dense baseline on CPU")

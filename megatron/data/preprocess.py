@@ -12,7 +12,7 @@ import time
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,9 +46,10 @@ _worker_state: dict = {}
 
 def init_worker(tokenizer_type: str, vocab_file: str, merge_file: Optional[str], json_key: str,
                 append_eod: bool, dtype_name: str, in_pool: bool = False) -> None:
-    if in_pool:  # the main process handles stop signals and ends the pool; workers just go
+    if in_pool:  # the main process handles stop signals and ends the pool in order; workers ignore
+        # them, also when a scheduler or a terminal signals every process of the job at once
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
     _worker_state.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod,
                          dtype=np.dtype(dtype_name))
@@ -164,12 +165,20 @@ def dead_worker_cause(pool, wait_s: float = 2.0) -> str:
 
 
 def stop_pool(pool) -> None:
-    """End the workers now (on success they are idle; on errors and signals nothing waits for them)."""
+    """End the pool. Intact, it is shut down in order: pending batches cancelled, the few being
+    tokenized let finish (well under a second), the manager thread joined. Killing the workers
+    instead can leave the pool's feeder thread blocked forever sending a batch into a pipe nobody
+    reads (the exit then waits for it: CPython gh-107219, fixed on Windows only), and a pool left
+    running races concurrent.futures' exit hook (a "Bad file descriptor" traceback). A pool whose
+    worker died (broken) has stopped its work already: its other workers are ended now."""
+    if not getattr(pool, "_broken", False):
+        pool.shutdown(wait=True, cancel_futures=True)
+        return
     processes = list(getattr(pool, "_processes", {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         if p.is_alive():
-            p.terminate()
+            p.kill()  # workers ignore SIGTERM
     for p in processes:
         p.join(timeout=5)
 
@@ -199,8 +208,19 @@ def make_progress(quiet: bool):
     return tqdm(unit="doc", unit_scale=True, mininterval=1.0, delay=1.0, file=sys.stderr, desc="tokenizing")
 
 
-def preprocess(opts: PreprocessOptions) -> PreprocessStats:
-    """Tokenize ``opts.input`` into ``opts.output_dataset``.bin/.idx; DataError on bad input."""
+class Stopped(Exception):
+    """A stop signal arrived; preprocessing stopped between two batches and wrote nothing."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def preprocess(opts: PreprocessOptions, stop_signal: Callable[[], int] = lambda: 0) -> PreprocessStats:
+    """Tokenize ``opts.input`` into ``opts.output_dataset``.bin/.idx; DataError on bad input.
+    ``stop_signal()`` (non-zero: the signal received) is polled between batches: the caller's signal
+    handler only notes the signal, and :class:`Stopped` is raised here, where unwinding is safe (not
+    inside the worker pool's machinery or a fork); the temporary files are removed."""
     # Workers tokenize single-threaded: HF's own thread pool would fight the worker processes for cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if opts.workers < 1:
@@ -219,6 +239,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
                                        init_args)
             with closing(ordered):  # shuts the worker pool down on errors too
                 for results in ordered:
+                    if stop_signal():
+                        raise Stopped(stop_signal())
                     write_results(results, builder, stats, opts.skip_bad_lines, dtype)
                     if progress is not None:
                         stats.seconds = time.perf_counter() - start

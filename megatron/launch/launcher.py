@@ -33,6 +33,7 @@ class NodeCommand:
         return f"ssh {shlex.quote(self.host)} {shlex.quote(inner)}"
 
 
+NODE_AGENT = "megatron.launch.node_agent"
 FORWARDED_ENV = ("PYTHONPATH", "WANDB_MODE", "WANDB_API_KEY", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
                  "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")
 
@@ -73,7 +74,8 @@ def parse_hostfile(path: str) -> List[Host]:
 
 def torchrun_argv(script: str, script_args: List[str], nproc: int, nnodes: int, node_rank: int,
                   master_addr: str, master_port: int) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+    # torchrun, run by our node agent: the ranks' failures end in one message and the right exit code
+    return [sys.executable, "-m", NODE_AGENT, f"--nnodes={nnodes}", f"--node_rank={node_rank}",
             f"--nproc_per_node={nproc}", f"--master_addr={master_addr}", f"--master_port={master_port}",
             script, *script_args]
 

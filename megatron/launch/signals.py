@@ -80,7 +80,8 @@ def child_pids(pid: int) -> List[int]:
 
 
 def is_torchrun(argv: Sequence[str]) -> bool:
-    return "torch.distributed.run" in argv or any(Path(a).name == "torchrun" for a in argv[:1])
+    torchrun_modules = ("torch.distributed.run", "megatron.launch.node_agent")
+    return any(m in argv for m in torchrun_modules) or any(Path(a).name == "torchrun" for a in argv[:1])
 
 
 class SignalForwarder:

@@ -64,6 +64,24 @@ def install() -> bool:
     return True
 
 
+def exit_quietly_on_signal(code: int) -> None:
+    """The process is on its way out with ``code``: a stop signal now (a launcher stopping the other
+    ranks after one failed) ends it at once with that code, instead of raising inside exit handlers."""
+    def finish(signum, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    try:
+        for s in EXIT_SIGNALS:
+            signal.signal(s, finish)
+    except ValueError:  # not the main thread
+        pass
+
+
 def uninstall() -> None:
     previous = _state["previous"]
     if previous is None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from megatron.checkpointing import load_checkpoint, load_optimizer_state, restore_rng_state
+from megatron.config import config_to_tree
 from megatron.errors import CheckpointError
 from megatron.training.engines import AutocastFactory, Engine, build_engine
 
@@ -37,7 +38,7 @@ def build_engine_and_resume(cfg, model: torch.nn.Module, optimizer: torch.optim.
             raise CheckpointError(f"finetune: true needs weights, but checkpoint path '{load}' (key 'load') {what}")
         log(f"load: '{load}' holds no checkpoint yet; starting from scratch")
         load = None
-    manifest = load_checkpoint(load, model) if load else None
+    manifest = load_checkpoint(load, model, config_to_tree(cfg)) if load else None
     engine = build_engine(cfg, model, optimizer, device, autocast)
     if manifest is not None and not finetune:
         state = load_optimizer_state(load, model.layout)

@@ -15,10 +15,11 @@ import torch
 from megatron.attention.dispatch import check_impl_available
 from megatron.checkpointing import ensure_writable, resolve_checkpoint_dir, save_checkpoint
 from megatron.checkpointing.session import SaveSession
-from megatron.config import Config, config_to_tree, validate_launch
+from megatron.config import Config, config_to_tree, validate_device, validate_launch
 from megatron.data import MMapIndexedDataset, build_dataset, build_train_valid_test_datasets
 from megatron.data.token_range import check_token_ids
 from megatron.errors import DataError
+from megatron.kernels.dispatch import interpret_enabled
 from megatron.model import build_model, num_parameters
 from megatron.parallel import layout_from_config
 from megatron.parallel.distributed import device_for_rank, init_distributed, rank
@@ -56,7 +57,10 @@ class Trainer:
         self.is_logger = rank() == self.world - 1 if self.layout.pp_size > 1 else rank() == 0
         self._print = log
         self.device = device_for_rank()
-        check_impl_available(cfg.attention.impl, self.device)  # e.g. 'triton' on CPU: one line, not mid-run
+        # What this device cannot run (e.g. 'triton' on CPU): one line, not mid-run. ZeRO with fp16 is
+        # validate_launch's (it asks DeepSpeed's accelerator).
+        validate_device(cfg, self.device.type, triton_interpreter=interpret_enabled())
+        check_impl_available(cfg.attention.impl, self.device)
         torch.manual_seed(cfg.training.seed)
         tr = cfg.training
         self.micro, self.accum = tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps
@@ -139,15 +143,15 @@ class Trainer:
             for key, p in named:
                 check_data_prefix(p, key, self.vocab_size)
             self.train_ds = build_dataset(d.train_data_paths, d.train_data_weights, seq, tr.seed, n_train,
-                                          d.data_cache_dir)
-            self.valid_ds = (build_dataset(d.valid_data_paths, None, seq, tr.seed, evals, d.data_cache_dir)
-                             if d.valid_data_paths else None)
-            self.test_ds = (build_dataset(d.test_data_paths, None, seq, tr.seed, n_eval, d.data_cache_dir)
-                            if d.test_data_paths else None)
+                                          d.data_cache_dir, warn=self.log)
+            self.valid_ds = (build_dataset(d.valid_data_paths, None, seq, tr.seed, evals, d.data_cache_dir,
+                                           warn=self.log) if d.valid_data_paths else None)
+            self.test_ds = (build_dataset(d.test_data_paths, None, seq, tr.seed, n_eval, d.data_cache_dir,
+                                          warn=self.log) if d.test_data_paths else None)
         elif d.data_path:
             check_data_prefix(d.data_path, "data_path", self.vocab_size)
             self.train_ds, self.valid_ds, self.test_ds = build_train_valid_test_datasets(
-                [d.data_path], None, d.split, seq, tr.seed, (n_train, evals, n_eval), d.data_cache_dir)
+                [d.data_path], None, d.split, seq, tr.seed, (n_train, evals, n_eval), d.data_cache_dir, warn=self.log)
         else:
             raise DataError("no training data: set 'data_path' or 'train_data_paths'")
         if self.train_ds is None:

@@ -4,6 +4,7 @@
 ``--load`` is a save root (follows ``latest``) or a ``global_stepN`` directory; the result is written
 as ``SAVE/global_stepN`` plus ``SAVE/latest`` and can be resumed with ``load: SAVE`` at the new
 model_parallel_size / pipe_parallel_size. AdamW state is re-sharded too unless ``--weights-only``.
+``--save`` must be a new or empty directory, not the one holding ``--load``, unless ``--force``.
 """
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, required=True, help="target model_parallel_size")
     p.add_argument("--pp", type=int, default=1, help="target pipe_parallel_size")
     p.add_argument("--weights-only", action="store_true", help="drop the optimizer state")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --save, even the one holding --load (replaces that step)")
     args = p.parse_args(argv)
 
-    from megatron.checkpointing.reshard import save_resharded
+    from megatron.checkpointing.reshard import check_output_dir, save_resharded
     from megatron.errors import CheckpointError
 
     if args.tp < 1 or args.pp < 1:
         raise CheckpointError("--tp and --pp must be >= 1")
+    check_output_dir(args.load, args.save, args.force)
     out = save_resharded(args.load, args.save, args.tp, args.pp, weights_only=args.weights_only)
     print(f"wrote {out} (tp={args.tp}, pp={args.pp})")
     return 0
