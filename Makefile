@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13 is what this project is developed and tested on; override for CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo demo-data test test-all lint clean-demo
+.PHONY: venv demo demo-data test test-all test-slurm lint clean-demo
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -m "" --durations=10
+
+# Launch, preemption and requeue on a real SLURM the tests start on this machine (root; apt: slurm-wlm munge).
+test-slurm: venv
+	$(PY) -m pytest -m slurm --durations=10 tests/test_slurm_cluster.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
