@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= requirements/constraints.txt
 PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: venv demo demo-data test test-slow test-all test-realmodel aot-check lint clean-demo
+.PHONY: venv demo demo-data test test-slow test-all test-realmodel test-slurm aot-check lint clean-demo
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ test: venv
 
 # The slow tier but its heavy tests (and the tiers of their own below); CI runs it.
 test-slow: venv
-	$(PY) -m pytest -m "slow and not heavy and not realmodel" --durations=10
+	$(PY) -m pytest -m "slow and not heavy and not realmodel and not slurm" --durations=10
 
 test-all: venv $(VENV)/.realmodel
 	$(PY) -m pytest -m "" --durations=10
@@ -55,6 +55,10 @@ $(VENV)/.realmodel: $(VENV)/.installed requirements/realmodel.txt
 
 test-realmodel: venv $(VENV)/.realmodel
 	$(PY) -m pytest -m "realmodel and not slow" --durations=10
+
+# Launch, preemption and requeue on a real SLURM the tests start on this machine (root; apt: slurm-wlm munge).
+test-slurm: venv
+	$(PY) -m pytest -m slurm --durations=10 tests/test_slurm_cluster.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

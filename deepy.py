@@ -6,9 +6,11 @@ torchrun (gloo on CPU, nccl on GPU); a hostfile (``host slots=N`` per line) give
 torchrun commands started over ssh, or one ``deepspeed`` launcher command with ``--launcher
 deepspeed``. ``--node-rank K`` runs only node K's command here (for schedulers that start one
 launcher per node). The config's ``hostfile``, ``launcher``, ``num_gpus``, ``master_addr`` and
-``master_port`` (NeoX's launcher keys) apply unless the flags say otherwise. ``--dry-run`` prints the
-commands and starts nothing; for ``train.py`` it first checks the data and tokenizer paths and prints
-the parameter count, the attention rule of every layer and the batch and token arithmetic.
+``master_port`` (NeoX's launcher keys) apply unless the flags say otherwise. ``--launcher slurm`` (or
+``launcher: slurm``) inside a SLURM allocation runs one srun task per rank (megatron/launch/slurm.py).
+``--dry-run`` prints the commands and starts nothing; for ``train.py`` it first checks the data and
+tokenizer paths and prints the parameter count, the attention rule of every layer and the batch and
+token arithmetic.
 
 Script arguments: the YAML files follow the script; options deepy does not know (``--tasks x``), with
 their values, and everything after a bare ``--``, are passed on to the script in order, as in NeoX's
@@ -38,8 +40,9 @@ def parse_args(argv):
                    help="default: the config's master_port, else 29500")
     p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=None,
                    help="with --hostfile: run only this node's command, locally")
-    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default=None,
-                   help="multi-node launcher (default: the config's launcher, else torchrun)")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), default=None,
+                   help="multi-node launcher (default: the config's launcher, else torchrun); slurm: srun "
+                        "inside an allocation, one task per rank")
     p.add_argument("--conf-dir", "-d", dest="conf_dir", default=None, help="directory prefixed to config names")
     p.add_argument("--dry-run", action="store_true",
                    help="check paths, print the model, attention and batch summary and the commands, and exit")
@@ -72,18 +75,31 @@ def main(argv=None) -> int:
             num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
                                                       cfg.parallel.pipe_parallel_size)
         world = world_size(num_procs, hostfile)
+        launcher = args.launcher or launch.launcher
+        if launcher == "slurm":  # srun inside the allocation, one task per rank (megatron/launch/slurm.py)
+            from megatron.launch.slurm import SrunLaunch
+
+            srun = SrunLaunch.in_allocation(launch, args, num_procs, os.environ)
+            world = srun.world
         if launch.global_num_gpus and world != launch.global_num_gpus:
             raise LaunchError(f"global_num_gpus {launch.global_num_gpus} != the {world} processes this launch "
                               "starts (hostfile slots or num_gpus)")
         dp = validate_launch(cfg, world)  # fail here, not in every rank
-        commands = build_commands(args.script, configs + args.script_args, num_procs, hostfile,
-                                  args.master_addr or launch.master_addr,
-                                  args.master_port or launch.master_port or 29500, args.launcher or launch.launcher)
+        commands = srun.commands(args.script, configs + args.script_args) if launcher == "slurm" else \
+            build_commands(args.script, configs + args.script_args, num_procs, hostfile,
+                           args.master_addr or launch.master_addr, args.master_port or launch.master_port or 29500,
+                           launcher)
         summary = []
         if args.dry_run and Path(args.script).name == "train.py":  # other scripts need no training data
             from megatron.training.summary import run_report
 
             summary = run_report(cfg, dp)
+        if args.dry_run:  # the ranks refuse it on their device; this machine may be a login node
+            from megatron.config.validation import zero_fp16_device_problem
+
+            problem = zero_fp16_device_problem(cfg)
+            if problem:
+                summary.append(f"warning: ranks on a machine like this one will refuse this config: {problem}")
     except UserError as e:
         return report(e)
     print("resolved config:\n" + dump_config(cfg), flush=True)
@@ -94,6 +110,8 @@ def main(argv=None) -> int:
             print(f"# node {c.node_rank} ({c.host})\n{c.shell()}")
         return 0
     env = dict(os.environ, SEPLLM_CONFIG_PRINTED="1")
+    if launcher == "slurm":
+        return srun.run(commands[0], env)
     if args.node_rank is not None:
         if not hostfile or not 0 <= args.node_rank < len(commands):
             print(f"error: --node-rank {args.node_rank} needs --hostfile with more than {args.node_rank} hosts",

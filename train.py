@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Train a model: ``python train.py configs/a.yml [configs/b.yml ...]`` (usually via deepy.py).
 
+Under SLURM, a task of an srun step takes its rank from SLURM's environment (``deepspeed_slurm`` or
+``launcher: slurm``), and a stop by SIGUSR1 (or SIGTERM during a preemption) requeues the job after the
+checkpoint (megatron/launch/slurm.py).
+
 Exit codes: 0 finished, or stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint; 2 bad config,
 data or checkpoint (one ``error:`` line); 3 training diverged (non-finite steps, see
 max_skipped_steps); 128 + N: signal N arrived before training started. deepy.py returns the same
@@ -19,14 +23,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # Before the heavy imports: stop signals (preemption, Ctrl-C) and the launcher's death are handled.
     from megatron.launch.signals import die_with_parent, launched_by_launcher
+    from megatron.launch.slurm import in_srun_step, provisional_rank
     from megatron.training import exit_signals
 
-    if launched_by_launcher():
+    if launched_by_launcher() and not in_srun_step():  # srun's tasks live and die with their step
         die_with_parent()
     exit_signals.install()
-    code = run(args.configs, int(os.environ.get("RANK", "0")))
-    exit_signals.exit_quietly_on_signal(code)  # no traceback from a signal during interpreter exit
-    return code
+    code = 1
+    try:
+        code = run(args.configs, provisional_rank())
+        return code
+    finally:  # exiting: a late stop (a launcher ending the other ranks, SLURM's after a requeue) ends the
+        exit_signals.exit_quietly_on_signal(code)  # process with its code, no traceback from clean-up
 
 
 def run(configs, rank: int) -> int:
@@ -47,12 +55,18 @@ def run(configs, rank: int) -> int:
             cfg, _ = load_config(configs, log=(lambda *_: None) if printed else log)
             if rank == 0 and not printed:
                 print("resolved config:\n" + dump_config(cfg), flush=True)
+            from megatron.launch.slurm import ranks_from_slurm, requeue_after_stop, resume_requeued_run
             from megatron.parallel.distributed import shutdown_distributed
             from megatron.training.trainer import Trainer
 
-            Trainer(cfg).train()
+            ranks_from_slurm(cfg.launch)
+            resume_requeued_run(cfg.checkpoint, log=log)
+            trainer = Trainer(cfg)
+            trainer.train()
             trained = True
             shutdown_distributed()
+            if rank == 0 and trainer.stop_signal:
+                requeue_after_stop(trainer.stop_signal, cfg.checkpoint.save)
         except UserError as e:
             return report_failure(EXIT_USER_ERROR, f"error: {e}")
         except TrainingDiverged as e:

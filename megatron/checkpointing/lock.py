@@ -6,7 +6,10 @@ id. A second run finds the file and fails naming the holder. A lock whose holder
 (no such pid, or a pid reused by another process) is stale: it is renamed away (only one contender's
 rename succeeds), re-read to confirm it is the stale one, and replaced. A lock held from another host
 is never taken over automatically (its pid cannot be checked from here): the message says to delete
-the file if that run is gone. The lock is released at the end of the run (and at interpreter exit).
+the file if that run is gone -- unless it was taken by an earlier run of this same SLURM job (the lock
+records SLURM_JOB_ID and SLURM_RESTART_COUNT): SLURM requeues a job only once it has ended, so that
+holder is gone, on whichever node it ran. The lock is released at the end of the run (and at
+interpreter exit).
 """
 from __future__ import annotations
 
@@ -48,8 +51,22 @@ def pid_alive(pid: int, start_tick: Optional[int] = None) -> bool:
 
 
 def describe(holder: Dict[str, Any]) -> str:
+    job = (f", SLURM job {holder['slurm_job']} (run {holder.get('slurm_restart', 0)} of it)"
+           if holder.get("slurm_job") else "")
     return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
-            f" (run {holder.get('run')})")
+            f" (run {holder.get('run')}{job})")
+
+
+def slurm_run() -> Dict[str, Any]:
+    """This process's SLURM job and how often SLURM has requeued it ({} outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} if job else {}
+
+
+def _earlier_run_of_this_job(holder: Dict[str, Any], ours: Dict[str, Any]) -> bool:
+    restart = holder.get("slurm_restart")
+    return (bool(ours) and holder.get("slurm_job") == ours["slurm_job"] and isinstance(restart, int)
+            and restart < ours["slurm_restart"])
 
 
 class SaveDirLock:
@@ -113,7 +130,8 @@ def _try_create(path: Path, info: Dict[str, Any]) -> bool:
     return True
 
 
-def _take_over_stale(path: Path, stale: Dict[str, Any], log: Callable[[str], None]) -> None:
+def _take_over_stale(path: Path, stale: Dict[str, Any], log: Callable[[str], None],
+                     why: str = "which is no longer running") -> None:
     """Move a stale lock aside; if what was moved turns out to be a live lock (a race), put it back."""
     aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
@@ -129,8 +147,7 @@ def _take_over_stale(path: Path, stale: Dict[str, Any], log: Callable[[str], Non
         aside.unlink()
         return
     aside.unlink()
-    log(f"checkpoint directory '{path.parent}': took over the stale lock of {describe(stale)}, which is "
-        "no longer running")
+    log(f"checkpoint directory '{path.parent}': took over the stale lock of {describe(stale)}, {why}")
 
 
 def acquire_save_lock(save_dir: str, log: Callable[[str], None] = print, wait_unreadable: float = 2.0
@@ -139,7 +156,7 @@ def acquire_save_lock(save_dir: str, log: Callable[[str], None] = print, wait_un
     path = Path(save_dir) / LOCK_NAME
     host = socket.gethostname()
     info = {"pid": os.getpid(), "host": host, "start_tick": process_start_tick(os.getpid()),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "run": uuid.uuid4().hex[:12]}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "run": uuid.uuid4().hex[:12], **slurm_run()}
     deadline = time.monotonic() + wait_unreadable
     while True:
         if _try_create(path, info):
@@ -158,6 +175,9 @@ def acquire_save_lock(save_dir: str, log: Callable[[str], None] = print, wait_un
             continue
         if _is_stale(holder, host):
             _take_over_stale(path, holder, log)
+            continue
+        if holder.get("host") != host and _earlier_run_of_this_job(holder, slurm_run()):  # this host: _is_stale decided
+            _take_over_stale(path, holder, log, "an earlier run of this SLURM job, which SLURM has ended")
             continue
         raise CheckpointError(f"checkpoint directory '{save_dir}' (key 'save') is in use by another run: "
                               f"{describe(holder)}; lock file {path}. Wait for that run, use another 'save' "

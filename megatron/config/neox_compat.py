@@ -196,8 +196,8 @@ RULES: List[Rule] = [
     group("fp16", "precision, fp16", "enabled: precision fp16 with its loss-scale settings; "
                                      "type bfloat16 (DeeperSpeed): precision bf16. Under ZeRO (stage 1-2) "
                                      "DeepSpeed scales the loss and runs fp16 only on CUDA or a CPU with "
-                                     "AVX512-FP16/AMX-FP16: elsewhere refused at launch in one line (stage 0 "
-                                     "runs fp16 on any device with our loss scaler)", DS),
+                                     "AVX512-FP16/AMX-FP16: elsewhere the ranks refuse it in one line, a dry run "
+                                     "warns (stage 0 runs fp16 on any device with our loss scaler)", DS),
     group("bf16", "precision", "enabled: precision bf16 (loss-scale keys in it have no effect)", DS),
     noop("fp32_allreduce", "gradients are fp32 (master weights) and reduced in fp32 already", DS),
     noop_unless("data_types", lambda v: not v or v == {"grad_accum_dtype": "fp32"},
@@ -271,16 +271,19 @@ RULES: List[Rule] = [
     # ---------------------------------------------------------------- launcher (deepy.py)
     same("hostfile", "DeepSpeed-format hostfile for deepy.py", RUNNER),
     choices("launcher", {"pdsh": "deepspeed"},
-            {v: "only the DeepSpeed launcher over pdsh and torchrun over ssh start our ranks; "
-                "use launcher: pdsh or torchrun" for v in ("openmpi", "mvapich", "slurm")},
-            "pdsh: the DeepSpeed launcher (it runs pdsh); ours: torchrun, deepspeed", dialect=RUNNER),
+            {v: "MPI launchers are not supported; use launcher: slurm, pdsh or torchrun"
+             for v in ("openmpi", "mvapich")},
+            "pdsh: the DeepSpeed launcher (it runs pdsh); slurm: srun inside the allocation, one task per "
+            "rank; ours: torchrun, deepspeed, slurm", dialect=RUNNER),
     same("num_gpus", "processes per node for deepy.py", RUNNER),
     same("global_num_gpus", "the world size, checked by deepy.py", RUNNER),
     same("master_addr", dialect=RUNNER), same("master_port", dialect=RUNNER),
-    noop_unless("deepspeed_slurm", _false, "false", "starting ranks from SLURM's environment is not "
-                                                     "implemented; run deepy.py --node-rank per node", RUNNER),
+    same("deepspeed_slurm", "true: a task of an srun step takes RANK / LOCAL_RANK / WORLD_SIZE from "
+                            "SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, MASTER_ADDR from the first node "
+                            "of the step, MASTER_PORT from the job id (unless set)", RUNNER),
     noop("no_ssh_check", "deepy.py does no ssh check", RUNNER),
-    noop("comment", "a Slurm job comment", RUNNER),
+    same("comment", "srun --comment (launcher slurm)", RUNNER),
+    same("account", "srun --account (launcher slurm)", RUNNER),
     noop("deepspeed_extra_args", "extra DeepSpeed engine settings (comms logger, ...) are not forwarded", DS),
     unsupported("autotuning", "DeepSpeed autotuning is not supported", DS),
     unsupported("autotuning_config", "DeepSpeed autotuning is not supported", DS),

@@ -258,11 +258,15 @@ class LaunchConfig:
     """What deepy.py launches (its command-line flags override these)."""
 
     hostfile: Optional[str] = None  # DeepSpeed format: 'host slots=N' per line
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun"  # multi-node: per-node torchrun or deepspeed
+    # multi-node: per-node torchrun, the deepspeed launcher, or srun inside a SLURM allocation
+    launcher: Literal["torchrun", "deepspeed", "slurm"] = "torchrun"
     num_gpus: Optional[int] = None  # processes per node; None = GPUs present, else tp x pp
     global_num_gpus: Optional[int] = None  # the world size, checked against the launch
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
+    deepspeed_slurm: bool = False  # an srun task takes its rank and world size from SLURM's environment
+    comment: Optional[str] = None  # srun --comment (launcher slurm)
+    account: Optional[str] = None  # srun --account (launcher slurm)
 
 
 @dataclass

@@ -344,17 +344,18 @@ def deepspeed_fp16_device() -> Tuple[str, bool]:
     return accelerator.device_name(), bool(accelerator.is_fp16_supported())
 
 
-def _check_zero_fp16_device(cfg: Config) -> None:
-    """fp16 under ZeRO needs DeepSpeed's fp16 on this machine (without ZeRO our own loss scaler runs
-    fp16 on any device): one line here instead of DeepSpeed's traceback in every rank."""
+def zero_fp16_device_problem(cfg: Config) -> Optional[str]:
+    """Why fp16 under ZeRO cannot run on this machine (DeepSpeed has no fp16 here), or None. Without ZeRO
+    our own loss scaler runs fp16 on any device."""
     stage = cfg.parallel.zero_optimization.stage
     if stage == 0 or cfg.training.precision != "fp16":
-        return
+        return None
     device, has_fp16 = deepspeed_fp16_device()
-    if not has_fp16:
-        raise ConfigError(f"precision fp16 with zero_optimization.stage {stage}: DeepSpeed has no fp16 on this "
-                          f"machine's {device} (it needs CUDA, or a CPU with AVX512-FP16/AMX-FP16); use precision "
-                          "bf16 or fp32, or zero_optimization.stage 0 (fp16 with our own loss scaler)")
+    if has_fp16:
+        return None
+    return (f"precision fp16 with zero_optimization.stage {stage}: DeepSpeed has no fp16 on this machine's {device} "
+            "(it needs CUDA, or a CPU with AVX512-FP16/AMX-FP16); use precision bf16 or fp32, or "
+            "zero_optimization.stage 0 (fp16 with our own loss scaler)")
 
 
 def _check_positions(cfg: Config, err) -> None:
@@ -481,11 +482,11 @@ def validate_layout(cfg: Config, world_size: int) -> int:
 
 
 def validate_launch(cfg: Config, world_size: int) -> int:
-    """Everything a launch needs checked before any process group starts: optional packages, fp16 under
-    ZeRO against this machine's DeepSpeed, the pipeline schedule and ZeRO settings, then the layout
-    against the world size. Returns the data-parallel size."""
+    """Everything a launch needs checked before any process group starts: optional packages, the
+    pipeline schedule and ZeRO settings, then the layout against the world size (what the ranks' device
+    can run is ``validate_device``'s: the launcher may run on another machine). Returns the
+    data-parallel size."""
     _check_optional_packages(cfg)
-    _check_zero_fp16_device(cfg)
     _validate_virtual_stages(cfg)
     par = cfg.parallel
     validate_model_split(cfg, 1, par.pipe_parallel_size, par.virtual_pipe_stages)
@@ -497,8 +498,11 @@ def validate_device(cfg: Config, device_type: str, triton_interpreter: bool = Fa
     """What the run's device cannot run, refused before training starts (one line each, the first).
     Only what really fails: on CPU our own fp16 loss scaling, bf16, ``flex`` and the eager kernels all
     run; forced Triton kernels need CUDA or Triton's interpreter (``TRITON_INTERPRET=1``); flash_attn is
-    CUDA only. (fp16 under ZeRO is ``validate_launch``'s; ``attention.impl: triton`` is checked by the
-    attention package.)"""
+    CUDA only; fp16 under ZeRO needs DeepSpeed's fp16 on this machine (``zero_fp16_device_problem``).
+    (``attention.impl: triton`` is checked by the attention package.)"""
+    problem = zero_fp16_device_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     if device_type == "cuda":
         return
     m = cfg.model

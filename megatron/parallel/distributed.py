@@ -15,7 +15,8 @@ T = TypeVar("T")
 
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        # modulo: a scheduler may show each rank only its own GPU (srun --gpus-per-task=1)
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")

@@ -4,11 +4,14 @@ Global batch ``g`` holds samples ``[g * G, (g + 1) * G)`` with ``G = micro * acc
 ``a`` of data-parallel rank ``r`` takes the slice ``[a * micro * dp + r * micro, ... + micro)``.
 Any data-parallel layout of the same global batch sees the same samples. With ``num_workers`` > 0 a
 torch DataLoader prepares the next iterations' micro-batches in that many worker processes (NeoX's
-``num_workers``); the batches are the same.
+``num_workers``); the batches are the same. The workers ignore stop signals: a scheduler signals every
+process of a job (SLURM: all of a step's), and the stop is the training process's to make; it ends
+its workers when it is done.
 """
 from __future__ import annotations
 
 import itertools
+import signal
 from typing import Iterator, List
 
 import numpy as np
@@ -27,6 +30,13 @@ def global_batch_indices(consumed: int, global_batch: int, micro: int, accum: in
 
 def collate(dataset, indices: List[int]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(dataset[i]["text"], dtype=np.int64) for i in indices]))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    from megatron.training.exit_signals import EXIT_SIGNALS
+
+    for s in EXIT_SIGNALS:  # replaces torch's worker handler for SIGTERM, which dies (see the module doc)
+        signal.signal(s, signal.SIG_IGN)
 
 
 class IterationBatches(torch.utils.data.Dataset):
@@ -54,7 +64,8 @@ def train_batches(dataset, consumed_samples: int, micro: int, accum: int, dp_siz
     if num_workers > 0 and steps > 0:
         items = IterationBatches(dataset, consumed_samples, micro, accum, dp_size, dp_rank, steps)
         yield from torch.utils.data.DataLoader(items, batch_size=None, shuffle=False, num_workers=num_workers,
-                                               prefetch_factor=2, persistent_workers=False)
+                                               prefetch_factor=2, persistent_workers=False,
+                                               worker_init_fn=_ignore_stop_signals)
         return
     global_batch = micro * accum * dp_size
     consumed = consumed_samples

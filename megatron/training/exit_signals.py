@@ -4,7 +4,9 @@ While training (inside :func:`deferred_exit_signals`), a signal only sets a flag
 the Trainer calls :func:`agreed_exit_signal`, which all-reduces the flag (MAX over all ranks), so
 every rank stops after the same step even when only one rank was signalled; the Trainer then saves a
 checkpoint and the run exits 0 with one line saying why. A second signal stops the process at once
-(exit 128 + signal, nothing saved; the next run cleans the temporary files up).
+(exit 128 + signal, nothing saved; the next run cleans the temporary files up) -- except in a SLURM
+job, where one stop reaches a task more than once (from slurmstepd, from srun, from deepy.py) and the
+scheduler escalates by itself (SIGKILL after KillWait or the preemption's grace time).
 
 Outside training (setup: data, model, resume), a signal raises :class:`Interrupted` right away: there
 is nothing to save yet, and ``train.py`` prints one line and exits non-zero.
@@ -44,6 +46,8 @@ def received_signal() -> int:
 
 
 def _handler(signum, frame) -> None:
+    if _state["received"] and _state["deferred"] and "SLURM_JOB_ID" in os.environ:
+        return  # the same stop again; see the module doc
     if _state["received"] and _state["deferred"]:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"second {signal_name(signum)}: stopping now without saving", file=sys.stderr, flush=True)

@@ -66,6 +66,7 @@ class Trainer:
         self.micro, self.accum = tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps
         self.global_batch = self.micro * self.accum * self.dp_size
         self.iteration, self.consumed_samples = 0, 0
+        self.stop_signal = 0  # the signal that stopped training after a checkpoint (0: it was not stopped)
         self.session = self.open_save_session()  # own `save:` before doing anything
         self.guard = NonFiniteGuard(tr.max_skipped_steps, self.log)
 
@@ -321,6 +322,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.save and not saved:
             self.save()
+        self.stop_signal = signum
         where = (f"checkpoint {self.guard.last_checkpoint} saved; resume with load: {ck.save}" if ck.save
                  else "no 'save' directory configured, nothing saved")
         self.log(f"stopped by {signal_name(signum)} after iteration {self.iteration}: {where}")
