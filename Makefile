@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13 is what this project is developed and tested on; override for CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo demo-data test test-all lint clean-demo
+.PHONY: venv demo demo-data test test-all lint clean-demo gpu-check gpu-plan
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test-all: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# GPU day one (bench/gpu_day_one.py): every GPU path checked and timed in under 8 minutes on one H200;
+# gpu_day_one.md / .json / .log land in GPU_OUT. gpu-plan needs no GPU: every command parses (CI runs it).
+GPU_OUT ?= bench/out/gpu_day_one
+gpu-check:
+	bash bench/gpu_day_one.sh $(GPU_OUT)
+
+gpu-plan:
+	bash bench/gpu_day_one.sh --plan
 
 clean-demo:
 	rm -rf data/tiny checkpoints/tiny runs/tiny
