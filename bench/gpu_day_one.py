@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -263,11 +264,21 @@ def run_step(step: Step, limit: float, work: Path, log) -> Dict[str, Any]:
     log.write(f"\n===== {step.label}: {' '.join(step.argv)} (limit {int(limit)} s)\n")
     log.flush()
     t0 = time.monotonic()
+    # Its own process group: whatever the step leaves behind is killed with it. A training run stops
+    # gracefully on SIGTERM (after its current step), so a timed-out step's trainer could otherwise
+    # outlive it and hold the GPU while the next part is timed.
+    proc = subprocess.Popen(command, cwd=ROOT, env=child_env(work), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        rc = subprocess.run(command, cwd=ROOT, env=child_env(work), stdout=log, stderr=subprocess.STDOUT,
-                            timeout=limit + 30).returncode
+        rc = proc.wait(timeout=limit + 30)
     except subprocess.TimeoutExpired:  # only without coreutils timeout, or if it could not stop the step
         rc = 124
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
     wall = time.monotonic() - t0
     timed_out = rc in (124, 137) and wall >= limit - 1
     result: Dict[str, Any] = {"label": step.label, "argv": step.argv, "rc": rc, "wall_s": round(wall, 1),

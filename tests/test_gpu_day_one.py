@@ -58,8 +58,19 @@ def test_every_gpu_test_lives_in_a_file_the_run_collects():
         "tests/a.py": 2, "tests/b.py": 3}
 
 
+# A step that starts a child which, like a trainer finishing its step, does not stop on SIGTERM.
+SLEEPER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "time.sleep(120)"])
+open(sys.argv[1], "w").write(str(child.pid))
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
 def test_a_step_past_its_budget_is_stopped_and_the_run_goes_on(tmp_path):
-    sleeper = gpu_day_one.Step("sleeper", ["-c", "import time; print('started', flush=True); time.sleep(60)"], 30)
+    sleeper = gpu_day_one.Step("sleeper", ["-c", SLEEPER, str(tmp_path / "child.pid")], 30)
     quick = gpu_day_one.Step("quick", ["-c", "import json, sys; json.dump({'x': 1}, open(sys.argv[1], 'w'))",
                                        str(tmp_path / "work" / "quick.json")], 30, "quick.json")
     parts = [gpu_day_one.Part("slow", 6, "sleeps past its budget", [sleeper]),
@@ -75,7 +86,23 @@ def test_a_step_past_its_budget_is_stopped_and_the_run_goes_on(tmp_path):
     md = (tmp_path / "out" / "gpu_day_one.md").read_text()
     assert "| slow | 6 |" in md and "timed out" in md
     assert "started" in (tmp_path / "out" / "gpu_day_one.log").read_text()
+    child = int((tmp_path / "child.pid").read_text())
+    assert gone(child), "the step's leftover process outlived it"
     assert json.loads((tmp_path / "out" / "gpu_day_one.json").read_text())["parts"]["next"]["status"] == "ok"
+
+
+def gone(pid: int, wait_s: float = 5.0) -> bool:
+    """The process has exited (a zombie awaiting its reaper counts: it holds nothing)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_report_has_every_section_and_lists_each_failure():
