@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -261,7 +262,7 @@ def run_step(step: Step, limit: float, work: Path, log) -> Dict[str, Any]:
     """Run one step under ``timeout``; its output goes to the log. Status: ok, failed, timed out."""
     argv = [sys.executable, *step.argv]
     command = (["timeout", "--kill-after=10", f"{max(1, int(limit))}"] if shutil.which("timeout") else []) + argv
-    log.write(f"\n===== {step.label}: {' '.join(step.argv)} (limit {int(limit)} s)\n")
+    log.write(f"\n===== {step.label}: {shlex.join(step.argv)} (limit {int(limit)} s)\n")
     log.flush()
     t0 = time.monotonic()
     # Its own process group: whatever the step leaves behind is killed with it. A training run stops
@@ -326,6 +327,9 @@ def run_all(out: Path, work: Path, budgets: Dict[str, int], deadline: float, onl
                                                "reason": "out of time (part budget or run deadline)"})
                         continue
                     entry["steps"].append(run_step(step, limit, work, log))
+                    done = entry["steps"][-1]
+                    print(f"[{time.monotonic() - start:4.0f} s] {part.name} / {step.label}: {done['status']} "
+                          f"({done['wall_s']:.0f} of {int(limit)} s)", flush=True)  # progress, if the run is cut
                     gpu_report.write(out, results)
                 entry["used_s"] = round(time.monotonic() - part_start, 1)
                 entry["status"] = gpu_report.part_status(entry["steps"])

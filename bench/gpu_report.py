@@ -5,6 +5,7 @@ results dictionary the driver builds (``parts.<name>.steps[i].json`` is what tha
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -300,7 +301,7 @@ def plan_text(parts, deadline: float, target: int) -> str:
         total += part.budget_s if part.name != "layouts" else 0
         lines.append(f"{part.name:<10} {part.budget_s:>4} s  {part.what}")
         for step in part.steps:
-            lines.append(f"    [{step.cap_s:>3} s] {step.label}: {' '.join(step.argv)}")
+            lines.append(f"    [{step.cap_s:>3} s] {step.label}: {shlex.join(step.argv)}")
     lines += ["", f"one GPU: {total} s of budgets (layouts skipped); 2+ GPUs: + "
                   f"{next(p.budget_s for p in parts if p.name == 'layouts')} s for layouts, cut at the deadline"]
     return "\n".join(lines)
