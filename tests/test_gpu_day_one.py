@@ -218,3 +218,25 @@ def test_plan_mode_checks_every_command():
                           text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "plan: every command parses" in proc.stdout and "pytest -k cuda (" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_gpu_runs_the_trainer_end_to_end_on_cpu(tmp_path):
+    """bench/train_gpu.py's pipeline on a CPU: data made from the sample, train.py per variant with the
+    figures read back from metrics.jsonl; layouts through deepy.py (gloo here) equal one process."""
+    def run(*args):
+        out = tmp_path / f"{args[0]}.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_gpu.py"), *args, "--smoke", "--work",
+                               str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(out.read_text())["runs"]
+
+    runs = run("throughput", "--variants", "full,sepllm_auto", "--seqs", "128", "--steps", "3",
+               "--tokens-per-step", "512")
+    assert [r["variant"] for r in runs] == ["full", "sepllm_auto"]
+    for r in runs:
+        assert r["rc"] == 0 and r["iterations"] == 3 and r["tokens_per_sec"] > 0 and r["micro_batch"] == 4
+    layouts = run("layouts", "--layouts", "tp2,dp2", "--steps", "2")
+    assert [r["layout"] for r in layouts] == ["1gpu", "tp2", "dp2"]
+    assert all(r["equal"] for r in layouts[1:]), layouts
