@@ -61,6 +61,7 @@ CUDA_TEST_FILES = ("tests/test_sep_attention_flex.py", "tests/test_sep_attention
 TEXT = ["--tokenizer", "data/sample/tokenizer.json", "--text", "data/sample/corpus.jsonl"]
 SEQS = "16384,4096,8192,32768"  # 16k first: its figures decide the targets and TRITON_BEATS_FLEX
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
+PART_NAMES = ("env", "tests", "attention", "tiles", "kernels", "train", "layouts")  # build_parts, in order
 
 
 @dataclass
@@ -454,11 +455,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     budgets = {}
     for item in args.budget:
         name, _, seconds = item.partition("=")
-        if not seconds.isdigit():
-            p.error(f"--budget {item!r}: expected PART=SECONDS, e.g. --budget train=150")
+        if not seconds.isdigit() or name not in PART_NAMES:
+            p.error(f"--budget {item!r}: expected PART=SECONDS with PART one of {', '.join(PART_NAMES)}")
         budgets[name] = int(seconds)
     args.budgets = budgets
     args.only = args.only.split(",") if args.only else None
+    unknown = [name for name in args.only or [] if name not in PART_NAMES]
+    if unknown:
+        p.error(f"--only {','.join(unknown)}: not a part; parts: {', '.join(PART_NAMES)}")
     return args
 
 

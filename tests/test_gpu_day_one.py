@@ -37,7 +37,11 @@ def test_budgets_fit_the_promise_and_every_script_exists(tmp_path):
     parts = gpu_day_one.build_parts(tmp_path, {}, {})
     one_gpu = sum(p.budget_s for p in parts if p.name != "layouts")
     assert one_gpu <= gpu_day_one.DEADLINE_S < gpu_day_one.TARGET_S
-    assert [p.name for p in parts] == ["env", "tests", "attention", "tiles", "kernels", "train", "layouts"]
+    assert tuple(p.name for p in parts) == gpu_day_one.PART_NAMES
+    for bad in (["--budget", "trian=10"], ["--only", "tests,kernel"], ["--budget", "train=ten"]):
+        with pytest.raises(SystemExit):  # argparse's usage line and exit 2
+            gpu_day_one.parse_args(bad)
+    assert gpu_day_one.parse_args(["--budget", "train=150", "--only", "tests"]).budgets == {"train": 150}
     for part in parts:
         assert part.steps and all(s.cap_s <= part.budget_s for s in part.steps), part.name
         for step in part.steps:
