@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= requirements/constraints.txt
 PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: venv demo demo-data test test-slow test-all test-realmodel test-slurm aot-check lint clean-demo
+.PHONY: venv demo demo-data test test-slow test-all test-realmodel test-slurm aot-check lint clean-demo gpu-check gpu-plan
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,15 @@ test-slurm: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# GPU day one (bench/gpu_day_one.py): every GPU path checked and timed in under 8 minutes on one H200;
+# gpu_day_one.md / .json / .log land in GPU_OUT. gpu-plan needs no GPU: every command parses (CI runs it).
+GPU_OUT ?= bench/out/gpu_day_one
+gpu-check:
+	bash bench/gpu_day_one.sh $(GPU_OUT)
+
+gpu-plan:
+	bash bench/gpu_day_one.sh --plan
 
 clean-demo:
 	rm -rf data/tiny checkpoints/tiny runs/tiny

@@ -2,6 +2,7 @@
 
     python bench/attention.py                       # CPU: sdpa, compact, reference at 1k-8k
     python bench/attention.py --device cuda --seqs 4096,8192,16384,32768   # sdpa, flash, flex, triton, ...
+    python bench/attention.py --device cuda --json out.json   # also every figure as JSON (after each length)
 
 Per sequence length it prints forward and forward+backward times (median of ``--repeats``,
 impls interleaved within each repeat so machine noise hits them alike), the useful FLOPs
@@ -9,15 +10,21 @@ impls interleaved within each repeat so machine noise hits them alike), the usef
 FLOP rate, all as ratios against dense causal attention measured in the same run. With both
 ``flex`` and ``triton`` it also prints triton's speedup over flex, the figure that decides whether
 ``attention.impl: auto`` may pick triton on that device (``megatron/attention/dispatch.py``).
+
+Dense baselines: ``flash`` (the ``flash_attn`` package), ``sdpa_flash`` (SDPA pinned to its
+FlashAttention backend, CUDA) and ``sdpa`` (SDPA, backend of PyTorch's choice); the speedup column is
+measured against the first of them that ran.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -45,7 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default fp32 on cpu, bf16 on cuda")
     p.add_argument("--impls", default=None,
-                   help="comma list (default cpu: sdpa,compact,reference; cuda: sdpa,flash,flex,triton,reference)")
+                   help="comma list (default cpu: sdpa,compact,reference; cuda: sdpa,flash,flex,triton,reference); "
+                        "also sdpa_flash (SDPA pinned to its flash backend) and flex_plain")
     p.add_argument("--ref-max-seq", type=int, default=None,
                    help="skip the dense-mask reference above this length (default 8192)")
     p.add_argument("--repeats", type=int, default=5)
@@ -53,6 +61,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu = process CPU time: steadier on a shared machine, meaningful with --threads 1")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file (rewritten after "
+                                                "each length, so a run stopped early keeps what it measured)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.seqs = [int(s) for s in (args.seqs or ("4096,8192,16384,32768" if cuda else
@@ -68,8 +78,6 @@ def separator_layout(args: argparse.Namespace, L: int, generator: torch.Generato
     """[B, L] bool separator flags: from real text when given, else random at ``--density``."""
     if not (args.tokenizer and args.text):
         return torch.rand(args.batch, L, generator=generator) < args.density
-    import json
-
     from megatron.config.schema import SepLLMConfig
     from megatron.tokenizer.tokenizer import HFTokenizer
     tok = HFTokenizer.from_file(args.tokenizer)
@@ -84,9 +92,19 @@ def separator_layout(args: argparse.Namespace, L: int, generator: torch.Generato
     return torch.isin(ids, sep_ids)
 
 
+DENSE_BASELINES = ("flash", "sdpa_flash", "sdpa")  # the speedup column's baseline: the first that ran
+
+
 def make_impl(name: str, rule: SepRule) -> Callable:
     if name == "flex_plain":
         return flex_over_original_layout(rule)
+    if name == "sdpa_flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def pinned(q, k, v, is_sep):
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises rather than falling back to another backend
+                return attend(q, k, v, is_sep, rule, impl="sdpa")
+        return pinned
     impl = name
 
     def run(q, k, v, is_sep):
@@ -142,13 +160,15 @@ def bench_length(args: argparse.Namespace, L: int, rule: SepRule) -> Dict[str, D
     impls = [n for n in args.impls if not (n == "reference" and L > args.ref_max_seq)]
     fns = {n: make_impl(n, rule) for n in impls}
     usable: Dict[str, Callable] = {}
+    skipped: Dict[str, str] = {}
     for name, fn in fns.items():  # warm-up (compiles, allocator) and availability check
         try:
             for backward in ([False] if args.no_backward else [False, True]):
                 time_once(fn, q, k, v, is_sep, grad, args.device, backward)
             usable[name] = fn
         except (RuntimeError, NotImplementedError) as err:
-            print(f"  [{name} skipped at L={L}: {str(err).splitlines()[0][:100]}]", flush=True)
+            skipped[name] = (str(err).splitlines() or [type(err).__name__])[0][:300]
+            print(f"  [{name} skipped at L={L}: {skipped[name][:100]}]", flush=True)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     samples: Dict[str, Dict[str, List[float]]] = {n: {"fwd": [], "fwdbwd": []} for n in usable}
     for _ in range(args.repeats):
@@ -159,6 +179,7 @@ def bench_length(args: argparse.Namespace, L: int, rule: SepRule) -> Dict[str, D
     result = {n: {m: statistics.median(ts) for m, ts in s.items() if ts} for n, s in samples.items()}
     pairs_sep = float(kv_kept_per_query(is_sep.cpu(), rule).sum()) / args.batch
     result["_pairs"] = {"sep": pairs_sep, "causal": L * (L + 1) / 2}
+    result["_skipped"] = skipped
     return result
 
 
@@ -167,25 +188,61 @@ def useful_flops(pairs: float, args: argparse.Namespace, backward: bool) -> floa
     return 3.0 * fwd if backward else fwd
 
 
-def report(args: argparse.Namespace, L: int, res: Dict[str, Dict[str, float]]) -> List[str]:
+def figures(args: argparse.Namespace, L: int, res: Dict[str, Any]) -> Dict[str, Any]:
+    """Every figure of one length: per impl ms, speedup over the dense baseline, FLOP rate and its
+    ratio to the baseline's (attended pairs only), for fwd and fwd+bwd; and triton / flex."""
     pairs = res["_pairs"]
-    dense = "flash" if "flash" in res else "sdpa"
-    rows = []
+    dense = next((n for n in DENSE_BASELINES if n in res), None)
+    impls: Dict[str, Dict[str, Optional[float]]] = {}
     for name in [n for n in args.impls if n in res]:
-        sep_like = name not in ("sdpa", "flash")
-        p = pairs["sep"] if sep_like else pairs["causal"]
-        cells = [f"{L}", name]
+        p = pairs["causal"] if name in DENSE_BASELINES else pairs["sep"]
+        row: Dict[str, Optional[float]] = {}
         for mode, backward in (("fwd", False), ("fwdbwd", True)):
             if mode not in res[name]:
-                cells += ["-", "-", "-"]
                 continue
             t, t_dense = res[name][mode], res.get(dense, {}).get(mode)
             rate = useful_flops(p, args, backward) / t
             dense_rate = useful_flops(pairs["causal"], args, backward) / t_dense if t_dense else None
-            cells += [f"{t * 1e3:.1f}", f"{t_dense / t:.2f}x" if t_dense else "-",
-                      f"{rate / 1e9:.1f} ({rate / dense_rate:.2f})" if dense_rate else f"{rate / 1e9:.1f}"]
+            row[f"{mode}_ms"] = t * 1e3
+            row[f"{mode}_speedup"] = t_dense / t if t_dense else None
+            row[f"{mode}_gflops"] = rate / 1e9
+            row[f"{mode}_rate_vs_dense"] = rate / dense_rate if dense_rate else None
+        if "fwd" in res[name] and "fwdbwd" in res[name]:  # backward time / forward time
+            row["bwd_over_fwd"] = (res[name]["fwdbwd"] - res[name]["fwd"]) / res[name]["fwd"]
+        impls[name] = row
+    out: Dict[str, Any] = {"L": L, "sep_pairs_over_causal": pairs["sep"] / pairs["causal"],
+                           "dense_baseline": dense, "impls": impls, "skipped": res.get("_skipped", {})}
+    if "flex" in res and "triton" in res:
+        out["triton_over_flex"] = {m: res["flex"][m] / res["triton"][m]
+                                   for m in ("fwd", "fwdbwd") if m in res["flex"] and m in res["triton"]}
+    return out
+
+
+def report(fig: Dict[str, Any]) -> List[str]:
+    rows = []
+    for name, row in fig["impls"].items():
+        cells = [f"{fig['L']}", name]
+        for mode in ("fwd", "fwdbwd"):
+            if f"{mode}_ms" not in row:
+                cells += ["-", "-", "-"]
+                continue
+            speedup, ratio = row[f"{mode}_speedup"], row[f"{mode}_rate_vs_dense"]
+            cells += [f"{row[f'{mode}_ms']:.1f}", f"{speedup:.2f}x" if speedup else "-",
+                      f"{row[f'{mode}_gflops']:.1f} ({ratio:.2f})" if ratio else f"{row[f'{mode}_gflops']:.1f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def write_json(path: str, args: argparse.Namespace, device: str, lengths: List[Dict[str, Any]]) -> None:
+    from megatron.checkpointing.integrity import atomic_write_text
+
+    settings = {k: getattr(args, k) for k in ("device", "dtype", "batch", "heads", "kv_heads", "dim", "n_init",
+                                              "n_local", "repeats", "impls", "seqs", "tokenizer", "text",
+                                              "density", "clock")}
+    doc = {"bench": "attention", "device_name": device, "torch": torch.__version__, "settings": settings,
+           "lengths": lengths}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(doc, indent=1) + "\n")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -195,6 +252,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     rule = SepRule("sepllm", args.n_init, args.n_local)
     if args.device == "cuda" and args.clock == "cpu":
         raise SystemExit("--clock cpu is for CPU runs")
+    from torch._dynamo import config as dynamo_config
+
+    # flex compiles once per (length, grad mode): 4 lengths fill the default limit of 8 exactly; past it
+    # torch would fall back to eager FlexAttention, which materializes every score.
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     dev = (torch.cuda.get_device_name() if args.device == "cuda" else
            f"CPU, {torch.get_num_threads()} threads, {args.clock} clock")
     print(f"# Sep-Attention bench: {dev}, torch {torch.__version__}, {args.dtype}, B={args.batch} "
@@ -204,12 +267,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("# speedup = dense causal time / this time; GFLOP/s counts attended q-k pairs only "
           "(ratio to the dense baseline's rate in brackets)")
     summary, table, vs_ref, vs_flex = [], [], [], []
+    lengths: List[Dict[str, Any]] = []
     for L in args.seqs:
         res = bench_length(args, L, rule)
         pairs = res["_pairs"]
         summary.append(f"| {L} | {100 * pairs['sep'] / pairs['causal']:.1f}% | "
                        f"{pairs['causal'] / pairs['sep']:.2f}x |")
-        rows = report(args, L, res)
+        lengths.append(figures(args, L, res))
+        if args.json:
+            write_json(args.json, args, dev, lengths)
+        rows = report(lengths[-1])
         print("\n".join(rows), flush=True)
         table += rows
         ref = res.get("reference", {})

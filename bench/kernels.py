@@ -4,7 +4,7 @@ On a CUDA machine, for each kernel and shape:
   * checks the Triton kernel's outputs and input grads against an fp64 reference (random inputs),
   * times fwd+bwd of Triton vs eager vs torch.compile(eager) (triton.testing.do_bench, median, L2 flushed),
   * computes the bandwidth floor from the bytes each op must move, and prints achieved GB/s and
-    % of --peak-gbps (default 3350 GB/s, H100 SXM HBM3).
+    % of --peak-gbps (default by device name: 3350 GB/s H100 SXM HBM3, 4800 GB/s H200 HBM3e).
 Targets: fused >= 1.5x eager and within 10% of the bandwidth floor (>= ~91% of peak).
 
 Without CUDA (or with --cpu-check) it runs a correctness-only pass through Triton's CPU interpreter
@@ -14,16 +14,18 @@ on small odd shapes plus an ahead-of-time sm_90 compile of every kernel; timings
     python bench/kernels.py --only norm     # one kernel family
     python bench/kernels.py --cpu-check     # no GPU: interpreter correctness + sm_90 compile report
     python bench/kernels.py --sweep-norm    # GPU: norm num_warps / backward-programs sweep
+    python bench/kernels.py --quick --json k.json   # GPU: fewer shapes; every figure also as JSON
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -153,20 +155,26 @@ def cross_entropy_case(N: int, V: int, dtype: torch.dtype, device: str) -> Case:
                 lambda ins: (ref_cross_entropy(ins[0], targets),), floor, dtype)
 
 
-def gpu_cases(only: Optional[str], dtype: torch.dtype) -> List[Callable[[], Case]]:
+def gpu_cases(only: Optional[str], dtype: torch.dtype, quick: bool = False) -> List[Callable[[], Case]]:
+    """Every shape; ``quick``: the first two RoPE shapes (Llama-8B-like GQA, Pythia-160M), the norms at
+    16384 x 4096 and x 768 (LayerNorm alone, RMSNorm with the residual) and the first two losses."""
     d = "cuda"
     cases: List[Callable[[], Case]] = []
     if only in (None, "rope"):
-        for shape in ((8, 4096, 32, 8, 128, 128, False), (8, 2048, 12, 12, 64, 16, False),
-                      (8, 2048, 16, 16, 128, 64, True), (3, 1000, 7, 1, 80, 40, False)):
+        shapes = ((8, 4096, 32, 8, 128, 128, False), (8, 2048, 12, 12, 64, 16, False),
+                  (8, 2048, 16, 16, 128, 64, True), (3, 1000, 7, 1, 80, 40, False))
+        for shape in shapes[:2] if quick else shapes:
             cases.append(lambda s=shape: rotary_case(*s, dtype, d))
     if only in (None, "norm"):
-        for M, N in ((16384, 4096), (16384, 768), (8192, 8192), (4097, 1000)):
-            for rms in (False, True):
-                for residual in (False, True):
-                    cases.append(lambda M=M, N=N, rms=rms, residual=residual: norm_case(M, N, rms, residual, dtype, d))
+        sizes = ((16384, 4096), (16384, 768)) if quick else ((16384, 4096), (16384, 768), (8192, 8192), (4097, 1000))
+        kinds = ((False, False), (True, True)) if quick else tuple((rms, res) for rms in (False, True)
+                                                                   for res in (False, True))
+        for M, N in sizes:
+            for rms, residual in kinds:
+                cases.append(lambda M=M, N=N, rms=rms, residual=residual: norm_case(M, N, rms, residual, dtype, d))
     if only in (None, "ce"):
-        for N, V in ((8192, 50304), (4096, 128256), (1000, 32001)):
+        shapes_ce = ((8192, 50304), (4096, 128256), (1000, 32001))
+        for N, V in shapes_ce[:2] if quick else shapes_ce:
             cases.append(lambda N=N, V=V: cross_entropy_case(N, V, dtype, d))
     return cases
 
@@ -237,15 +245,36 @@ def compiled_runner(case: Case) -> Callable[[Optional[bool]], Tensors]:
     return lambda fused: compiled()
 
 
+# HBM bandwidth by device name (vendor data sheets, GB/s), for the % of peak column.
+PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+
+
+def device_peak_gbps(name: str) -> float:
+    return next((v for k, v in PEAK_GBPS.items() if k in name), 3350.0)
+
+
+def write_json(path: Optional[str], doc: Dict[str, Any]) -> None:
+    if not path:
+        return
+    from megatron.checkpointing.integrity import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(doc, indent=1) + "\n")
+
+
 def run_gpu(args: argparse.Namespace) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    print(f"device: {torch.cuda.get_device_name()}  dtype: {args.dtype}  peak: {args.peak_gbps} GB/s  "
+    name = torch.cuda.get_device_name()
+    args.peak_gbps = args.peak_gbps or device_peak_gbps(name)
+    print(f"device: {name}  dtype: {args.dtype}  peak: {args.peak_gbps} GB/s  "
           f"torch {torch.__version__}")
+    doc: Dict[str, Any] = {"bench": "kernels", "device_name": name, "torch": torch.__version__, "dtype": args.dtype,
+                           "peak_gbps": args.peak_gbps, "cases": []}
     header = (f"{'case':<40} {'check':>10} {'fused ms':>9} {'eager ms':>9} {'compile ms':>10} {'x eager':>8} "
               f"{'x compile':>9} {'floor ms':>9} {'GB/s':>7} {'% peak':>7} {'extra MB f/e':>13}")
     print(header)
     failures = 0
-    for make in gpu_cases(args.only, dtype):
+    for make in gpu_cases(args.only, dtype, args.quick):
         case = make()
         ok, worst = check(case, True)
         eager_ok, _ = check(case, False)
@@ -270,6 +299,14 @@ def run_gpu(args: argparse.Namespace) -> int:
         print(f"{case.family + ' ' + case.name:<40} {verdict + f' {worst:.2f}':>10} {fused_ms:>9.3f} {eager_ms:>9.3f} "
               f"{compile_ms:>10.3f} {eager_ms / fused_ms:>8.2f} {compile_ms / fused_ms:>9.2f} {floor_ms:>9.3f} "
               f"{gbps:>7.0f} {100 * gbps / args.peak_gbps:>6.1f}% {extra:>13}")
+        doc["cases"].append({
+            "family": case.family, "case": case.name, "check": verdict, "worst_error_over_tolerance": worst,
+            "fused_ms": fused_ms, "eager_ms": eager_ms, "compile_ms": compile_ms if compile_ms == compile_ms else None,
+            "speedup_vs_eager": eager_ms / fused_ms,
+            "speedup_vs_compile": compile_ms / fused_ms if compile_ms == compile_ms else None,
+            "floor_ms": floor_ms, "gbps": gbps, "pct_of_peak": 100 * gbps / args.peak_gbps,
+            "extra_mb_fused_eager": extra})
+        write_json(args.json, doc)
         del case, outs, upstream
         torch.cuda.empty_cache()
     print("check = worst |error| / tolerance over outputs and grads vs fp64 (<= 1 passes); "
@@ -284,12 +321,14 @@ def sweep_norm(args: argparse.Namespace) -> None:
     from megatron.kernels import triton_norm
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    doc: Dict[str, Any] = {"bench": "kernels_sweep_norm", "device_name": torch.cuda.get_device_name(),
+                           "torch": torch.__version__, "dtype": args.dtype, "rows": []}
     default_warps, default_programs = triton_norm.num_warps_for, triton_norm.backward_programs
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{'case':<40} {'warps':>5} {'progs/SM':>8} {'fwd+bwd ms':>10}  "
           "(built-in: warps = BLOCK_N/256 in [1, 16], 4 programs/SM)")
     try:
-        for M, N in ((16384, 768), (16384, 4096), (8192, 8192)):
+        for M, N in ((16384, 768), (16384, 4096)) + (() if args.quick else ((8192, 8192),)):
             for rms, residual in ((False, False), (True, True)):
                 case = norm_case(M, N, rms, residual, dtype, "cuda")
                 upstream = tuple(torch.randn_like(o) for o in case.run(True))
@@ -299,6 +338,9 @@ def sweep_norm(args: argparse.Namespace) -> None:
                         triton_norm.backward_programs = lambda device, rows, k=per_sm: max(1, min(rows, k * sms))
                         ms = time_ms(fwd_bwd(case, True, upstream))
                         print(f"{case.family + ' ' + case.name:<40} {warps:>5} {per_sm:>8} {ms:>10.3f}")
+                        doc["rows"].append({"case": case.name, "num_warps": warps, "programs_per_sm": per_sm,
+                                            "fwdbwd_ms": ms})
+                write_json(args.json, doc)
     finally:
         triton_norm.num_warps_for, triton_norm.backward_programs = default_warps, default_programs
 
@@ -325,16 +367,24 @@ def run_cpu_check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def main() -> int:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-check", action="store_true", help="correctness only, via the Triton interpreter")
-    parser.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for the %% column (H100 SXM)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="HBM peak for the %% column (default by device name: H200 4800, H100 SXM 3350)")
     parser.add_argument("--only", choices=["rope", "norm", "ce"], help="one kernel family")
+    parser.add_argument("--quick", action="store_true", help="GPU: a subset of the shapes (see gpu_cases)")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (GPU) / the sm_90 compile (CPU)")
     parser.add_argument("--sweep-norm", action="store_true", help="GPU: time norm launch-parameter variants")
+    parser.add_argument("--json", default=None, help="GPU: also write every figure to this JSON file (rewritten "
+                                                     "after each row)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     torch.manual_seed(args.seed)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return run_cpu_check(args)

@@ -70,22 +70,29 @@ def ref_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-def _leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).detach().requires_grad_(True)
+def _leaf(t: torch.Tensor, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    return t.to(device, dtype).detach().requires_grad_(True)
+
+
+def _ref_leaf(t: torch.Tensor) -> torch.Tensor:
+    """The fp64 reference's copy of an input, on the CPU whatever device the kernel ran on."""
+    return t.detach().cpu().double().requires_grad_(True)
 
 
 def compare(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
             ref_inputs: Sequence[torch.Tensor], dtype: torch.dtype, what: str) -> None:
-    """Forward outputs and input grads (for a random upstream grad) against the fp64 reference."""
+    """Forward outputs and input grads (for a random upstream grad) against the fp64 reference (on the CPU)."""
     tol = TOL[dtype]
     for i, (o, r) in enumerate(zip(out, ref)):
-        torch.testing.assert_close(o.double(), r, **tol, msg=lambda m: f"{what} output {i}: {m}")
+        torch.testing.assert_close(o.double().cpu(), r, **tol, msg=lambda m: f"{what} output {i}: {m}")
     upstream = [torch.randn(o.shape, dtype=torch.float64) for o in out]
-    grads = torch.autograd.grad([o for o in out], list(inputs), [u.to(o.dtype) for u, o in zip(upstream, out)])
+    grads = torch.autograd.grad([o for o in out], list(inputs),
+                                [u.to(o.device, o.dtype) for u, o in zip(upstream, out)])
     ref_grads = torch.autograd.grad(list(ref), list(ref_inputs), upstream)
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         scale = max(1.0, r.abs().max().item())  # weight grads sum over rows
-        torch.testing.assert_close(g.double() / scale, r / scale, **tol, msg=lambda m: f"{what} grad {i}: {m}")
+        torch.testing.assert_close(g.double().cpu() / scale, r / scale, **tol,
+                                   msg=lambda m: f"{what} grad {i}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,32 +100,33 @@ def compare(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], inputs: Se
 # ---------------------------------------------------------------------------------------------
 
 def rotary_case(fused: Optional[bool], B: int, L: int, Hq: int, Hk: int, D: int, rotary_dim: int,
-                interleaved: bool, dtype: torch.dtype, batch_cos: bool, strided_k: bool) -> None:
+                interleaved: bool, dtype: torch.dtype, batch_cos: bool, strided_k: bool, device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(B * 100 + Hq * 10 + D + rotary_dim + int(interleaved))
-    q = _leaf(torch.randn(B, L, Hq, D, generator=g), dtype)
+    q = _leaf(torch.randn(B, L, Hq, D, generator=g), dtype, device)
     if strided_k:  # k sliced out of a fused [.., Hk, 3, D] projection, as the model does
-        k_full = _leaf(torch.randn(B, L, Hk, 3, D, generator=g), dtype)
+        k_full = _leaf(torch.randn(B, L, Hk, 3, D, generator=g), dtype, device)
         k = k_full[:, :, :, 1]
     else:
-        k_full = k = _leaf(torch.randn(B, L, Hk, D, generator=g), dtype)
+        k_full = k = _leaf(torch.randn(B, L, Hk, D, generator=g), dtype, device)
     angles = torch.rand(B if batch_cos else 1, L, rotary_dim // 2, generator=g) * 6.0
     cos, sin = torch.cos(angles), torch.sin(angles)
-    out = kernels.apply_rotary_qk(q, k, cos, sin, rotary_dim, interleaved, fused=fused)
+    out = kernels.apply_rotary_qk(q, k, cos.to(device), sin.to(device), rotary_dim, interleaved, fused=fused)
     assert out[0].shape == q.shape and out[1].shape == k.shape and out[0].dtype == dtype
-    qd, kd = q.detach().double().requires_grad_(True), k_full.detach().double().requires_grad_(True)
+    qd, kd = _ref_leaf(q), _ref_leaf(k_full)
     kd_view = kd[:, :, :, 1] if strided_k else kd
     ref = (ref_rotary(qd, cos, sin, rotary_dim, interleaved), ref_rotary(kd_view, cos, sin, rotary_dim, interleaved))
     compare(out, ref, [q, k_full], [qd, kd], dtype, f"rotary {B, L, Hq, Hk, D, rotary_dim, interleaved, dtype}")
 
 
 def norm_case(fused: Optional[bool], shape: Sequence[int], rms: bool, with_bias: bool, with_residual: bool,
-              dtype: torch.dtype, weight_dtype: torch.dtype = torch.float32, use_sum_output: bool = True) -> None:
+              dtype: torch.dtype, weight_dtype: torch.dtype = torch.float32, use_sum_output: bool = True,
+              device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(sum(shape) + 7 * rms + 3 * with_residual)
     N = shape[-1]
-    x = _leaf(torch.randn(*shape, generator=g) * 2 + 0.5, dtype)
-    res = _leaf(torch.randn(*shape, generator=g), dtype) if with_residual else None
-    w = _leaf(torch.randn(N, generator=g), weight_dtype)
-    b = _leaf(torch.randn(N, generator=g), weight_dtype) if with_bias else None
+    x = _leaf(torch.randn(*shape, generator=g) * 2 + 0.5, dtype, device)
+    res = _leaf(torch.randn(*shape, generator=g), dtype, device) if with_residual else None
+    w = _leaf(torch.randn(N, generator=g), weight_dtype, device)
+    b = _leaf(torch.randn(N, generator=g), weight_dtype, device) if with_bias else None
     eps = 1e-5
     if rms:
         out = kernels.rms_norm(x, w, eps, res, fused=fused)
@@ -126,7 +134,7 @@ def norm_case(fused: Optional[bool], shape: Sequence[int], rms: bool, with_bias:
         out = kernels.layer_norm(x, w, b, eps, res, fused=fused)
     out = out if isinstance(out, tuple) else (out,)
     leaves = [t for t in (x, res, w, b) if t is not None]
-    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_leaves = [_ref_leaf(t) for t in leaves]
     xd, rest = ref_leaves[0], ref_leaves[1:]
     rd = rest.pop(0) if with_residual else None
     wd = rest.pop(0)
@@ -141,25 +149,25 @@ def norm_case(fused: Optional[bool], shape: Sequence[int], rms: bool, with_bias:
 
 
 def cross_entropy_case(fused: Optional[bool], N: int, V: int, dtype: torch.dtype,
-                       block_v: Optional[int] = None, mean_loss: bool = False) -> None:
+                       block_v: Optional[int] = None, mean_loss: bool = False, device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(N * V)
-    logits = _leaf(torch.randn(N, V, generator=g) * 3, dtype)
+    logits = _leaf(torch.randn(N, V, generator=g) * 3, dtype, device)
     targets = torch.randint(0, V, (N,), generator=g)
     targets[1::3] = -100
     if block_v is not None:
         from megatron.kernels.triton_cross_entropy import cross_entropy
-        loss = cross_entropy(logits, targets, -100, block_v=block_v)
+        loss = cross_entropy(logits, targets.to(device), -100, block_v=block_v)
     else:
-        loss = kernels.fused_cross_entropy(logits, targets, fused=fused)
+        loss = kernels.fused_cross_entropy(logits, targets.to(device), fused=fused)
     assert loss.dtype == torch.float32 and loss.shape == (N,)
-    ld = logits.detach().double().requires_grad_(True)
+    ld = _ref_leaf(logits)
     ref = ref_cross_entropy(ld, targets, -100)
     what = f"cross_entropy N={N} V={V} {dtype} block_v={block_v}"
     if mean_loss:  # upstream grad arrives as an expanded scalar (stride 0)
-        torch.testing.assert_close(loss.double(), ref, **TOL[dtype])
+        torch.testing.assert_close(loss.double().cpu(), ref, **TOL[dtype])
         (grad,) = torch.autograd.grad(loss.mean(), [logits])
         (ref_grad,) = torch.autograd.grad(ref.mean(), [ld])
-        torch.testing.assert_close(grad.double(), ref_grad, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(grad.double().cpu(), ref_grad, **TOL[dtype], msg=lambda m: f"{what}: {m}")
     else:
         compare([loss], [ref], [logits], [ld], dtype, what)
 
@@ -355,6 +363,27 @@ def test_triton_kernel_in_interpreter_matches_fp64(interpreter_results, kernel):
     assert mine, interpreter_results
     failures = {k: v for k, v in mine.items() if v != "ok"}
     assert not failures, failures
+
+
+# --- on a GPU (skipped without one): every case above through the compiled kernels, plus model-sized rows ----
+
+CUDA_CASES: Dict[str, List[dict]] = {
+    "rotary": ROTARY_CASES + [dict(B=2, L=1024, Hq=12, Hk=12, D=64, rotary_dim=16, interleaved=False,
+                                   dtype=torch.bfloat16, batch_cos=False, strided_k=True)],
+    "norm": NORM_CASES + [dict(shape=(2048, 4096), rms=True, with_bias=False, with_residual=True,
+                               dtype=torch.bfloat16),
+                          dict(shape=(4097, 768), rms=False, with_bias=True, with_residual=False,
+                               dtype=torch.float32)],
+    "cross_entropy": CE_CASES + [dict(N=512, V=50304, dtype=torch.bfloat16)],
+}
+CASE_FUNCTIONS = {"rotary": rotary_case, "norm": norm_case, "cross_entropy": cross_entropy_case}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", sorted(CUDA_CASES))
+def test_triton_kernels_on_cuda_match_fp64(kernel):
+    for case in CUDA_CASES[kernel]:
+        CASE_FUNCTIONS[kernel](True, **case, device="cuda")
 
 
 def test_triton_kernels_compile_for_sm90():

@@ -1,7 +1,8 @@
 """The model with its fused paths switched on (Triton RoPE, norms with the residual add folded in,
-cross entropy), run by Triton's CPU interpreter, equals the eager model in loss and every gradient.
+cross entropy), run by Triton's CPU interpreter, equals the eager model in loss and every gradient;
+on a GPU, the same with the compiled kernels and with each Sep-Attention kernel (flex, triton).
 
-The interpreter must be enabled before Triton is imported, so the comparison runs in a subprocess
+The interpreter must be enabled before Triton is imported, so the CPU comparison runs in a subprocess
 (this file as a script)."""
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {
@@ -18,24 +20,24 @@ FAMILIES = {
 }
 
 
-def compare(family: str) -> dict:
-    import torch
-
+def compare(family: str, device: str = "cpu", impl: str = "reference", seq: int = 16) -> dict:
+    """Loss and worst gradient difference: eager model with the reference attention vs the model with every
+    fused flag on and attention ``impl``, fp32, on ``device``."""
     from megatron.config import config_from_tree
     from megatron.model import build_model
 
     def run(fused: bool):
-        tree = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, seed=3,
+        tree = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=seq, seed=3,
                     fused_rope=fused, fused_layernorm=fused, fused_cross_entropy=fused,
-                    attention={"impl": "reference", "sepllm": {"mode": "sepllm", "n_init": 1, "n_local": 4,
-                                                               "separator_ids": [1, 2]}},
+                    attention={"impl": impl if fused else "reference",
+                               "sepllm": {"mode": "sepllm", "n_init": 1, "n_local": 4, "separator_ids": [1, 2]}},
                     **FAMILIES[family])
         torch.manual_seed(0)
-        model = build_model(config_from_tree(tree), 64, [1, 2])
-        tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+        model = build_model(config_from_tree(tree), 64, [1, 2]).to(device)
+        tokens = torch.randint(0, 64, (2, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}
+        return float(loss.detach()), {n: p.grad.cpu() for n, p in model.named_parameters()}
 
     (l_eager, g_eager), (l_fused, g_fused) = run(False), run(True)
     worst = max(float((g_eager[n] - g_fused[n]).abs().max() / (g_eager[n].abs().max() + 1e-12)) for n in g_eager)
@@ -52,6 +54,15 @@ def test_fused_model_matches_eager_in_interpreter(family):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(res["loss_eager"] - res["loss_fused"]) < 1e-5, res
     assert res["worst_grad_rel"] < 1e-4, res
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["reference", "flex", "triton"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fused_model_on_cuda_matches_eager(family, impl):
+    res = compare(family, device="cuda", impl=impl, seq=200)
+    assert abs(res["loss_eager"] - res["loss_fused"]) < 1e-4, res
+    assert res["worst_grad_rel"] < 1e-3, res
 
 
 if __name__ == "__main__":

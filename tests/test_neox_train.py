@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, TOKENIZER, free_port, run_cli, tiny_config_tree
 
 from megatron.config import config_from_tree, load_config, validate_launch
@@ -114,6 +115,9 @@ def test_model_flops_count_sep_attention_at_its_kept_fraction():
     assert stats["mfu"] == pytest.approx(stats["flops_per_sec_per_device"] / 1e12)
     assert stats["eta_s"] == pytest.approx(8 * 2.0)  # 8 iterations left at 2 s each
     assert "MFU" in Throughput.text(stats) and "ETA 0:00:16" in Throughput.text(stats)
+    on_cpu = Throughput(n, width, seq, seq * 8, 2, 1.0, 0, 10, device=torch.device("cpu"))
+    assert "peak_memory_gib" not in on_cpu.report(2, 4.0, 2, [1.0, 1.0])  # device memory is reported on CUDA only
+    assert "peak memory 1.50 GiB" in Throughput.text({**stats, "peak_memory_gib": 1.5})
 
 
 def test_wandb_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path):

@@ -39,7 +39,8 @@ from megatron.errors import ConfigError
 
 IMPLS = ("auto", "reference", "compact", "flex", "triton", "sdpa", "flash")
 
-# device name -> the bench/RESULTS.md run that measured impl 'triton' beating 'flex' there.
+# device name -> the bench/RESULTS.md run that measured impl 'triton' beating 'flex' there (written by
+# tools/apply_gpu_report.py from a bench/gpu_day_one.sh report).
 TRITON_BEATS_FLEX: Dict[str, str] = {}
 
 

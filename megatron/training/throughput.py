@@ -8,7 +8,8 @@ actually do: that figure times their kept fraction of causal attention (keys kep
 keys a causal query sees, ``megatron.attention.kv_kept_fraction``) on the batch being trained.
 Recomputation (activation checkpointing) is not counted: this is model FLOPs, as MFU needs.
 MFU divides by ``peak_theoretical_tflops`` or, for bf16/fp16 on a GPU, by the dense tensor-core peak
-of the device by name.
+of the device by name. On CUDA the report also carries the peak memory allocated on the device since the
+start (``torch.cuda.max_memory_allocated``).
 """
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ class Throughput:
     """Tracks the run's clock; ``report`` turns a logging window into log fields and metrics."""
 
     def __init__(self, matmul_params: int, attention_width: int, seq_length: int, tokens_per_iter: int,
-                 world_size: int, peak_tflops: Optional[float], start_iteration: int, total_iterations: int):
+                 world_size: int, peak_tflops: Optional[float], start_iteration: int, total_iterations: int,
+                 device: Optional[torch.device] = None):
+        self.device = device
         self.matmul_params, self.attention_width, self.seq_length = matmul_params, attention_width, seq_length
         self.tokens_per_iter, self.world_size, self.peak = tokens_per_iter, world_size, peak_tflops
         self.start_iteration, self.total = start_iteration, total_iterations
@@ -87,6 +90,8 @@ class Throughput:
                "flops_per_sec_per_device": flops_iter * window_iters / max(window_time, 1e-12) / self.world_size}
         if self.peak:
             out["mfu"] = out["flops_per_sec_per_device"] / (self.peak * 1e12)
+        if self.device is not None and self.device.type == "cuda":
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
     @staticmethod
@@ -94,5 +99,7 @@ class Throughput:
         parts = [f"FLOPs/s/device {_human(stats['flops_per_sec_per_device'])}"]
         if "mfu" in stats:
             parts.append(f"MFU {100 * stats['mfu']:.1f}%")
+        if "peak_memory_gib" in stats:
+            parts.append(f"peak memory {stats['peak_memory_gib']:.2f} GiB")
         parts += [f"elapsed {_clock(stats['elapsed_s'])}", f"ETA {_clock(stats['eta_s'])}"]
         return " | ".join(parts)

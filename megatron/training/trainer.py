@@ -106,7 +106,7 @@ class Trainer:
         peak = cfg.logging.peak_theoretical_tflops or device_peak_tflops(cfg.training.precision, self.device)
         self.throughput = Throughput(counts["matmul"], cfg.model.num_attention_heads * cfg.model.head_dim,
                                      cfg.model.seq_length, self.global_batch * cfg.model.seq_length,
-                                     self.world, peak, self.iteration, cfg.training.train_iters)
+                                     self.world, peak, self.iteration, cfg.training.train_iters, self.device)
         self.log("FLOPs: model FLOPs (6N + attention; Sep-Attention layers counted at their kept fraction of "
                  "causal attention)" + (f", MFU against {peak:g} TFLOPS per device" if peak else
                                         "; set peak_theoretical_tflops for MFU"))
