@@ -1,0 +1,123 @@
+"""Attention and fused kernels at their edges: float64.
+
+* The compact CPU path in float64 matches the fp64 reference to float64 accuracy, forward and
+  backward (also through context parallelism and ALiBi), and passes ``gradcheck``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "tests"):  # when run as a script
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from test_sep_attention import (  # noqa: E402
+    make_inputs,
+    random_documents,
+    random_separators,
+    reference_fp64,
+    rel_err,
+    run_with_grads,
+)
+
+from megatron.attention.compact import compact_attention  # noqa: E402
+from megatron.attention.reference import reference_attention  # noqa: E402
+from megatron.attention.sepllm_rule import SepRule  # noqa: E402
+
+FP64_RTOL = 1e-12
+
+
+# --- float64 through the compact path -----------------------------------------------------------
+
+FP64_CASES = {
+    # name: (B, Hq, Hkv, L, D, density, n_init, n_local, docs mean length, (prefix_block, near_block))
+    "typical": (2, 4, 4, 150, 16, 0.12, 3, 16, None, (64, 16)),
+    "gqa_documents": (2, 4, 2, 130, 8, [0.1, 0.3], 3, 12, 25, (32, 8)),
+    "default_blocks": (1, 2, 1, 300, 8, 0.1, 3, 64, None, (None, None)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FP64_CASES))
+def test_compact_float64_matches_fp64_reference(case):
+    B, Hq, Hkv, L, D, density, n_init, n_local, doc_len, blocks = FP64_CASES[case]
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, D, dtype=torch.float64)
+    is_sep = random_separators(B, L, density)
+    docs = random_documents(B, L, doc_len) if doc_len else None
+    rule = SepRule("sepllm", n_init, n_local, separate_documents=docs is not None)
+    got = run_with_grads(lambda a, b, c: compact_attention(a, b, c, is_sep, rule, docs, prefix_block=blocks[0],
+                                                           near_block=blocks[1]), q, k, v, grad)
+    want = reference_fp64(q, k, v, grad, is_sep, rule, docs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.float64
+        assert rel_err(a, b) <= FP64_RTOL, f"{name}: {rel_err(a, b):.1e}"
+
+
+def test_compact_float64_with_alibi_matches_fp64_reference():
+    from megatron.attention.alibi import AlibiBias, alibi_slopes
+
+    B, H, L = 2, 4, 90
+    q, k, v, grad = make_inputs(B, H, H, L, 8, dtype=torch.float64)
+    is_sep = random_separators(B, L, 0.15)
+    rule = SepRule("sepllm", 2, 8)
+    bias = AlibiBias(torch.tensor(alibi_slopes(H)))
+    got = run_with_grads(lambda a, b, c: compact_attention(a, b, c, is_sep, rule, prefix_block=32, near_block=8,
+                                                           bias=bias), q, k, v, grad)
+    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, is_sep, rule, bias=bias), q, k, v, grad)
+    assert max(rel_err(a, b) for a, b in zip(got, want)) <= FP64_RTOL
+
+
+def test_context_parallel_float64_matches_fp64_reference():
+    """The compact kernel at a query offset, as every context-parallel rank runs it."""
+    from test_context_parallel_math import simulate_sep
+
+    B, Hq, Hkv, L = 2, 4, 2, 96
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, 8, dtype=torch.float64)
+    is_sep = random_separators(B, L, 0.15)
+    rule = SepRule("sepllm", 3, 8)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, _ = simulate_sep(*leaves, is_sep, rule, None, 4, "compact")
+    out.backward(grad)
+    want = reference_fp64(q, k, v, grad, is_sep, rule)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in leaves], want):
+        assert rel_err(a, b) <= FP64_RTOL, f"{name}: {rel_err(a, b):.1e}"
+
+
+def test_ring_blocks_float64_merge_in_float64():
+    """Full-attention blocks merged through their log-sum-exps (ring attention's step) keep fp64."""
+    from megatron.attention.blockwise import blocks_backward, blocks_forward, placed
+    from megatron.attention.dispatch import dense_causal_attention
+
+    B, H, L = 1, 2, 32
+    q, k, v, grad = make_inputs(B, H, H, L, 8, dtype=torch.float64)
+    segs = placed([(0, L)])
+    halves = [placed([(0, 16)]), placed([(16, L)])]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+    for k_segs, (a, b) in zip(halves, ((0, 16), (16, L))):
+        blocks_forward(q, k[:, :, a:b], v[:, :, a:b], segs, k_segs, None, 8 ** -0.5, out, lse)
+    want = dense_causal_attention(q, k, v, SepRule("full"))
+    assert rel_err(out, want) <= FP64_RTOL
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for k_segs, (a, b) in zip(halves, ((0, 16), (16, L))):
+        blocks_backward(grad, q, k[:, :, a:b], v[:, :, a:b], out, lse, segs, k_segs, None, 8 ** -0.5,
+                        dq, dk[:, :, a:b], dv[:, :, a:b])
+    want_grads = run_with_grads(lambda a, b, c: dense_causal_attention(a, b, c, SepRule("full")), q, k, v, grad)[1:]
+    assert max(rel_err(x, y) for x, y in zip((dq, dk, dv), want_grads)) <= FP64_RTOL
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_compact_float64_passes_gradcheck(docs):
+    B, Hq, Hkv, L, D = 1, 2, 1, 13, 3
+    q, k, v, _ = make_inputs(B, Hq, Hkv, L, D, seed=4, dtype=torch.float64)
+    is_sep = random_separators(B, L, 0.3)
+    doc_ids = random_documents(B, L, 5) if docs else None
+    rule = SepRule("sepllm", 1, 3, separate_documents=docs)
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: compact_attention(a, b, c, is_sep, rule, doc_ids, prefix_block=4, near_block=2),
+        inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
