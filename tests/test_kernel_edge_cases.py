@@ -1,5 +1,9 @@
-"""Attention and fused kernels at their edges: float64.
+"""Attention and fused kernels at their edges: the smallest window, float64.
 
+* ``n_local`` counts the query itself, so 1 is the smallest window; 0 is refused by the rule object
+  (no kernel can be handed it), by config validation and by ``enable_sepllm``, which all accept
+  exactly the same settings. The compact path at window 1 with the smallest blocks matches the
+  reference.
 * The compact CPU path in float64 matches the fp64 reference to float64 accuracy, forward and
   backward (also through context parallelism and ALiBi), and passes ``gradcheck``.
 """
@@ -27,9 +31,85 @@ from test_sep_attention import (  # noqa: E402
 
 from megatron.attention.compact import compact_attention  # noqa: E402
 from megatron.attention.reference import reference_attention  # noqa: E402
-from megatron.attention.sepllm_rule import SepRule  # noqa: E402
+from megatron.attention.sepllm_rule import SepRule, resolve_layer_rules  # noqa: E402
 
 FP64_RTOL = 1e-12
+
+
+# --- the smallest window: one rule everywhere ---------------------------------------------------
+
+def rule_accepts(n_init: int, n_local: int, interval: int) -> bool:
+    try:
+        SepRule("sepllm", n_init, n_local, interval)
+        return True
+    except ValueError as err:
+        assert "\n" not in str(err) and "Sep-Attention rule" in str(err)
+        return False
+
+
+def config_accepts(n_init: int, n_local: int, interval: int) -> bool:
+    from megatron.config import config_from_tree
+    from megatron.errors import ConfigError
+
+    try:
+        config_from_tree({"attention": {"sepllm": {"n_init": n_init, "n_local": n_local, "interval": interval}}},
+                         log=lambda m: None)
+        return True
+    except ConfigError:
+        return False
+
+
+def hf_settings_accept(n_init: int, n_local: int, interval: int) -> bool:
+    from megatron.hf_remote.sepllm_attach import SepLLMConfigError, SepLLMSettings
+
+    try:
+        SepLLMSettings.from_dict({"n_init": n_init, "n_local": n_local, "interval": interval})
+        return True
+    except SepLLMConfigError:
+        return False
+
+
+@pytest.mark.parametrize("n_init,n_local,interval", [(n_init, n_local, interval) for n_init in (-1, 0, 3)
+                                                     for n_local in (-1, 0, 1, 2) for interval in (0, 1, 5)])
+def test_rule_config_and_hf_settings_accept_the_same_windows(n_init, n_local, interval):
+    want = n_init >= 0 and n_local >= 1 and interval >= 1
+    assert (rule_accepts(n_init, n_local, interval), config_accepts(n_init, n_local, interval),
+            hf_settings_accept(n_init, n_local, interval)) == (want, want, want)
+
+
+def test_window_zero_is_one_clear_line_naming_where():
+    from megatron.config import config_from_tree
+    from megatron.errors import ConfigError
+    from megatron.hf_remote.sepllm_attach import SepLLMConfigError, SepLLMSettings
+
+    with pytest.raises(ValueError, match=r"n_local >= 1 \(the local window counts the query itself\).*n_local=0"):
+        SepRule("sepllm", 3, 0)
+    with pytest.raises(ValueError, match="n_local=0"):  # a per-layer window too
+        resolve_layer_rules(4, "sepllm", 3, 64, 5, False, layer_n_local={2: 0})
+    with pytest.raises(ConfigError, match="attention.sepllm.layer_n_local gives layer 2 window 0; expected "
+                                          "n_local >= 1") as err:
+        config_from_tree({"num_layers": 4, "attention": {"sepllm": {"layer_n_local": {2: 0}}}}, log=lambda m: None)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"attention.sepllm.n_local = 0; expected n_local >= 1"):
+        config_from_tree({"attention": {"sepllm": {"n_local": 0}}}, log=lambda m: None)
+    with pytest.raises(SepLLMConfigError, match=r"n_local=0.*\(layer_n_local\[1\]\)"):
+        SepLLMSettings.from_dict({"n_local": 8, "layer_n_local": {"1": 0}})
+
+
+@pytest.mark.parametrize("blocks", [(1, 1), (2, 1), (3, 3), (4, 2)])
+@pytest.mark.parametrize("docs", [False, True])
+def test_compact_window_one_with_the_smallest_blocks_matches_reference(blocks, docs):
+    B, Hq, Hkv, L, D = 2, 4, 2, 23, 4
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, D, seed=3, dtype=torch.float64)
+    is_sep = random_separators(B, L, [0.0, 0.3])
+    doc_ids = random_documents(B, L, 6) if docs else None
+    for n_init in (0, 2):
+        rule = SepRule("sepllm", n_init, 1, separate_documents=docs)
+        got = run_with_grads(lambda a, b, c: compact_attention(a, b, c, is_sep, rule, doc_ids, prefix_block=blocks[0],
+                                                               near_block=blocks[1]), q, k, v, grad)
+        want = reference_fp64(q, k, v, grad, is_sep, rule, doc_ids)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert rel_err(a, b) <= FP64_RTOL, f"n_init {n_init} {name}: {rel_err(a, b):.1e}"
 
 
 # --- float64 through the compact path -----------------------------------------------------------
