@@ -1,4 +1,4 @@
-"""Attention and fused kernels at their edges: the smallest window, float64.
+"""Attention and fused kernels at their edges: the smallest window, float64, offsets past 2^31.
 
 * ``n_local`` counts the query itself, so 1 is the smallest window; 0 is refused by the rule object
   (no kernel can be handed it), by config validation and by ``enable_sepllm``, which all accept
@@ -6,11 +6,17 @@
   reference.
 * The compact CPU path in float64 matches the fp64 reference to float64 accuracy, forward and
   backward (also through context parallelism and ALiBi), and passes ``gradcheck``.
+* The Triton kernels (Sep-Attention, RoPE) address rows whose element offsets exceed 2^31: run by
+  Triton's interpreter on strided views into one sparse buffer (see ``far_views``).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
 import torch
@@ -21,6 +27,7 @@ for path in (ROOT, ROOT / "tests"):  # when run as a script
         sys.path.insert(0, str(path))
 
 from test_sep_attention import (  # noqa: E402
+    BF16_RTOL,
     make_inputs,
     random_documents,
     random_separators,
@@ -201,3 +208,142 @@ def test_compact_float64_passes_gradcheck(docs):
     assert torch.autograd.gradcheck(
         lambda a, b, c: compact_attention(a, b, c, is_sep, rule, doc_ids, prefix_block=4, near_block=2),
         inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# --- Triton offsets past 2^31 (interpreter) -----------------------------------------------------
+
+PAST_INT32 = 1 << 31
+
+
+def far_views(shapes: List[tuple], dtype: torch.dtype, L: int, overflow_rows: int) -> List[torch.Tensor]:
+    """Empty [B, H, L, D] views whose row stride puts the last ``overflow_rows`` rows past element
+    2^31, all interleaved in one buffer: row r of view i sits at ``pad + r * stride + i * slot``.
+
+    The buffer spans ~2^32 elements of address space, but only the rows ever written or read are
+    backed by memory (fresh pages stay unmapped until touched). ``pad`` = 2^31 keeps an int32
+    offset that wrapped (the bug under test) inside the buffer: it reads zeros and writes into the
+    padding instead of crashing, so the check fails cleanly."""
+    slot = max(h * d for _, h, _, d in shapes)
+    stride = -(-PAST_INT32 // (L - overflow_rows))  # rows >= L - overflow_rows pass 2^31
+    assert stride >= slot * len(shapes)
+    storage = torch.empty(PAST_INT32 + (L - 1) * stride + slot * len(shapes), dtype=dtype).untyped_storage()
+    views = []
+    for i, (B, H, n, D) in enumerate(shapes):
+        assert B == 1 and n == L
+        views.append(aliasing(storage, dtype, (B, H, L, D), (1, D, stride, 1), PAST_INT32 + i * slot))
+    return views
+
+
+def aliasing(storage, dtype: torch.dtype, shape: tuple, stride: tuple, offset: int) -> torch.Tensor:
+    """A tensor on ``storage`` that autograd does not track as a view of anything (each has its own
+    version counter), as the kernels' own outputs are."""
+    return torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+
+
+def sep_attention_past_int32(D: int) -> str:
+    """Forward and backward of the Sep-Attention kernels with q, k, v, dO and every output (out,
+    dq, dk, dv) in far views: row offsets up to ~2^31 + 2^30. Head dim 256 takes the dK/dV kernels'
+    other way of addressing (see ``triton_sep_kernels``)."""
+    from megatron.attention import triton_sep
+
+    B, Hq, Hkv, L = 1, 2, 1, 40
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, D, dtype=torch.float16)
+    shapes = [q.shape, k.shape, v.shape, q.shape, q.shape, q.shape, k.shape, v.shape]
+    qv, kv, vv, gv, *outputs = far_views([tuple(s) for s in shapes], torch.float16, L, overflow_rows=12)
+    for view, value in zip((qv, kv, vv, gv), (q, k, v, grad)):
+        view.copy_(value)
+    handed_out = []
+
+    def far_output(x: torch.Tensor) -> torch.Tensor:  # the kernels' output buffers, in order of allocation
+        view = outputs[len(handed_out)]
+        assert view.shape == x.shape
+        handed_out.append(view)
+        return view
+
+    is_sep = random_separators(B, L, 0.15)
+    docs = random_documents(B, L, 15)
+    rule = SepRule("sepllm", 2, 6, separate_documents=True)
+    real_alloc = triton_sep._like_model_layout
+    triton_sep._like_model_layout = far_output
+    try:
+        leaves = [t.requires_grad_() for t in (qv, kv, vv)]
+        out = triton_sep.triton_sep_attention(*leaves, is_sep, rule, docs, blocks=(16, 16))
+        kernel_inputs = out.grad_fn.saved_tensors[:3]  # q, k, v as the kernels got them: not copies
+        assert [x.data_ptr() for x in kernel_inputs] == [x.data_ptr() for x in leaves]
+        dq, dk, dv = torch.autograd.grad(out, leaves, gv)
+    finally:
+        triton_sep._like_model_layout = real_alloc
+    assert len(handed_out) == 4 and handed_out[0] is out  # out, then dq, dk, dv: all far
+    want = reference_fp64(q, k, v, grad, is_sep, rule, docs)
+    errors = {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want)}
+    assert max(errors.values()) <= BF16_RTOL, errors
+    return ", ".join(f"{n} {e:.0e}" for n, e in errors.items())
+
+
+def rope_past_int32() -> str:
+    """RoPE on q whose heads are 2^30 elements apart (a [B, H, L, D] tensor viewed as [B, L, H, D]
+    has head stride L x D): head 2 starts past element 2^31."""
+    from megatron.kernels import eager
+    from megatron.kernels.triton_rope import rotary_qk
+
+    D, H, rot = 16, 3, 8
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, H, D, generator=g).half(), torch.randn(1, 1, 2, D, generator=g).half()
+    cos, sin = torch.randn(1, 1, rot // 2, generator=g), torch.randn(1, 1, rot // 2, generator=g)
+    stride = (1 << 30) + D
+    storage = torch.empty(PAST_INT32 + (H - 1) * stride + D, dtype=torch.float16).untyped_storage()
+    qv = aliasing(storage, torch.float16, tuple(q.shape), (1, 1, stride, 1), PAST_INT32)
+    qv.copy_(q)
+    got = rotary_qk(qv, k, cos, sin, rot)
+    want = eager.apply_rotary_qk(q, k, cos, sin, rot)
+    errors = [float((a.float() - b.float()).abs().max()) for a, b in zip(got, want)]
+    assert max(errors) == 0.0, errors
+    return f"q {errors[0]}, k {errors[1]}"
+
+
+def interpreter_checks() -> Dict[str, str]:
+    results = {}
+    for name, fn in (("sep_attention_d16", lambda: sep_attention_past_int32(16)),
+                     ("sep_attention_d256", lambda: sep_attention_past_int32(256)), ("rope", rope_past_int32)):
+        try:
+            results[name] = "ok: " + fn()
+        except Exception as exc:  # reported back to pytest as text
+            results[name] = f"{type(exc).__name__}: {exc}"[:2000]
+    return results
+
+
+@pytest.fixture(scope="module")
+def past_int32_results() -> Dict[str, str]:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_triton_launcher_copies_views_whose_tile_offsets_would_pass_2_31():
+    """The kernels address a tile's first row in int64 and the rows inside it in int32."""
+    pytest.importorskip("triton")
+    from megatron.attention.triton_sep import Launch, _kernel_layout, fits_int32_tile
+
+    tile_rows = Launch(64, 1.0).tile_rows(128, torch.bfloat16)  # the shipped tiles
+    assert tile_rows == 128 and fits_int32_tile(64 * 128, tile_rows)  # a model layout: heads x head dim
+    storage = torch.empty(3 * (1 << 25) + 8, dtype=torch.float16).untyped_storage()
+    view = aliasing(storage, torch.float16, (1, 1, 4, 8), (1, 1, 1 << 25, 1), 0)
+    view.copy_(torch.randn(1, 1, 4, 8))
+    assert _kernel_layout(view, 16) is view  # 15 rows x 2^25 < 2^31
+    copied = _kernel_layout(view, tile_rows)  # 127 rows x 2^25 > 2^31
+    assert copied.stride(2) == 8 and torch.equal(copied, view)
+
+
+@pytest.mark.parametrize("kernel", ["sep_attention_d16", "sep_attention_d256", "rope"])
+def test_triton_kernels_address_offsets_past_2_31(past_int32_results, kernel):
+    assert past_int32_results.get(kernel, "missing").startswith("ok"), past_int32_results
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.manual_seed(0)
+    print(json.dumps(interpreter_checks()))
