@@ -82,7 +82,7 @@ def blocks_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segs: Li
                    k_segs: List[Placed], doc_ids: Optional[torch.Tensor], scale: float,
                    out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge the attention of q [B, Hq, Lq, D] over the chunk k/v [B, Hkv, Lk, D] into the running
-    ``out`` [B, Hq, Lq, D] and ``lse`` [B, Hq, Lq] (fp32, -inf where no key was seen yet)."""
+    ``out`` [B, Hq, Lq, D] and ``lse`` [B, Hq, Lq] (``compact.stats_dtype``, -inf where no key was seen yet)."""
     hq = q.shape[1]
     for qs, ks, causal, mask, rows_seeing in visible_blocks(q_segs, k_segs, doc_ids, q.dtype):
         o, l_blk = _flash_fwd(_rows(q, qs), expand_kv_heads(_rows(k, ks), hq), expand_kv_heads(_rows(v, ks), hq),

@@ -315,10 +315,17 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of log-sum-exps and merges for inputs of ``dtype``, as the fused kernel returns them:
+    fp32 for 16/32-bit inputs, fp64 for fp64 (an fp32 buffer would cap fp64 at fp32 accuracy)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
     """Softmax over the union of two disjoint key sets from the two partial results."""
     lse = torch.logaddexp(lse1, lse2)
-    out = o1.float() * torch.exp(lse1 - lse)[..., None] + o2.float() * torch.exp(lse2 - lse)[..., None]
+    acc = stats_dtype(o1.dtype)
+    out = o1.to(acc) * torch.exp(lse1 - lse)[..., None] + o2.to(acc) * torch.exp(lse2 - lse)[..., None]
     return out.to(o1.dtype), lse
 
 
@@ -330,7 +337,7 @@ class CompactSepAttention(torch.autograd.Function):
         k_special = _gather_rows(k, plan.special_idx)
         v_special = _gather_rows(v, plan.special_idx)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=stats_dtype(q.dtype), device=q.device)
         off = plan.q_offset  # query rows are key positions minus the offset
         for pre, nears in plan.groups:
             for blk in nears:

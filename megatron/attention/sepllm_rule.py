@@ -26,16 +26,37 @@ import torch
 MODES = ("sepllm", "streamingllm", "fixed_interval", "full")
 
 
+def rule_problem(mode: str, n_init: int, n_local: int, interval: int) -> Optional[str]:
+    """Why these settings are no rule (one line), or None.
+
+    ``n_local`` counts the query itself, so 1 is the smallest window (the query alone) and every
+    query sees at least one key. 0 is refused rather than read as "no window": a query that is
+    neither initial nor a separator would see nothing, and every kernel takes the band to hold
+    the query. ``megatron/config/validation.py`` (a lower layer, no import) checks the same bounds.
+    """
+    if mode not in MODES:
+        return f"mode must be one of {MODES}, got {mode!r}"
+    if n_init < 0 or n_local < 1 or interval < 1:
+        return (f"needs n_init >= 0, n_local >= 1 (the local window counts the query itself), interval >= 1; "
+                f"got n_init={n_init}, n_local={n_local}, interval={interval}")
+    return None
+
+
 @dataclass(frozen=True)
 class SepRule:
-    """Resolved Sep-Attention settings of one layer (values are checked where the config is
-    validated, ``megatron/config/validation.py``)."""
+    """Resolved Sep-Attention settings of one layer; settings ``rule_problem`` refuses raise ValueError,
+    so no kernel ever sees them."""
 
     mode: str = "sepllm"
     n_init: int = 3
     n_local: int = 64
     interval: int = 5
     separate_documents: bool = False
+
+    def __post_init__(self) -> None:
+        problem = rule_problem(self.mode, self.n_init, self.n_local, self.interval)
+        if problem:
+            raise ValueError(f"Sep-Attention rule: {problem}")
 
     @property
     def is_full(self) -> bool:

@@ -31,8 +31,9 @@ given GPU is a benchmark question (bench/RESULTS.md, OPEN).
 GQA: a forward / dq program serves one query head; a dK/dV program serves one key/value
 head and loops over its group of query heads, so K/V are never repeated and dK/dV need no
 reduction. Inputs may be strided views (the model passes [B, L, H, D] transposed) as long as
-the last dim is contiguous. bf16/fp16 inputs use fp32 accumulation; fp32 inputs use IEEE fp32
-dots (no TF32) -- that is what the interpreter tests run. Imported only on the triton path.
+the last dim is contiguous and one tile's rows span less than 2^31 elements (``fits_int32_tile``;
+a view with longer rows is copied). bf16/fp16 inputs use fp32 accumulation; fp32 inputs use IEEE
+fp32 dots (no TF32) -- that is what the interpreter tests run. Imported only on the triton path.
 """
 from __future__ import annotations
 
@@ -132,6 +133,17 @@ class Launch:
             return cfg
         return KernelConfig(self.blocks[0], self.blocks[1], cfg.num_warps, cfg.num_stages)
 
+    def tile_rows(self, D: int, dtype: torch.dtype) -> int:
+        """The most rows (queries or keys) one tile of any of the kernels spans."""
+        return max(max(c.block_m, c.block_n) for c in (self.config(k, D, dtype) for k in ("fwd", "dq", "dkdv")))
+
+
+def fits_int32_tile(row_stride: int, tile_rows: int) -> bool:
+    """Whether the offsets inside one tile (rows x row stride + a head dim) stay below 2^31, as the
+    dK/dV query loop needs at head dim 256 and in fp32 (it adds them in int32 to the tile's int64
+    first row, ``triton_sep_kernels``)."""
+    return (tile_rows - 1) * row_stride + MAX_HEAD_DIM < 2 ** 31
+
 
 def _plan_args(plan: SepTilePlan):
     """(special_pos, special_doc, n_before, doc, run_start, run_end); unused tables point at n_before."""
@@ -151,6 +163,12 @@ def _like_model_layout(x: torch.Tensor) -> torch.Tensor:
     """Empty [B, H, L, D] stored as [B, L, H, D]: the layout the model reshapes for free."""
     B, H, L, D = x.shape
     return torch.empty(B, L, H, D, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _kernel_layout(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """An input as the kernels take it: unit last stride, and a row stride short enough for
+    ``fits_int32_tile`` (a model layout always is; a view with longer rows is copied)."""
+    return x if x.stride(-1) == 1 and fits_int32_tile(x.stride(2), tile_rows) else x.contiguous()
 
 
 def _strides(x: torch.Tensor):
@@ -181,8 +199,7 @@ def sep_backward(grad_out, q, k, v, out, lse, plan: SepTilePlan, launch: Launch)
     Hkv = k.shape[1]
     S = plan.special_pos.shape[1]
     group = Hq // Hkv
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
+    grad_out = _kernel_layout(grad_out, launch.tile_rows(D, q.dtype))
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), [B, Hq, L]
     ks, vs = _gather_specials(k, plan), _gather_specials(v, plan)
     dq, dk, dv = _like_model_layout(q), _like_model_layout(k), _like_model_layout(v)
@@ -247,10 +264,6 @@ class TritonSepAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _unit_last_dim(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def triton_sep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_sep: torch.Tensor,
                          rule: SepRule, doc_ids: Optional[torch.Tensor] = None,
                          scale: Optional[float] = None, plan: Optional[SepTilePlan] = None,
@@ -278,5 +291,5 @@ def triton_sep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_s
     if plan is None:
         plan = cached_tile_plan(is_sep, rule, doc_ids)
     launch = Launch(rule.n_local, q.shape[-1] ** -0.5 if scale is None else float(scale), blocks, special_chunks)
-    q, k, v = (_unit_last_dim(t) for t in (q, k, v))
+    q, k, v = (_kernel_layout(t, launch.tile_rows(q.shape[-1], q.dtype)) for t in (q, k, v))
     return TritonSepAttention.apply(q, k, v, plan, launch)

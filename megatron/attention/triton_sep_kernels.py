@@ -4,6 +4,15 @@ Launched by ``triton_sep.py`` (which explains the algorithm and the backward's t
 the tile lists come from ``triton_plan.py``'s per-position tables. Tensors: q [B, Hq, L, D],
 k/v [B, Hkv, L, D] with any strides but a unit last one; the gathered specials ks/vs are
 contiguous [B, Hkv, S, D]; lse (base 2) and delta are contiguous fp32 [B, Hq, L].
+
+Offsets: Triton passes small ints (L, strides) as int32 and index vectors are int32, so every
+product that can pass 2^31 -- a row index times a row stride (512k tokens x 32 heads x 128 is 2^31
+already), b x L, b x S, a slot times D -- is formed in int64 where the address is made; comparisons
+stay int32. A 64-bit vector kept live through a loop costs registers these kernels do not have, so
+the stores recompute theirs. The dK/dV query loop at head dim 256 and in fp32 instead adds int32
+offsets inside a tile to the tile's int64 first row (the launcher keeps them below 2^31:
+``triton_sep.fits_int32_tile``): there that form spills least, elsewhere the other (ptxas's register
+counts, bench/RESULTS.md, Sep-Attention).
 """
 from __future__ import annotations
 
@@ -42,15 +51,15 @@ def _tile_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
+def _special_tiles(b64, m0, q_last, L, W, n_before_ptr, run_start_ptr,
                    HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Special-slot tiles of query block [m0, q_last]: slots [doc floor, #specials <= q_last - W),
     full where every query sees the slot (position <= m0 - W, in q_last's document)."""
-    nb = n_before_ptr + b * (L + 1)
+    nb = n_before_ptr + b64 * (L + 1)
     lo = 0
     full_lo = 0
     if HAS_DOCS:
-        rs = run_start_ptr + b * L
+        rs = run_start_ptr + b64 * L
         full_lo = tl.load(nb + tl.load(rs + q_last))
         if CONTIGUOUS:
             lo = tl.load(nb + tl.load(rs + m0))
@@ -60,14 +69,14 @@ def _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
 
 
 @triton.jit
-def _local_tiles(b, m0, q_last, L, W, run_start_ptr,
+def _local_tiles(b64, m0, q_last, L, W, run_start_ptr,
                  HAS_DOCS: tl.constexpr, CONTIGUOUS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Local-band key tiles of query block [m0, q_last]: keys [m0 - W + 1, q_last], full where every
     query sees the key (q_last - W < key <= m0, in q_last's document)."""
     lo = tl.maximum(m0 - W + 1, 0)
     full_lo = tl.maximum(q_last - W + 1, 0)
     if HAS_DOCS:
-        rs = run_start_ptr + b * L
+        rs = run_start_ptr + b64 * L
         full_lo = tl.maximum(full_lo, tl.load(rs + q_last))
         if CONTIGUOUS:
             lo = tl.maximum(lo, tl.load(rs + m0))
@@ -104,8 +113,9 @@ def _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, k_base, v_base, k_stride, v_stride
     for t in range(t_lo, t_hi):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_mask = (cols[:, None] < n_keys) & (dcol[None, :] < D)
-        k = tl.load(k_base + cols[:, None] * k_stride + dcol[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * v_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        cols64 = cols.to(tl.int64)[:, None]
+        k = tl.load(k_base + cols64 * k_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols64 * v_stride + dcol[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASKED:
             keep = _keep(rows, cols, key_pos_ptr, key_doc_ptr, q_doc, n_keys, W, SPECIAL, HAS_DOCS)
@@ -137,19 +147,20 @@ def sep_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, lse_ptr,
     dcol = tl.arange(0, BLOCK_D)
     row_ok = rows < L
     io_mask = row_ok[:, None] & (dcol[None, :] < D)
-    q = tl.load(q_ptr + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + dcol[None, :], mask=io_mask, other=0.0)
+    rows64 = rows.to(tl.int64)[:, None]
+    q = tl.load(q_ptr + b64 * sq_b + h64 * sq_h + rows64 * sq_l + dcol[None, :], mask=io_mask, other=0.0)
     q_last = tl.minimum(m0 + BLOCK_M, L) - 1
     q_doc = rows
     if HAS_DOCS:
-        q_doc = tl.load(doc_ptr + b * L + rows, mask=row_ok, other=-1)
+        q_doc = tl.load(doc_ptr + b64 * L + rows, mask=row_ok, other=-1)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     special_base = (b64 * (n_q_heads // group) + hk64) * S * D  # the gathered buffers are [B, Hkv, S, D]
     ks, vs = ks_ptr + special_base, vs_ptr + special_base
-    spos, sdoc = spos_ptr + b * S, sdoc_ptr + b * S
-    t_lo, f_lo, f_hi, t_hi = _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
+    spos, sdoc = spos_ptr + b64 * S, sdoc_ptr + b64 * S
+    t_lo, f_lo, f_hi, t_hi = _special_tiles(b64, m0, q_last, L, W, n_before_ptr, run_start_ptr,
                                             HAS_DOCS, CONTIGUOUS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, ks, vs, D, D, t_lo, f_lo, S, spos, sdoc, W,
                                qk_scale, True, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
@@ -160,8 +171,8 @@ def sep_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, lse_ptr,
 
     kb = k_ptr + b64 * sk_b + hk64 * sk_h
     vb = v_ptr + b64 * sv_b + hk64 * sv_h
-    docs = doc_ptr + b * L
-    t_lo, f_lo, f_hi, t_hi = _local_tiles(b, m0, q_last, L, W, run_start_ptr, HAS_DOCS, CONTIGUOUS, BLOCK_N)
+    docs = doc_ptr + b64 * L
+    t_lo, f_lo, f_hi, t_hi = _local_tiles(b64, m0, q_last, L, W, run_start_ptr, HAS_DOCS, CONTIGUOUS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, sv_l, t_lo, f_lo, L, spos, docs, W,
                                qk_scale, False, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, rows, q_doc, kb, vb, sk_l, sv_l, f_lo, f_hi, L, spos, docs, W,
@@ -171,7 +182,8 @@ def sep_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, lse_ptr,
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(o_ptr + b64 * so_b + h64 * so_h + rows[:, None] * so_l + dcol[None, :],
+    rows64 = (m0.to(tl.int64) + tl.arange(0, BLOCK_M))[:, None]  # recomputed, not kept live through the loops
+    tl.store(o_ptr + b64 * so_b + h64 * so_h + rows64 * so_l + dcol[None, :],
              out.to(o_ptr.dtype.element_ty), mask=io_mask)
     tl.store(lse_ptr + bh.to(tl.int64) * L + rows, m_i + tl.math.log2(l_safe), mask=row_ok)
 
@@ -189,8 +201,9 @@ def _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, k_base, v_base, k_stride, v_s
     for t in range(t_lo, t_hi):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_mask = (cols[:, None] < n_keys) & (dcol[None, :] < D)
-        k = tl.load(k_base + cols[:, None] * k_stride + dcol[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * v_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        cols64 = cols.to(tl.int64)[:, None]
+        k = tl.load(k_base + cols64 * k_stride + dcol[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols64 * v_stride + dcol[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASKED:
             keep = _keep(rows, cols, key_pos_ptr, key_doc_ptr, q_doc, n_keys, W, SPECIAL, HAS_DOCS)
@@ -220,21 +233,22 @@ def sep_dq_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_pt
     dcol = tl.arange(0, BLOCK_D)
     row_ok = rows < L
     io_mask = row_ok[:, None] & (dcol[None, :] < D)
-    q = tl.load(q_ptr + b64 * sq_b + h64 * sq_h + rows[:, None] * sq_l + dcol[None, :], mask=io_mask, other=0.0)
-    do = tl.load(do_ptr + b64 * sdo_b + h64 * sdo_h + rows[:, None] * sdo_l + dcol[None, :], mask=io_mask,
+    rows64 = rows.to(tl.int64)[:, None]
+    q = tl.load(q_ptr + b64 * sq_b + h64 * sq_h + rows64 * sq_l + dcol[None, :], mask=io_mask, other=0.0)
+    do = tl.load(do_ptr + b64 * sdo_b + h64 * sdo_h + rows64 * sdo_l + dcol[None, :], mask=io_mask,
                  other=0.0)
     lse2 = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
     q_last = tl.minimum(m0 + BLOCK_M, L) - 1
     q_doc = rows
     if HAS_DOCS:
-        q_doc = tl.load(doc_ptr + b * L + rows, mask=row_ok, other=-1)
+        q_doc = tl.load(doc_ptr + b64 * L + rows, mask=row_ok, other=-1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     special_base = (b64 * (n_q_heads // group) + hk64) * S * D
     ks, vs = ks_ptr + special_base, vs_ptr + special_base
-    spos, sdoc = spos_ptr + b * S, sdoc_ptr + b * S
-    t_lo, f_lo, f_hi, t_hi = _special_tiles(b, m0, q_last, L, W, n_before_ptr, run_start_ptr,
+    spos, sdoc = spos_ptr + b64 * S, sdoc_ptr + b64 * S
+    t_lo, f_lo, f_hi, t_hi = _special_tiles(b64, m0, q_last, L, W, n_before_ptr, run_start_ptr,
                                             HAS_DOCS, CONTIGUOUS, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, ks, vs, D, D, t_lo, f_lo, S, spos, sdoc, W, qk_scale,
                    True, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
@@ -245,15 +259,16 @@ def sep_dq_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_pt
 
     kb = k_ptr + b64 * sk_b + hk64 * sk_h
     vb = v_ptr + b64 * sv_b + hk64 * sv_h
-    docs = doc_ptr + b * L
-    t_lo, f_lo, f_hi, t_hi = _local_tiles(b, m0, q_last, L, W, run_start_ptr, HAS_DOCS, CONTIGUOUS, BLOCK_N)
+    docs = doc_ptr + b64 * L
+    t_lo, f_lo, f_hi, t_hi = _local_tiles(b64, m0, q_last, L, W, run_start_ptr, HAS_DOCS, CONTIGUOUS, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, sv_l, t_lo, f_lo, L, spos, docs, W, qk_scale,
                    False, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
     dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, sv_l, f_lo, f_hi, L, spos, docs, W, qk_scale,
                    False, False, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
     dq = _dq_tiles(dq, q, do, lse2, delta, rows, q_doc, kb, vb, sk_l, sv_l, f_hi, t_hi, L, spos, docs, W, qk_scale,
                    False, True, HAS_DOCS, D, BLOCK_N, BLOCK_D, PRECISION)
-    tl.store(dq_ptr + b64 * sdq_b + h64 * sdq_h + rows[:, None] * sdq_l + dcol[None, :],
+    rows64 = (m0.to(tl.int64) + tl.arange(0, BLOCK_M))[:, None]
+    tl.store(dq_ptr + b64 * sdq_b + h64 * sdq_h + rows64 * sdq_l + dcol[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=io_mask)
 
 
@@ -268,12 +283,22 @@ def _dkdv_tiles(dk, dv, k, v, cols, k_pos, k_doc, q_base, do_base, sq_l, sdo_l, 
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate this key tile's dK/dV (transposed scores [keys, queries]) over query blocks [t_lo, t_hi)."""
     dcol = tl.arange(0, BLOCK_D)
+    TILE_BASE: tl.constexpr = BLOCK_D >= 256 or q_base.dtype.element_ty == tl.float32  # see the module docstring
+    if TILE_BASE:
+        q_offs = tl.arange(0, BLOCK_M)[:, None] * sq_l + dcol[None, :]
+        do_offs = tl.arange(0, BLOCK_M)[:, None] * sdo_l + dcol[None, :]
     for t in range(t_lo, t_hi):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < L
         io_mask = row_ok[:, None] & (dcol[None, :] < D)
-        q = tl.load(q_base + rows[:, None] * sq_l + dcol[None, :], mask=io_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdo_l + dcol[None, :], mask=io_mask, other=0.0)
+        if TILE_BASE:
+            first = tl.cast(t, tl.int64) * BLOCK_M
+            q = tl.load(q_base + first * sq_l + q_offs, mask=io_mask, other=0.0)
+            do = tl.load(do_base + first * sdo_l + do_offs, mask=io_mask, other=0.0)
+        else:
+            rows64 = rows.to(tl.int64)[:, None]
+            q = tl.load(q_base + rows64 * sq_l + dcol[None, :], mask=io_mask, other=0.0)
+            do = tl.load(do_base + rows64 * sdo_l + dcol[None, :], mask=io_mask, other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
@@ -339,8 +364,9 @@ def sep_dkdv_local_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     dcol = tl.arange(0, BLOCK_D)
     col_ok = cols < L
     kv_mask = col_ok[:, None] & (dcol[None, :] < D)
-    k = tl.load(k_ptr + b64 * sk_b + hk64 * sk_h + cols[:, None] * sk_l + dcol[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b64 * sv_b + hk64 * sv_h + cols[:, None] * sv_l + dcol[None, :], mask=kv_mask, other=0.0)
+    cols64 = cols.to(tl.int64)[:, None]
+    k = tl.load(k_ptr + b64 * sk_b + hk64 * sk_h + cols64 * sk_l + dcol[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b64 * sv_b + hk64 * sv_h + cols64 * sv_l + dcol[None, :], mask=kv_mask, other=0.0)
     k_last = tl.minimum(n0 + BLOCK_N, L) - 1
     # Query q sees key j through the band iff j <= q < j + W (and q is in j's document).
     q_hi = tl.minimum(k_last + W, L)
@@ -358,7 +384,8 @@ def sep_dkdv_local_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     dk, dv = _dkdv_group(dk, dv, k, v, cols, cols, k_doc, q_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr,
                          b64, hk64, group, n_q_heads, t_lo, f_lo, f_hi, t_hi, L, W, qk_scale,
                          sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, False, HAS_DOCS, D, BLOCK_M, BLOCK_D, PRECISION)
-    out = b64 * sdk_b + hk64 * sdk_h + cols[:, None] * sdk_l + dcol[None, :]
+    cols64 = (n0.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None]  # recomputed, not kept live through the loops
+    out = b64 * sdk_b + hk64 * sdk_h + cols64 * sdk_l + dcol[None, :]
     tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -387,7 +414,8 @@ def sep_dkdv_special_kernel(q_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, d
     kv_mask = slot_ok[:, None] & (dcol[None, :] < D)
     spos = spos_ptr + b64 * S
     k_pos = tl.load(spos + slots, mask=slot_ok, other=_NEVER)
-    special = (b64 * n_kv_heads + hk64) * S * D + slots[:, None] * D + dcol[None, :]
+    in_tile = tl.arange(0, BLOCK_N)[:, None] * D + dcol[None, :]
+    special = (b64 * n_kv_heads + hk64) * S * D + s0.to(tl.int64) * D + in_tile
     k = tl.load(ks_ptr + special, mask=kv_mask, other=0.0)
     v = tl.load(vs_ptr + special, mask=kv_mask, other=0.0)
     live = s0 < count
@@ -418,6 +446,6 @@ def sep_dkdv_special_kernel(q_ptr, ks_ptr, vs_ptr, do_ptr, lse_ptr, delta_ptr, d
                          b64, hk64, group, n_q_heads, t_lo, f_lo, f_hi, t_hi, L, W, qk_scale,
                          sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, True, HAS_DOCS, D, BLOCK_M, BLOCK_D, PRECISION)
     # Padding slots (and columns of other rows' padding) stay at the buffer's zeros.
-    part = (chunk.to(tl.int64) * tl.num_programs(2) + bh) * S * D + slots[:, None] * D + dcol[None, :]
+    part = (chunk.to(tl.int64) * tl.num_programs(2) + bh) * S * D + s0.to(tl.int64) * D + in_tile
     tl.store(dkp_ptr + part, dk * sm_scale, mask=kv_mask)
     tl.store(dvp_ptr + part, dv, mask=kv_mask)

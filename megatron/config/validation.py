@@ -233,9 +233,17 @@ def _check_model(cfg: Config, err, log) -> None:
         if not 0.0 <= getattr(m, key) < 1.0:
             err(key, f"{key} = {getattr(m, key)}; expected a probability in [0, 1)")
     _check_positions(cfg, err)
-    if sep.n_init < 0 or sep.n_local < 1 or sep.interval < 1:
-        err("attention.sepllm.n_local", f"attention.sepllm needs n_init >= 0, n_local >= 1, interval >= 1 "
-                                        f"(got n_init={sep.n_init}, n_local={sep.n_local}, interval={sep.interval})")
+    # The bounds of rule_problem in attention/sepllm_rule.py, a layer above config (so not imported);
+    # tests/test_kernel_edge_cases.py checks that both accept the same settings.
+    why_one = " (the local window counts the query itself)"
+    for key, value, least in (("n_init", sep.n_init, 0), ("n_local", sep.n_local, 1), ("interval", sep.interval, 1)):
+        if value < least:
+            err(f"attention.sepllm.{key}", f"attention.sepllm.{key} = {value}; expected {key} >= {least}"
+                                           + (why_one if key == "n_local" else ""))
+    for layer, window in sep.layer_n_local.items():
+        if window < 1:
+            err("attention.sepllm.layer_n_local", f"attention.sepllm.layer_n_local gives layer {layer} window "
+                                                  f"{window}; expected n_local >= 1{why_one}")
     for layer in sep.full_attention_layers:
         if not -m.num_layers <= layer < m.num_layers:
             err("attention.sepllm.full_attention_layers",

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 
 from .sepllm_budget import CacheBudget
 from .sepllm_cache import SepLLMCache
-from .sepllm_rule import MODES, SepRule, resolve_layer_rules, visible
+from .sepllm_rule import SepRule, resolve_layer_rules, rule_problem, visible
 
 DEFAULT_SEPARATORS = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")
 MASKABLE_ATTENTION = ("sdpa", "eager")
@@ -68,13 +68,11 @@ class SepLLMSettings:
         return settings
 
     def check(self, where: str) -> None:
-        if self.mode not in MODES:
-            raise SepLLMConfigError(f"{where}: mode must be one of {MODES}, got {self.mode!r}")
-        windows = [int(v) for v in self.layer_n_local.values()]
-        if self.n_init < 0 or self.n_local < 1 or self.interval < 1 or any(w < 1 for w in windows):
-            raise SepLLMConfigError(f"{where}: needs n_init >= 0, n_local >= 1 (also in layer_n_local), interval >= 1; "
-                                    f"got n_init={self.n_init}, n_local={self.n_local}, interval={self.interval}, "
-                                    f"layer_n_local={self.layer_n_local}")
+        for layer, window in [(None, self.n_local)] + list(self.layer_n_local.items()):
+            problem = rule_problem(self.mode, self.n_init, int(window), self.interval)
+            if problem:
+                which = "" if layer is None else f" (layer_n_local[{layer}])"
+                raise SepLLMConfigError(f"{where}: {problem}{which}")
         if self.separate_documents and self.eod_id is None:
             raise SepLLMConfigError(f"{where}: separate_documents needs eod_id (the end-of-document token)")
         self.budget()  # validates the cache entry

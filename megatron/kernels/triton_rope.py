@@ -32,8 +32,9 @@ def _rotate_token_heads(src, dst, n_heads, src_head_stride, dst_head_stride, cos
     for h0 in range(0, n_heads, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)[:, None]
         head_ok = heads < n_heads
-        src_row = src + heads * src_head_stride
-        dst_row = dst + heads * dst_head_stride
+        heads64 = heads.to(tl.int64)  # a strided view's head stride can be as long as L x D
+        src_row = src + heads64 * src_head_stride
+        dst_row = dst + heads64 * dst_head_stride
         pair_mask = head_ok & (pair < HALF)
         x1 = tl.load(src_row + first, mask=pair_mask, other=0.0).to(tl.float32)
         x2 = tl.load(src_row + second, mask=pair_mask, other=0.0).to(tl.float32)

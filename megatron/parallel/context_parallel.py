@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron.attention import SepRule
 from megatron.attention.blockwise import blocks_backward, blocks_forward, placed
+from megatron.attention.compact import stats_dtype
 from megatron.attention.context_parallel import (
     RankPlan,
     build_rank_plans,
@@ -148,7 +149,7 @@ class RingAttention(torch.autograd.Function):
         cp, r = layout.cp_size, layout.cp_rank
         segs = [placed(sequence_segments(seq_len, cp, j)) for j in range(cp)]
         out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=stats_dtype(q.dtype), device=q.device)
         kv = torch.stack([k, v])
         for step in range(cp):  # the next chunk travels while this one is attended to
             incoming = torch.empty_like(kv) if step < cp - 1 else None
