@@ -4,9 +4,11 @@
 Configs are merged left to right, validated and printed before anything starts. One node runs
 torchrun (gloo on CPU, nccl on GPU); a hostfile (``host slots=N`` per line) gives per-node
 torchrun commands started over ssh, or one ``deepspeed`` launcher command with ``--launcher
-deepspeed``. ``--node-rank K`` runs only node K's command here (for schedulers that start one
-launcher per node). The config's ``hostfile``, ``launcher``, ``num_gpus``, ``master_addr`` and
-``master_port`` (NeoX's launcher keys) apply unless the flags say otherwise. ``--launcher slurm`` (or
+deepspeed``; ``--include`` / ``--exclude`` / ``--num-nodes`` pick hosts and slots as DeepSpeed's runner
+does. ``--node-rank K`` runs only node K's command here (for schedulers that start one
+launcher per node). The config's ``hostfile``, ``launcher``, ``num_gpus``, ``master_addr``,
+``master_port``, ``include``, ``exclude`` and ``num_nodes`` (NeoX's launcher keys) apply unless the
+flags say otherwise. ``--launcher slurm`` (or
 ``launcher: slurm``) inside a SLURM allocation runs one srun task per rank (megatron/launch/slurm.py).
 ``--dry-run`` prints the commands and starts nothing; for ``train.py`` it first checks the data and
 tokenizer paths and prints the parameter count, the attention rule of every layer and the batch and
@@ -38,6 +40,10 @@ def parse_args(argv):
     p.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None)
     p.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
                    help="default: the config's master_port, else 29500")
+    p.add_argument("--include", default=None, help="DeepSpeed's host selection: 'node-a@node-b:0,2'")
+    p.add_argument("--exclude", default=None, help="hosts (or host:slots) to leave out, as --include")
+    p.add_argument("--num-nodes", "--num_nodes", dest="num_nodes", type=int, default=None,
+                   help="use the first N hosts of the hostfile (default: the config's num_nodes, -1: all)")
     p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=None,
                    help="with --hostfile: run only this node's command, locally")
     p.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), default=None,
@@ -74,7 +80,9 @@ def main(argv=None) -> int:
 
             num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
                                                       cfg.parallel.pipe_parallel_size)
-        world = world_size(num_procs, hostfile)
+        hosts = dict(include=args.include or launch.include, exclude=args.exclude or launch.exclude,
+                     num_nodes=launch.num_nodes if args.num_nodes is None else args.num_nodes)
+        world = world_size(num_procs, hostfile, **hosts)
         launcher = args.launcher or launch.launcher
         if launcher == "slurm":  # srun inside the allocation, one task per rank (megatron/launch/slurm.py)
             from megatron.launch.slurm import SrunLaunch
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
         commands = srun.commands(args.script, configs + args.script_args) if launcher == "slurm" else \
             build_commands(args.script, configs + args.script_args, num_procs, hostfile,
                            args.master_addr or launch.master_addr, args.master_port or launch.master_port or 29500,
-                           launcher)
+                           launcher, **hosts)
         summary = []
         if args.dry_run and Path(args.script).name == "train.py":  # other scripts need no training data
             from megatron.training.summary import run_report
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
     from megatron.launch.outcome import command_exit_code
     from megatron.launch.signals import start_local, wait_all
 
-    procs = [start_local(c.shell() if c.remote else c.argv, env, shell=c.remote) for c in commands]
+    procs = [start_local(c.shell() if c.remote else c.argv, {**env, **c.env}, shell=c.remote) for c in commands]
     code = wait_all(procs, [["ssh", c.host] if c.remote else c.argv for c in commands])
     # The ranks' exit code (megatron/launch/outcome.py); a command killed by signal N: 128 + N.
     return command_exit_code(code, args.script if world == 1 else "a node's torchrun")

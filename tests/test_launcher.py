@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from megatron.errors import LaunchError
-from megatron.launch.launcher import build_commands, parse_hostfile
+from megatron.launch.launcher import build_commands, parse_hostfile, select_hosts, world_size
 
 
 def test_hostfile_parse_and_errors(tmp_path):
@@ -82,3 +82,50 @@ def test_deepy_bad_input_one_line(args, message):
     assert out.returncode == 2
     assert out.stderr.strip().startswith(message) and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_include_exclude_num_nodes_pick_hosts_and_slots(tmp_path):
+    h = tmp_path / "hosts"
+    h.write_text("node-a slots=4\nnode-b slots=4\nnode-c slots=4\n")
+    picked = lambda **kw: [(x.name, x.slots, x.devices) for x in select_hosts(parse_hostfile(str(h)), **kw)]  # noqa: E731
+    assert picked(include="node-a@node-c") == [("node-a", 4, None), ("node-c", 4, None)]
+    assert picked(include="node-b:1,3@node-c:0,2") == [("node-b", 2, [1, 3]), ("node-c", 2, [0, 2])]
+    assert picked(exclude="node-b") == [("node-a", 4, None), ("node-c", 4, None)]
+    assert picked(exclude="node-a:0,1") == [("node-a", 2, [2, 3]), ("node-b", 4, None), ("node-c", 4, None)]
+    assert picked(num_nodes=2) == [("node-a", 4, None), ("node-b", 4, None)]
+    assert picked(exclude="node-a", num_nodes=1) == [("node-b", 4, None)]
+    for kw, message in [(dict(include="node-z"), "include: host 'node-z' is not in the hostfile"),
+                        (dict(include="node-a:4"), r"node-a has slots 0-3, not \[4\]"),
+                        (dict(include="node-a:x"), "slots after ':' must be integers"),
+                        (dict(include="node-a", exclude="node-b"), "exclusive"),
+                        (dict(num_nodes=4), "num_nodes 4: only 3 hosts"),
+                        (dict(exclude="node-a@node-b@node-c"), "leaves no host")]:
+        with pytest.raises(LaunchError, match=message):
+            picked(**kw)
+    cmds = build_commands("train.py", ["c.yml"], 4, str(h), None, 29501, include="node-b:1,3@node-c:0,2")
+    assert [(c.host, c.env) for c in cmds] == [("node-b", {"CUDA_VISIBLE_DEVICES": "1,3"}),
+                                               ("node-c", {"CUDA_VISIBLE_DEVICES": "0,2"})]
+    assert "--nproc_per_node=2" in cmds[0].argv and "--master_addr=node-b" in cmds[0].argv
+    assert "CUDA_VISIBLE_DEVICES=1,3 " in cmds[0].shell()
+    ds = build_commands("train.py", ["c.yml"], 4, str(h), None, 29501, launcher="deepspeed", exclude="node-c")
+    assert "--exclude=node-c" in ds[0].argv and "--num_nodes=2" in ds[0].argv
+    # no hostfile: include picks GPUs of this machine, as DeepSpeed's --include localhost:1
+    local = build_commands("train.py", ["c.yml"], 4, None, None, 29501, include="localhost:1,2")
+    assert len(local) == 1 and not local[0].remote and local[0].env == {"CUDA_VISIBLE_DEVICES": "1,2"}
+    assert world_size(4, str(h), num_nodes=2) == 8 and world_size(4, None, exclude="localhost:0") == 3
+
+
+def test_deepy_takes_neox_host_selection_keys(tmp_path, tiny_dataset):
+    h = tmp_path / "hosts"
+    h.write_text("10.0.0.1 slots=1\n10.0.0.2 slots=1\n10.0.0.3 slots=1\n")
+    cfg = tmp_path / "launch.yml"
+    cfg.write_text(f"data_path: {tiny_dataset}\nhostfile: {h}\nexclude: 10.0.0.1\nnum_nodes: 2\n")
+    out = subprocess.run([sys.executable, "deepy.py", "--dry-run", "train.py", "configs/tiny.yml", str(cfg)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "# node 0 (10.0.0.2)" in out.stdout and "# node 1 (10.0.0.3)" in out.stdout
+    assert "10.0.0.1" not in out.stdout.split("# node 0")[1]
+    out = subprocess.run([sys.executable, "deepy.py", "--dry-run", "--num_nodes", "1", "--include", "10.0.0.3",
+                          "train.py", "configs/tiny.yml", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: include and exclude are exclusive: name the hosts to use, or the ones to skip"], out.stderr

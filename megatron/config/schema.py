@@ -267,6 +267,10 @@ class LaunchConfig:
     deepspeed_slurm: bool = False  # an srun task takes its rank and world size from SLURM's environment
     comment: Optional[str] = None  # srun --comment (launcher slurm)
     account: Optional[str] = None  # srun --account (launcher slurm)
+    # DeepSpeed's host selection: "node-a@node-b:0,2" (hosts, or slots of a host after ':')
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+    num_nodes: int = -1  # the first N hosts left after include/exclude; -1: all
 
 
 @dataclass

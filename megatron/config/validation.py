@@ -322,6 +322,10 @@ def _check_training(cfg: Config, err) -> None:
         value = getattr(cfg.launch, key)
         if value is not None and value < 1:
             err(key, f"{key} = {value}; expected an integer >= 1")
+    if cfg.launch.num_nodes == 0 or cfg.launch.num_nodes < -1:
+        err("num_nodes", f"num_nodes = {cfg.launch.num_nodes}; expected -1 (all hosts) or an integer >= 1")
+    if cfg.launch.include and cfg.launch.exclude:
+        err("include", "include and exclude are exclusive: name the hosts to use, or the ones to skip")
     if cfg.data.num_workers < 0:
         err("num_workers", f"num_workers = {cfg.data.num_workers}; expected an integer >= 0")
 
