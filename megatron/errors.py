@@ -45,9 +45,11 @@ EXIT_INTERRUPTED = 130
 
 
 def report(err: UserError, prog: Optional[str] = None) -> int:
-    """Print ``err`` as one line (``[prog: ]error: message``); returns the exit code for user errors."""
-    print(f"{prog + ': ' if prog else ''}error: {err}", file=sys.stderr, flush=True)
-    return EXIT_USER_ERROR
+    """Print ``err`` as one line (``[prog: ]error: message``); returns the exit code for user errors.
+    A rank under deepy's launcher records it instead, and the launcher prints it once for all ranks."""
+    from megatron.launch.outcome import report_failure  # here, not at the top: outcome imports this module
+
+    return report_failure(EXIT_USER_ERROR, f"{prog + ': ' if prog else ''}error: {err}")
 
 
 def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv: Optional[List[str]] = None,

@@ -90,6 +90,16 @@ def test_bad_data_path_two_ranks_is_one_line_and_exit_2(tiny_dataset, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_eval_two_ranks_user_error_is_one_line(tiny_dataset, tmp_path):
+    """eval.py reports user errors through the same outcome files as train.py: once for both ranks."""
+    cfg = write_config(tmp_path / "run.yml", tiny_config_tree(tiny_dataset, load=str(tmp_path / "nothing")))
+    out = run_cli(["deepy.py", "--num-procs", "2", "--master-port", str(free_port()), "eval.py", cfg,
+                   "--tasks", "docs_lambada", "--task-data", str(tmp_path)], timeout=300)
+    assert_one_error(out, 2, f"local task docs_lambada: data file '{tmp_path / 'docs_lambada.jsonl'}' not found")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_divergence_two_ranks_exits_3_with_one_line(tiny_dataset, tmp_path):
     save = tmp_path / "ckpt"
     tree = tiny_config_tree(tiny_dataset, train_iters=30, save=str(save), checkpoint_factor=1, max_skipped_steps=3,
