@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from megatron.checkpointing.lock import acquire_save_lock
 from megatron.config import load_config
 from megatron.errors import CheckpointError, ConfigError, LaunchError
 from megatron.launch import slurm
+from megatron.launch.launcher import NodeCommand
 from megatron.training import exit_signals
 
 PYTHIA_DIR = ROOT / "tests" / "data" / "pythia"
@@ -331,3 +333,31 @@ def test_data_loader_workers_outlive_the_stop_signal_slurm_sends_every_process(n
     got = [first] + list(batches)
     expected = list(train_batches(samples, 0, 2, 1, 1, 0, num_workers=0, steps=6))
     assert len(got) == 6 and all(a[0].equal(b[0]) for a, b in zip(got, expected))
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun's part in this test: start the command as two tasks of one step here, exit with the worst code
+while [[ $1 == --* ]]; do shift; done
+SLURM_PROCID=0 RANK=0 "$@" & a=$!
+SLURM_PROCID=1 RANK=1 "$@" & b=$!
+wait $a; ra=$?; wait $b; rb=$?
+exit $(( ra > rb ? ra : rb ))
+"""
+
+
+@pytest.mark.parametrize("task, code, stderr", [
+    ("sys.exit(report_failure(2, 'error: data_path x: not found'))", 2, "error: data_path x: not found\n"),
+    ("sys.exit(report_failure(3, 'error: training diverged', every_rank=False))", 3, "error: training diverged\n"),
+    ("sys.exit(0)", 0, ""),
+])
+def test_srun_tasks_failing_alike_print_one_line(task, code, stderr, tmp_path, monkeypatch, capfd):
+    srun, script = tmp_path / "srun", tmp_path / "task.py"
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(0o755)
+    script.write_text(f"import sys\nfrom megatron.launch.outcome import report_failure\n{task}\n")
+    monkeypatch.chdir(tmp_path)
+    launch = slurm.SrunLaunch(1, 2, None, {"SLURM_JOB_ID": "5"}, {})
+    command = NodeCommand(0, "step", [str(srun), "--ntasks=2", sys.executable, str(script)], remote=False)
+    assert launch.run(command, dict(os.environ, PYTHONPATH=str(ROOT))) == code
+    assert capfd.readouterr().err == stderr
+    assert not list(tmp_path.glob(".sepllm-ranks-*"))  # the outcome folder is gone

@@ -13,6 +13,10 @@ stop signals to the step, and requeueing the job after a checkpointed stop.
 * Stops (:meth:`SrunLaunch.run`): srun answers SIGTERM by killing its tasks at once, so deepy.py
   forwards SIGUSR1 to srun (which passes it on) and SIGTERM / SIGINT / SIGHUP as
   ``scancel --signal=TERM`` to the job's steps; a second signal ends the step at once.
+* Outcomes: the tasks record their failure in a folder under the working directory (on the shared
+  file system a multi-node job runs from), and deepy.py prints it once with the exit code of the cause,
+  as its own launcher does (megatron/launch/outcome.py). A task that cannot reach the folder (a
+  node-local working directory) prints its error itself.
 * Requeue (:func:`requeue_after_stop`, rank 0, after the checkpoint): a run stopped by SIGUSR1
   (``#SBATCH --signal=B:USR1@N``, ``scancel --signal=USR1``), or by SIGTERM while SLURM is
   preempting the job, runs ``scontrol requeue``; the requeued job resumes from ``latest`` in its
@@ -24,16 +28,19 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional
 
 from megatron.errors import LaunchError
 from megatron.launch.launcher import NodeCommand
+from megatron.launch.outcome import STATUS_DIR_ENV, command_exit_code, read_statuses, summarize
 
 PORT_BASE, PORT_SPAN = 15000, 10000  # MASTER_PORT from the job id: 15000..24999
 FROM_DEEPY_ENV = "SEPLLM_SRUN_RANKS"  # set by deepy.py's srun (``--launcher slurm`` need not be in the config)
@@ -228,6 +235,21 @@ class SrunLaunch:
                             self.argv(script, script_args), remote=False)]
 
     def run(self, command: NodeCommand, env: Dict[str, str]) -> int:
+        """Run srun and end in its tasks' one outcome (see the module doc)."""
+        status_dir = Path(tempfile.mkdtemp(prefix=f".sepllm-ranks-{self.job_id or 'step'}-", dir=os.getcwd()))
+        try:
+            code = self._run_step(command, {**env, STATUS_DIR_ENV: str(status_dir)})
+            statuses = read_statuses(status_dir)
+        finally:
+            shutil.rmtree(status_dir, ignore_errors=True)
+        if code < 0 and not statuses:  # srun itself was killed
+            return command_exit_code(code, "srun")
+        code, lines = summarize({0: code} if code else {}, statuses)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+        return code
+
+    def _run_step(self, command: NodeCommand, env: Dict[str, str]) -> int:
         """Run srun; stop signals reach its tasks without srun killing them (see the module doc)."""
         proc = subprocess.Popen(command.argv, env={**env, **self.overrides, FROM_DEEPY_ENV: "1"},
                                 start_new_session=True)
