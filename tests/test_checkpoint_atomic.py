@@ -95,3 +95,25 @@ def test_unwritable_dir(tmp_path):
     blocker.write_text("x")  # a file where a directory is needed: unwritable even for root
     with pytest.raises(CheckpointError, match=r"checkpoint directory '.*file/ckpt' \(key 'save'\) is not writable"):
         ensure_writable(str(blocker / "ckpt"))
+
+
+def test_only_the_latest_pointer_failing_says_the_checkpoint_is_whole(tmp_path, monkeypatch):
+    model = make_model(0)
+    save_checkpoint(str(tmp_path), 1, model, None, {"consumed_samples": 8}, {})
+    real = ckpt_mod.atomic_write_text
+
+    def full_disk_for_latest(path, text):
+        if path.name == "latest":
+            raise OSError(28, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(ckpt_mod, "atomic_write_text", full_disk_for_latest)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(str(tmp_path), 2, model, None, {"consumed_samples": 16}, {})
+    assert str(err.value) == (
+        f"checkpoint '{tmp_path / 'global_step2'}' is complete, but '{tmp_path / 'latest'}' could not be updated "
+        f"to name it: No space left on device; '{tmp_path / 'latest'}' still names global_step1. Resume from this "
+        f"one with load: '{tmp_path / 'global_step2'}', or fix '{tmp_path}' and resume as usual")
+    monkeypatch.undo()
+    assert load_checkpoint(str(tmp_path / "global_step2"), make_model(1))["iteration"] == 2  # whole, as it says
+    assert (tmp_path / "latest").read_text().strip() == "global_step1"

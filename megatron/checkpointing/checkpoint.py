@@ -245,7 +245,15 @@ def publish(tmp: Path, root: Path, iteration: int) -> Path:
     else:
         os.replace(tmp, final)
     fsync_dir(root)
-    atomic_write_text(root / LATEST, step_dir_name(iteration) + "\n")
+    latest = root / LATEST
+    previous = latest.read_text().strip() if latest.is_file() else None
+    try:
+        atomic_write_text(latest, step_dir_name(iteration) + "\n")
+    except OSError as e:  # the checkpoint is whole; only the pointer to it is not
+        raise CheckpointError(
+            f"checkpoint '{final}' is complete, but '{latest}' could not be updated to name it: "
+            f"{e.strerror or e}; '{latest}' still names {previous or 'no checkpoint'}. Resume from this one with "
+            f"load: '{final}', or fix '{root}' and resume as usual") from None
     fsync_dir(root)
     return final
 

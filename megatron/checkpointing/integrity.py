@@ -141,11 +141,15 @@ def atomic_write_text(path: Path, text: str) -> bytes:
     """Write ``text`` to ``path`` through a fsynced temporary file and a rename; returns the bytes."""
     data = text.encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written copy either
+        raise
     return data
 
 
