@@ -3,7 +3,8 @@
 A :class:`UserError` is a problem the user can fix (a config key, a file, a checkpoint, a launch
 setting); its message names the file or key and what was expected. Every command-line entry point
 runs through :func:`run_cli`, which prints ``error: <message>`` to stderr and exits 2, never a
-traceback. The subclasses only say which input was wrong; nothing catches them separately.
+traceback (:func:`exit_code` is the same without the exit, for a ``main`` that tests call in-process and
+that returns its code). The subclasses only say which input was wrong; nothing catches them separately.
 """
 from __future__ import annotations
 
@@ -50,15 +51,21 @@ def report(err: UserError, prog: Optional[str] = None) -> int:
     return EXIT_USER_ERROR
 
 
-def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv: Optional[List[str]] = None,
-            prog: Optional[str] = None) -> NoReturn:
-    """Run a CLI entry point: a user error is one line on stderr and exit code 2; Ctrl-C exits 130
-    with one line."""
+Main = Callable[[Optional[List[str]]], Optional[int]]
+
+
+def exit_code(main: Main, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """Run a CLI entry point and return its exit code: a user error is one line on stderr and 2;
+    Ctrl-C is one line and 130."""
     try:
-        code = main(argv) or 0
+        return main(argv) or 0
     except UserError as err:
-        code = report(err, prog)
+        return report(err, prog)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        code = EXIT_INTERRUPTED
-    sys.exit(code)
+        return EXIT_INTERRUPTED
+
+
+def run_cli(main: Main, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> NoReturn:
+    """Run a CLI entry point and exit with :func:`exit_code`'s code."""
+    sys.exit(exit_code(main, argv, prog))

@@ -155,7 +155,7 @@ class ZeroConfig:
 class Fp16Config:
     """DeepSpeed's / GPT-NeoX's ``fp16`` section: fp16 compute with (dynamic) loss scaling when
     ``loss_scale`` is 0, else a static scale. ``precision: fp16`` and ``enabled: true`` mean the same
-    (see ``validation.py``)."""
+    (``compat_groups.precision`` sets both)."""
 
     enabled: bool = False
     loss_scale: float = 0.0  # 0 = dynamic
