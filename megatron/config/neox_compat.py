@@ -387,7 +387,7 @@ def markdown_table() -> str:
             "otherwise) with the NeoX / reference meaning. **no-op**: accepted and listed in one info "
             "line at start-up. **unsupported**: reported with every other problem of the config in one "
             "error. `-` and `_` are interchangeable in every key; keys not listed here are our own "
-            "(see `megatron/config/schema.py`).", "",
+            "(every key of ours: [config.md](config.md)).", "",
             "| key | source | handling | our key | meaning here |", "| --- | --- | --- | --- | --- |"]
     rows = [f"| `{r.key}` | {r.dialect} | {r.kind} | {'`' + r.target + '`' if r.target[0] != '-' else r.target} | "
             f"{r.note.replace('|', '/')} |" for r in sorted(RULES, key=lambda r: (r.dialect != NEOX, r.key.lower()))]
