@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= requirements/constraints.txt
 PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: venv demo demo-data test test-slow test-all test-realmodel test-slurm aot-check lint clean-demo gpu-check gpu-plan
+.PHONY: venv demo demo-data test test-slow test-all test-realmodel test-slurm aot-check lint docs clean-demo gpu-check gpu-plan
 
 $(VENV)/.installed: setup.py requirements/base.txt requirements/dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ test-slurm: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# The generated docs (tests fail when they differ from the code): every config key, and the NeoX / SepLLM key table.
+docs: venv
+	$(PY) -m megatron.config.docs > docs/config.md
+	$(PY) tools/neox_compat_table.py > docs/neox_compat.md
 
 # GPU day one (bench/gpu_day_one.py): every GPU path checked and timed in under 8 minutes on one H200;
 # gpu_day_one.md / .json / .log land in GPU_OUT. gpu-plan needs no GPU: every command parses (CI runs it).

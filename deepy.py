@@ -62,54 +62,58 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    """deepy's exit code; bad input (config, hostfile, flags) is one ``error:`` line and 2."""
+    from megatron.errors import exit_code
+
+    return exit_code(launch_script, argv)
+
+
+def launch_script(argv=None) -> int:
     args = parse_args(argv)
     from megatron.config import dump_config, load_config, validate_launch
-    from megatron.errors import LaunchError, UserError, report
+    from megatron.errors import LaunchError
     from megatron.launch.launcher import build_commands, world_size
 
     configs = [str(Path(args.conf_dir) / c) if args.conf_dir else c for c in args.configs]
-    try:
-        if not Path(args.script).is_file():
-            raise LaunchError(f"training script not found: {args.script}")
-        cfg, _ = load_config(configs)
-        launch = cfg.launch
-        hostfile = args.hostfile or launch.hostfile
-        num_procs = args.num_procs or launch.num_gpus or (None if hostfile else launch.global_num_gpus)
-        if num_procs is None:
-            import torch
+    if not Path(args.script).is_file():
+        raise LaunchError(f"training script not found: {args.script}")
+    cfg, _ = load_config(configs)
+    launch = cfg.launch
+    hostfile = args.hostfile or launch.hostfile
+    num_procs = args.num_procs or launch.num_gpus or (None if hostfile else launch.global_num_gpus)
+    if num_procs is None:
+        import torch
 
-            num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
-                                                      cfg.parallel.pipe_parallel_size)
-        hosts = dict(include=args.include or launch.include, exclude=args.exclude or launch.exclude,
-                     num_nodes=launch.num_nodes if args.num_nodes is None else args.num_nodes)
-        world = world_size(num_procs, hostfile, **hosts)
-        launcher = args.launcher or launch.launcher
-        if launcher == "slurm":  # srun inside the allocation, one task per rank (megatron/launch/slurm.py)
-            from megatron.launch.slurm import SrunLaunch
+        num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
+                                                  cfg.parallel.pipe_parallel_size)
+    hosts = dict(include=args.include or launch.include, exclude=args.exclude or launch.exclude,
+                 num_nodes=launch.num_nodes if args.num_nodes is None else args.num_nodes)
+    world = world_size(num_procs, hostfile, **hosts)
+    launcher = args.launcher or launch.launcher
+    if launcher == "slurm":  # srun inside the allocation, one task per rank (megatron/launch/slurm.py)
+        from megatron.launch.slurm import SrunLaunch
 
-            srun = SrunLaunch.in_allocation(launch, args, num_procs, os.environ)
-            world = srun.world
-        if launch.global_num_gpus and world != launch.global_num_gpus:
-            raise LaunchError(f"global_num_gpus {launch.global_num_gpus} != the {world} processes this launch "
-                              "starts (hostfile slots or num_gpus)")
-        dp = validate_launch(cfg, world)  # fail here, not in every rank
-        commands = srun.commands(args.script, configs + args.script_args) if launcher == "slurm" else \
-            build_commands(args.script, configs + args.script_args, num_procs, hostfile,
-                           args.master_addr or launch.master_addr, args.master_port or launch.master_port or 29500,
-                           launcher, **hosts)
-        summary = []
-        if args.dry_run and Path(args.script).name == "train.py":  # other scripts need no training data
-            from megatron.training.summary import run_report
+        srun = SrunLaunch.in_allocation(launch, args, num_procs, os.environ)
+        world = srun.world
+    if launch.global_num_gpus and world != launch.global_num_gpus:
+        raise LaunchError(f"global_num_gpus {launch.global_num_gpus} != the {world} processes this launch "
+                          "starts (hostfile slots or num_gpus)")
+    dp = validate_launch(cfg, world)  # fail here, not in every rank
+    commands = srun.commands(args.script, configs + args.script_args) if launcher == "slurm" else \
+        build_commands(args.script, configs + args.script_args, num_procs, hostfile,
+                       args.master_addr or launch.master_addr, args.master_port or launch.master_port or 29500,
+                       launcher, **hosts)
+    summary = []
+    if args.dry_run and Path(args.script).name == "train.py":  # other scripts need no training data
+        from megatron.training.summary import run_report
 
-            summary = run_report(cfg, dp)
-        if args.dry_run:  # the ranks refuse it on their device; this machine may be a login node
-            from megatron.config.validation import zero_fp16_device_problem
+        summary = run_report(cfg, dp)
+    if args.dry_run:  # the ranks refuse it on their device; this machine may be a login node
+        from megatron.config.validation import zero_fp16_device_problem
 
-            problem = zero_fp16_device_problem(cfg)
-            if problem:
-                summary.append(f"warning: ranks on a machine like this one will refuse this config: {problem}")
-    except UserError as e:
-        return report(e)
+        problem = zero_fp16_device_problem(cfg)
+        if problem:
+            summary.append(f"warning: ranks on a machine like this one will refuse this config: {problem}")
     print("resolved config:\n" + dump_config(cfg), flush=True)
     if args.dry_run:
         for line in summary:
@@ -122,9 +126,7 @@ def main(argv=None) -> int:
         return srun.run(commands[0], env)
     if args.node_rank is not None:
         if not hostfile or not 0 <= args.node_rank < len(commands):
-            print(f"error: --node-rank {args.node_rank} needs --hostfile with more than {args.node_rank} hosts",
-                  file=sys.stderr)
-            return 2
+            raise LaunchError(f"--node-rank {args.node_rank} needs --hostfile with more than {args.node_rank} hosts")
         commands = [dataclasses.replace(commands[args.node_rank], remote=False)]  # this node's share, here
     # Stop signals are forwarded to the ranks (they save and exit 0); the children get SIGTERM if this
     # launcher dies, even by SIGKILL: no orphan ranks (megatron/launch/signals.py).
@@ -137,9 +139,5 @@ def main(argv=None) -> int:
     return command_exit_code(code, args.script if world == 1 else "a node's torchrun")
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C before the ranks started (after, it is forwarded to them)
-        print("deepy.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+if __name__ == "__main__":  # Ctrl-C before the ranks start: exit 130 (after, it is forwarded to them)
+    sys.exit(main())

@@ -52,37 +52,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """eval.py's exit code; bad input (config, checkpoint, task) is one ``error:`` line and 2."""
+    from megatron.errors import exit_code
+
+    return exit_code(evaluate, argv)
+
+
+def evaluate(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from megatron.errors import UserError, report
+    from megatron.evaluation import runner
     from megatron.parallel.distributed import init_distributed, rank, shutdown_distributed
 
-    is_writer = int(os.environ.get("RANK", "0")) == 0
-    log = print if is_writer else (lambda *_: None)
-    try:
-        from megatron.evaluation import runner
-
-        runner.quiet_lm_eval(args.verbosity)
-        settings = runner.settings_from_config(
-            args.configs, log=log, load=args.load, tasks=args.tasks, num_fewshot=args.num_fewshot,
-            limit=args.limit, batch_size=args.batch_size, output_path=args.output_path, device=args.device,
-            dtype=args.dtype, task_data=args.task_data, max_length=args.max_length, long_context=args.long_context,
-            tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-            seed=args.seed, bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
-            use_wandb=args.use_wandb, wandb_project=args.wandb_project, progress=False if args.no_progress else None)
-        init_distributed()
-        results = runner.evaluate(settings, log=log)
-        if rank() == 0 and results is not None:
-            json_path, md_path = runner.write_outputs(settings, results)
-            print(runner.results_table(results))
-            print(f"wrote {json_path} and {md_path}")
-            if settings.use_wandb:
-                runner.log_wandb(settings, results, json_path.parent)
-        shutdown_distributed()
-    except UserError as e:
-        return report(e)
-    except KeyboardInterrupt:
-        return 130
+    log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *_: None)
+    runner.quiet_lm_eval(args.verbosity)
+    settings = runner.settings_from_config(
+        args.configs, log=log, load=args.load, tasks=args.tasks, num_fewshot=args.num_fewshot,
+        limit=args.limit, batch_size=args.batch_size, output_path=args.output_path, device=args.device,
+        dtype=args.dtype, task_data=args.task_data, max_length=args.max_length, long_context=args.long_context,
+        tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        seed=args.seed, bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
+        use_wandb=args.use_wandb, wandb_project=args.wandb_project, progress=False if args.no_progress else None)
+    init_distributed()
+    results = runner.evaluate(settings, log=log)
+    if rank() == 0 and results is not None:
+        json_path, md_path = runner.write_outputs(settings, results)
+        print(runner.results_table(results))
+        print(f"wrote {json_path} and {md_path}")
+        if settings.use_wandb:
+            runner.log_wandb(settings, results, json_path.parent)
+    shutdown_distributed()
     return 0
 
 

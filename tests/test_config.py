@@ -1,9 +1,14 @@
+import copy
+import functools
 import json
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from megatron.config import config_from_tree, config_to_tree, load_config, validate_layout
+from megatron.config import Config, config_from_tree, config_to_tree, load_config, validate_layout
+from megatron.config.validation import validate
 from megatron.errors import ConfigError
 
 
@@ -90,10 +95,56 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_pipe_parallel_zero_means_one_and_string_floats():
     logs = []
-    cfg = config_from_tree({"pipe_parallel_size": 0, "optimizer": {"params": {"lr": "6e-4"}}})
+    cfg = config_from_tree({"pipe_parallel_size": 0, "optimizer": {"params": {"lr": "6e-4"}}}, log=logs.append)
     assert cfg.parallel.pipe_parallel_size == 1
+    assert logs == ["config: pipe_parallel_size = 0 read as 1 (no pipeline split)"]
     assert cfg.optimizer.params.lr == pytest.approx(6e-4)
-    del logs
+    with pytest.raises(ConfigError, match="key 'pipe_parallel_size' = False is not valid; expected int"):
+        config_from_tree({"pipe_parallel_size": False})
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Our configs, and NeoX-dialect ones whose translation decides what validation used to change in place
+# (pythia_14m_style: pipe-parallel-size 0; the others: an fp16 section with enabled / fp16 / bfloat16).
+CONFIG_SETS = [[str(p)] for p in sorted((ROOT / "configs").glob("**/*.yml"))] + [
+    [str(ROOT / "tests/data/pythia" / f) for f in files] for files in (
+        ["pythia_14m_style.yml"], ["pythia_160m_style.yml", "cpu_overlay.yml"])] + [
+    [str(ROOT / "tests/data/neox_dialect" / f) for f in files] for files in (
+        ["my_neox_160M.yml"], ["neox_llama_7B.yml", "neox_local_setup.yml"], ["neox_mistral_window.yml"],
+        ["sepllm_n64HT.yml"])]
+
+
+@pytest.mark.parametrize("paths", CONFIG_SETS, ids=lambda paths: "+".join(Path(p).stem for p in paths))
+def test_validation_reads_the_config_and_changes_nothing(paths):
+    cfg, source = load_config(paths, log=lambda m: None)
+    before = copy.deepcopy(cfg)
+    validate(cfg, source)
+    assert cfg == before
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("parallel.pipe_parallel_size", 0, "key 'pipe_parallel_size' = 0 is not valid; expected an integer >= 1"),
+    ("training.precision", "fp16", "fp16.enabled is false but precision is fp16; set precision: fp16 with "
+                                   "enabled: true, or neither"),
+    ("training.fp16.enabled", True, "fp16.enabled is true but precision is fp32"),
+])
+def test_validation_refuses_what_only_the_translation_may_decide(field, value, expected):
+    """A Config built in Python skips the translation: validation says what is wrong and fixes nothing."""
+    cfg = Config()
+    *parents, name = field.split(".")
+    setattr(functools.reduce(getattr, parents, cfg), name, value)
+    before = copy.deepcopy(cfg)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(cfg)
+    assert cfg == before
+
+
+def test_translation_sets_precision_and_fp16_enabled_together():
+    cfg = config_from_tree({"precision": "fp16"})
+    assert (cfg.training.precision, cfg.training.fp16.enabled) == ("fp16", True)
+    cfg = config_from_tree({"fp16": {"enabled": True, "loss_scale_window": 50}})
+    assert (cfg.training.precision, cfg.training.fp16.enabled, cfg.training.fp16.loss_scale_window) == \
+        ("fp16", True, 50)
 
 
 def test_round_trip_tree():

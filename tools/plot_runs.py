@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-class PlotError(ValueError):
+from megatron.errors import UserError, run_cli  # noqa: E402
+
+
+class PlotError(UserError):
     pass
 
 
@@ -76,18 +80,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    try:
-        runs = {}
-        for spec in args.runs:
-            name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
-            runs[name] = read_run(path)
-        plot(runs, args.out, args.title)
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runs = {}
+    for spec in args.runs:
+        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        runs[name] = read_run(path)
+    plot(runs, args.out, args.title)
     print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

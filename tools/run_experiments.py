@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from megatron.errors import UserError, run_cli  # noqa: E402
+
 VARIANTS = ("full", "sepllm", "streamingllm", "fixed_interval")
 TASKS = ("docs_lambada", "docs_cloze")  # local lm-eval tasks (megatron/evaluation/tasks/)
 POLICY = {"full": "full", "sepllm": "sepllm", "streamingllm": "streamingllm", "fixed_interval": "sepllm"}
@@ -46,7 +48,7 @@ SMOKE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "seq_leng
          "log_interval": 2, "split": "90,10,0", "make_vocab_size_divisible_by": 64}
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(UserError):
     pass
 
 
@@ -313,8 +315,7 @@ def main(argv=None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
-        print(f"error: unknown variant(s) {bad}; choose from {list(VARIANTS)}", file=sys.stderr)
-        return 2
+        raise ExperimentError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
     if args.cache is None:
         args.cache = (4, 16, 32, 64) if args.smoke else (4, 64, 128, 256)
     if args.smoke:
@@ -322,23 +323,19 @@ def main(argv=None) -> int:
         args.task_limit = args.task_limit or 16
     out = ROOT / (args.out_dir or ("runs/smoke" if args.smoke else "runs/experiments"))
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        data = prepare_data(args, out)
-        run_dirs = {v: (out / v if args.skip_train else train(v, args, out, data)) for v in variants}
-        results = {v: evaluate(v, d, data, args) for v, d in run_dirs.items()}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        body = table(results, args, out)
-        pngs = plots(results, run_dirs, out if args.smoke else ROOT / "bench" / "plots")
-        results_md = out / "RESULTS.md" if args.smoke else ROOT / "bench" / "RESULTS.md"
-        body += "\n\n" + "\n".join(f"![{p.stem}]({os.path.relpath(p, results_md.parent)})" for p in pngs)
-        write_section(results_md, body)
-    except ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    data = prepare_data(args, out)
+    run_dirs = {v: (out / v if args.skip_train else train(v, args, out, data)) for v in variants}
+    results = {v: evaluate(v, d, data, args) for v, d in run_dirs.items()}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    body = table(results, args, out)
+    pngs = plots(results, run_dirs, out if args.smoke else ROOT / "bench" / "plots")
+    results_md = out / "RESULTS.md" if args.smoke else ROOT / "bench" / "RESULTS.md"
+    body += "\n\n" + "\n".join(f"![{p.stem}]({os.path.relpath(p, results_md.parent)})" for p in pngs)
+    write_section(results_md, body)
     print(body)
     print(f"wrote {results_md} and {', '.join(str(p) for p in pngs)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -116,6 +116,14 @@ def _optimizer(ctx: Context, key: str, value: Any) -> None:
             ctx.assign(dotted, v, dotted)
 
 
+def _pipe_parallel_size(ctx: Context, key: str, value: Any) -> None:
+    """NeoX's 0 means no pipeline engine: one stage, as 1 does."""
+    if value == 0 and type(value) is int:
+        ctx.log("config: pipe_parallel_size = 0 read as 1 (no pipeline split)")
+        value = 1
+    ctx.assign(key, value, key)
+
+
 def _attention_section(ctx: Context, key: str, value: Any) -> None:
     """Our ``attention:`` section, one assignment per leaf so SepLLM keys can override leaves."""
     if not isinstance(value, dict):
@@ -232,7 +240,9 @@ RULES: List[Rule] = [
     noop_unless("data_impl", lambda v: v in ("mmap", "infer"), "mmap/infer: our datasets are mmap",
                 "only mmap indexed datasets are implemented"),
     # ---------------------------------------------------------------- parallelism and activations
-    same("pipe_parallel_size", "0 (NeoX: no pipeline engine) reads as 1"), same("model_parallel_size"),
+    Rule("pipe_parallel_size", MAPPED, NEOX, "pipe_parallel_size", "0 (NeoX: no pipeline engine) reads as 1",
+         _pipe_parallel_size),
+    same("model_parallel_size"),
     same("sequence_parallel"), same("distributed_backend", "nccl falls back to gloo with a message on "
                                                            "a machine without CUDA"),
     same("checkpoint_activations"),
@@ -381,7 +391,7 @@ def markdown_table() -> str:
             "otherwise) with the NeoX / reference meaning. **no-op**: accepted and listed in one info "
             "line at start-up. **unsupported**: reported with every other problem of the config in one "
             "error. `-` and `_` are interchangeable in every key; keys not listed here are our own "
-            "(see `megatron/config/schema.py`).", "",
+            "(every key of ours: [config.md](config.md)).", "",
             "| key | source | handling | our key | meaning here |", "| --- | --- | --- | --- | --- |"]
     rows = [f"| `{r.key}` | {r.dialect} | {r.kind} | {'`' + r.target + '`' if r.target[0] != '-' else r.target} | "
             f"{r.note.replace('|', '/')} |" for r in sorted(RULES, key=lambda r: (r.dialect != NEOX, r.key.lower()))]

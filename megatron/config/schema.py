@@ -5,7 +5,8 @@ YAML keys follow GPT-NeoX names, with NeoX's meaning: most keys are flat at the 
 ``zero_optimization`` and ``fp16`` are nested, as in NeoX. Keys that NeoX or the SepLLM reference
 spell differently are translated by ``megatron/config/neox_compat.py`` (the table is
 docs/neox_compat.md); every field is validated by ``megatron/config/validation.py``. ``-`` and ``_``
-are interchangeable in key names.
+are interchangeable in key names. Each field's description is the string on the line after it;
+docs/config.md is generated from them (``python -m megatron.config.docs > docs/config.md``).
 """
 from __future__ import annotations
 
@@ -20,44 +21,73 @@ InitMethodName = Literal["normal", "scaled_normal", "orthogonal", "scaled_orthog
 @dataclass
 class ModelConfig:
     num_layers: int = 2
+    """Transformer blocks."""
     hidden_size: int = 128
+    """Width of the residual stream (the embedding size)."""
     num_attention_heads: int = 4
-    num_kv_heads: Optional[int] = None  # GQA; None = num_attention_heads
+    """Query heads per layer; hidden_size must be a multiple of it."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention); null = num_attention_heads."""
     seq_length: int = 256
-    max_position_embeddings: Optional[int] = None  # None = seq_length
+    """Tokens per training sample."""
+    max_position_embeddings: Optional[int] = None
+    """Rows of the learned position table (pos_emb learned); null = seq_length."""
     make_vocab_size_divisible_by: int = 128
+    """The tokenizer's vocabulary is padded to a multiple of this x model_parallel_size."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation of each block's inputs and of the final hidden states."""
     layernorm_epsilon: float = 1e-5
-    rms_norm_epsilon: Optional[float] = None  # rmsnorm's epsilon; None = layernorm_epsilon
-    use_bias_in_norms: bool = True  # layernorm bias (rmsnorm has none)
+    """Epsilon of layernorm (and of rmsnorm when rms_norm_epsilon is unset)."""
+    rms_norm_epsilon: Optional[float] = None
+    """Epsilon of rmsnorm; null = layernorm_epsilon."""
+    use_bias_in_norms: bool = True
+    """Layernorm has a bias (rmsnorm has none either way)."""
     pos_emb: Literal["rotary", "learned", "none", "alibi"] = "rotary"
-    # BiPE (SepLLM's bilevel positions, USE_BiPE): segments end at a separator; a learned table encodes
-    # the position inside the segment, rotary / ALiBi the segment index. None = the Sep-Attention separators.
+    """Position encoding: rotary (RoPE), a learned table, none, or ALiBi biases on the scores."""
     bipe: bool = False
+    """BiPE (SepLLM's bilevel positions): a learned table inside a segment, rotary / ALiBi over segments."""
     bipe_separator_ids: Optional[List[int]] = None
+    """Token ids that end a BiPE segment; null = the Sep-Attention separators."""
     rotary_pct: float = 1.0
+    """Fraction of each head's dimensions that rotary rotates (Pythia: 0.25)."""
     rotary_emb_base: float = 10000.0
-    rotary_interleaved: bool = False  # GPT-J pairwise style instead of NeoX rotate-half
-    gpt_j_residual: bool = False  # parallel attention + MLP residual (Pythia)
+    """Base of the rotary frequencies (HF: rope_theta)."""
+    rotary_interleaved: bool = False
+    """Rotate adjacent pairs (GPT-J style) instead of NeoX's two halves."""
+    gpt_j_residual: bool = False
+    """Attention and MLP read the same input and add to one residual, each with its own norm (Pythia)."""
     activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
-    # MLP width with NeoX's meaning: None = 4h; gated (swiglu) MLPs take 2/3 of it, split over the two
-    # branches, rounded up to mlp_multiple_of (see mlp_sizes). ffn_hidden_size is the literal
-    # per-branch width (Megatron-LM's name; what HF configs call intermediate_size) and wins.
+    """MLP activation; swiglu is gated (two input branches)."""
     intermediate_size: Optional[int] = None
+    """MLP width with NeoX's meaning: null = 4 x hidden_size; swiglu takes 2/3 of it (see mlp_sizes)."""
     mlp_multiple_of: int = 1
+    """The MLP widths from intermediate_size are rounded up to a multiple of this (NeoX's rule)."""
     ffn_hidden_size: Optional[int] = None
+    """Literal width of one MLP branch (HF's intermediate_size); set this or intermediate_size."""
     no_weight_tying: bool = False
+    """The output layer has its own weights instead of the input embedding's."""
     use_bias_in_attn_linear: bool = True
+    """The QKV and attention output projections have biases."""
     use_bias_in_mlp: bool = True
+    """The MLP projections have biases."""
     init_method_std: float = 0.02
-    init_method: InitMethodName = "normal"  # embeddings, QKV, MLP input, LM head
-    output_layer_init_method: InitMethodName = "scaled_normal"  # attention output, MLP output
+    """Standard deviation of the normal initialisations."""
+    init_method: InitMethodName = "normal"
+    """Initialisation of the embeddings, QKV, MLP input and output layer."""
+    output_layer_init_method: InitMethodName = "scaled_normal"
+    """Initialisation of the attention and MLP output projections."""
     hidden_dropout: float = 0.0
+    """Dropout on the attention and MLP outputs before they join the residual."""
     attention_dropout: float = 0.0
-    fused_rope: Optional[bool] = None  # None = auto (Triton on GPU, eager on CPU)
+    """Dropout on the attention probabilities (dense kernels and full-attention layers only)."""
+    fused_rope: Optional[bool] = None
+    """Triton rotary kernel; null = auto (Triton on GPU, eager on CPU)."""
     fused_layernorm: Optional[bool] = None
+    """Triton layernorm / rmsnorm kernel; null = auto (Triton on GPU, eager on CPU)."""
     fused_cross_entropy: Optional[bool] = None
+    """Triton cross-entropy kernel; null = auto (Triton on GPU, eager on CPU)."""
     checkpoint_activations: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them."""
 
     @property
     def kv_heads(self) -> int:
@@ -104,18 +134,30 @@ def ffn_width(m: ModelConfig) -> int:
 
 @dataclass
 class SepLLMConfig:
-    # A config that says nothing about SepLLM trains what NeoX would: full causal attention.
+    """The ``attention.sepllm`` section: which keys each query sees. A config that says nothing about
+    SepLLM trains what NeoX would: full causal attention."""
+
     mode: Literal["sepllm", "streamingllm", "fixed_interval", "full"] = "full"
+    """Attention rule: SepLLM, StreamingLLM (initial + local), fixed-interval separators, or full causal."""
     n_init: int = 3
+    """Initial tokens every query sees."""
     n_local: int = 64
-    interval: int = 5  # fixed_interval: every k-th position acts as a separator
+    """Local window, counting the query itself."""
+    interval: int = 5
+    """fixed_interval: every interval-th position acts as a separator."""
     separator_tokens: List[str] = field(
         default_factory=lambda: [".", ",", "?", "!", ";", ":", " ", "\t", "\n"])
+    """Separator strings, looked up in the tokenizer's vocabulary."""
     include_space_prefixed: bool = True
-    separator_ids: Optional[List[int]] = None  # overrides separator_tokens when given
-    full_attention_layers: List[int] = field(default_factory=list)  # hybrid: H=[0], HT=[0,-1]
-    layer_n_local: Dict[int, int] = field(default_factory=dict)  # per-layer window overrides
-    separate_documents: bool = False  # never attend across EOD boundaries
+    """Also count each separator's space-prefixed token (' ,') as a separator."""
+    separator_ids: Optional[List[int]] = None
+    """Separator token ids; when set, separator_tokens is not used."""
+    full_attention_layers: List[int] = field(default_factory=list)
+    """Layers with full causal attention (hybrid variants: H = [0], HT = [0, -1]; negative counts from the end)."""
+    layer_n_local: Dict[int, int] = field(default_factory=dict)
+    """Per-layer local windows: {layer: n_local}; other layers use n_local."""
+    separate_documents: bool = False
+    """Attention never crosses an end-of-document token; each document has its own initial tokens."""
 
     def separator_ids_from(self, tokenizer) -> List[int]:
         """The separator ids: those set by number, else ``tokenizer``'s ids of ``separator_tokens``."""
@@ -127,7 +169,9 @@ class SepLLMConfig:
 @dataclass
 class AttentionConfig:
     impl: Literal["auto", "reference", "compact", "flex", "triton", "sdpa", "flash"] = "auto"
+    """Attention kernel of the Sep-Attention layers; auto: compact on CPU, flex or triton on CUDA."""
     sepllm: SepLLMConfig = field(default_factory=SepLLMConfig)
+    """The Sep-Attention rule: which keys each query sees."""
 
 
 @dataclass
@@ -136,154 +180,253 @@ class ZeroConfig:
     DeepSpeed's defaults; set ones are passed to DeepSpeed unchanged."""
 
     stage: int = 0
+    """ZeRO stage: 0 (our data-parallel all-reduce), 1 (optimizer state sharded) or 2 (gradients too)."""
     allgather_partitions: Optional[bool] = None
+    """DeepSpeed: all-gather the updated parameters (else broadcast)."""
     allgather_bucket_size: Optional[int] = None
+    """DeepSpeed: elements all-gathered at a time."""
     overlap_comm: Optional[bool] = None
+    """DeepSpeed: overlap gradient reduction with the backward pass."""
     reduce_scatter: Optional[bool] = None
+    """DeepSpeed: reduce gradients with reduce-scatter (else all-reduce)."""
     reduce_bucket_size: Optional[int] = None
+    """DeepSpeed: elements reduced at a time."""
     contiguous_gradients: Optional[bool] = None
+    """DeepSpeed: copy gradients into one contiguous buffer as they are produced."""
     round_robin_gradients: Optional[bool] = None
-    cpu_offload: Optional[bool] = None  # DeepSpeed's older spelling of offload_optimizer: {device: cpu}
+    """DeepSpeed: stage 2 gradient partitioning in round-robin order."""
+    cpu_offload: Optional[bool] = None
+    """DeepSpeed's older spelling of offload_optimizer: {device: cpu}."""
     offload_optimizer: Optional[Dict[str, object]] = None
+    """DeepSpeed: optimizer state and step on another device ({device: cpu, ...})."""
     elastic_checkpoint: Optional[bool] = None
+    """DeepSpeed: optimizer checkpoints loadable on another data-parallel size."""
     load_from_fp32_weights: Optional[bool] = None
+    """DeepSpeed: restore the fp32 master weights from the checkpoint's fp32 copy."""
     ignore_unused_parameters: Optional[bool] = None
+    """DeepSpeed: parameters without gradients are no error."""
     use_multi_rank_bucket_allreduce: Optional[bool] = None
+    """DeepSpeed: all-reduce buckets from several ranks together."""
 
 
 @dataclass
 class Fp16Config:
     """DeepSpeed's / GPT-NeoX's ``fp16`` section: fp16 compute with (dynamic) loss scaling when
     ``loss_scale`` is 0, else a static scale. ``precision: fp16`` and ``enabled: true`` mean the same
-    (see ``validation.py``)."""
+    (``compat_groups.precision`` sets both)."""
 
     enabled: bool = False
-    loss_scale: float = 0.0  # 0 = dynamic
-    initial_scale_power: int = 16  # dynamic scaling starts at 2 ** initial_scale_power
-    loss_scale_window: int = 1000  # overflow-free steps before the scale doubles
-    hysteresis: int = 2  # overflows tolerated before the scale halves
+    """fp16 is on; always equal to precision == fp16 (either spelling sets both)."""
+    loss_scale: float = 0.0
+    """Static loss scale; 0 = dynamic scaling."""
+    initial_scale_power: int = 16
+    """Dynamic scaling starts at 2 ** initial_scale_power."""
+    loss_scale_window: int = 1000
+    """Overflow-free steps before the dynamic scale doubles."""
+    hysteresis: int = 2
+    """Overflows tolerated before the dynamic scale halves."""
     min_loss_scale: float = 1.0
+    """The dynamic scale never drops below this."""
 
 
 @dataclass
 class ParallelConfig:
-    model_parallel_size: int = 1  # tensor parallel
-    pipe_parallel_size: int = 1  # 0 is accepted as 1 (NeoX's "no pipeline engine" spelling)
-    context_parallel_size: int = 1  # sequence of each micro-batch split over this many ranks
+    model_parallel_size: int = 1
+    """Tensor-parallel ranks: attention heads and MLP columns split over them."""
+    pipe_parallel_size: int = 1
+    """Pipeline stages (NeoX's 0, no pipeline engine, is read as 1)."""
+    context_parallel_size: int = 1
+    """Ranks the sequence of each micro-batch is split over."""
     sequence_parallel: bool = False
+    """Norms and dropout run on a tensor-parallel rank's share of the sequence."""
     pipe_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule of the micro-batches."""
     virtual_pipe_stages: int = 1
+    """Model chunks per pipeline rank (interleaved_1f1b needs > 1)."""
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
+    """DeepSpeed ZeRO settings."""
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl on CUDA, gloo otherwise (nccl without CUDA falls back)."""
 
 
 @dataclass
 class OptimizerParams:
     lr: float = 6e-4
+    """Peak learning rate (after warmup)."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam's beta1 and beta2."""
     eps: float = 1e-8
+    """Adam's epsilon."""
 
 
 @dataclass
 class OptimizerConfig:
     type: Literal["adam", "adamw"] = "adamw"
+    """Both mean Adam with decoupled weight decay (AdamW), as NeoX's Adam does."""
     params: OptimizerParams = field(default_factory=OptimizerParams)
+    """Learning rate, betas, eps."""
 
 
 @dataclass
 class TrainingConfig:
     train_micro_batch_size_per_gpu: int = 4
+    """Samples per forward pass on one data-parallel rank."""
     gradient_accumulation_steps: int = 1
-    train_batch_size: Optional[int] = None  # checked against micro * accum * dp when given
+    """Micro-batches per optimizer step (the pipeline's micro-batches)."""
+    train_batch_size: Optional[int] = None
+    """Samples per optimizer step; checked against micro x accumulation x data-parallel size when set."""
     train_iters: int = 100
+    """Optimizer steps to train."""
     seed: int = 1234
+    """Seed of the weights, dropout and data order."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    fp16: Fp16Config = field(default_factory=Fp16Config)  # a top-level YAML section, as in NeoX
+    """Compute precision: fp32, bf16 (autocast), or fp16 with loss scaling."""
+    fp16: Fp16Config = field(default_factory=Fp16Config)
+    """fp16 loss scaling (a top-level section, as in NeoX)."""
     weight_decay: float = 0.01
+    """Decoupled weight decay."""
     clip_grad: float = 1.0
+    """Clip gradients to this global norm; 0 = no clipping."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    lr_decay_iters: Optional[int] = None  # None = train_iters
-    warmup: float = 0.01  # fraction of lr_decay_iters, as in NeoX
-    warmup_iters: Optional[int] = None  # absolute warmup iterations; overrides warmup when set
+    """Learning-rate decay after warmup."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations over which the learning rate decays to min_lr; null = train_iters."""
+    warmup: float = 0.01
+    """Warmup as a fraction of lr_decay_iters, as in NeoX."""
+    warmup_iters: Optional[int] = None
+    """Warmup in iterations; overrides warmup when set."""
     min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
     eval_interval: int = 100
+    """Iterations between validation runs."""
     eval_iters: int = 10
-    exit_interval: Optional[int] = None  # stop (after saving) once iteration % exit_interval == 0
-    max_skipped_steps: int = 20  # stop (exit 3) after this many consecutive non-finite (skipped) steps
+    """Batches per validation run and for the final test run."""
+    exit_interval: Optional[int] = None
+    """Stop (after saving) once iteration % exit_interval == 0."""
+    max_skipped_steps: int = 20
+    """Stop (exit 3) after this many consecutive non-finite (skipped) steps."""
 
 
 @dataclass
 class DataConfig:
     data_path: Optional[str] = None
+    """One indexed dataset (prefix of .bin/.idx) divided into train / valid / test by split."""
     train_data_paths: Optional[List[str]] = None
+    """Training datasets (prefixes), blended by train_data_weights; instead of data_path."""
     valid_data_paths: Optional[List[str]] = None
+    """Validation datasets (prefixes)."""
     test_data_paths: Optional[List[str]] = None
+    """Test datasets (prefixes), evaluated at the end of training."""
     train_data_weights: Optional[List[float]] = None
+    """Blending weights of train_data_paths; null = in proportion to their token counts."""
     split: str = "969,30,1"
+    """Train, valid, test weights dividing data_path."""
     tokenizer_type: Literal["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer"] = "HFTokenizer"
+    """Tokenizer kind: a tokenizers JSON file, a SentencePiece model, or GPT-2 BPE (vocab + merges)."""
     vocab_file: Optional[str] = None
+    """Tokenizer file (tokenizer.json, .model, or GPT-2 vocab.json)."""
     merge_file: Optional[str] = None
+    """GPT-2 BPE merges file (GPT2BPETokenizer)."""
     data_cache_dir: Optional[str] = None
+    """Folder of the sample index caches; null = next to each dataset."""
     num_workers: int = 0
+    """Background DataLoader workers preparing batches; 0 = in the training process."""
 
 
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = None
+    """Directory checkpoints are saved to; null = no checkpoints."""
     load: Optional[str] = None
-    checkpoint_factor: int = 0  # save every N iterations (0 = only at the end)
-    extra_save_iters: List[int] = field(default_factory=list)  # also save at these (0 = before training)
+    """Checkpoint to start from (a save directory or global_stepN); missing or empty: from scratch."""
+    checkpoint_factor: int = 0
+    """Save every N iterations (0 = only at the end)."""
+    extra_save_iters: List[int] = field(default_factory=list)
+    """Also save at these iterations (0 = before training)."""
     keep_last_n_checkpoints: Optional[int] = None
-    finetune: bool = False  # load weights only: reset optimizer, iteration and data position
+    """Keep the last N checkpoints this run wrote; null = keep all."""
+    finetune: bool = False
+    """Load weights only: reset optimizer, iteration and data position."""
 
 
 @dataclass
 class LoggingConfig:
     log_interval: int = 10
+    """Iterations between metrics lines."""
     use_wandb: bool = False
+    """Log metrics to Weights & Biases."""
     wandb_project: str = "sepllm-neox"
+    """wandb project."""
     wandb_group: Optional[str] = None
+    """wandb group of the run."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    wandb_entity: Optional[str] = None  # NeoX: wandb_team
-    wandb_host: Optional[str] = None  # e.g. https://api.wandb.ai
+    """wandb mode; online without credentials logs offline (WANDB_MODE wins)."""
+    wandb_entity: Optional[str] = None
+    """wandb team or user."""
+    wandb_host: Optional[str] = None
+    """wandb server, e.g. https://api.wandb.ai."""
     wandb_run_name: Optional[str] = None
+    """wandb run name."""
     tensorboard_dir: Optional[str] = None
-    log_dir: Optional[str] = None  # JSONL metrics file goes here
-    peak_theoretical_tflops: Optional[float] = None  # per device, for MFU; None = look up the device
-    kv_ratio_interval: Optional[int] = None  # log the Sep-Attention kept-KV fraction every N iterations
+    """Write TensorBoard events here (needs the tensorboard package)."""
+    log_dir: Optional[str] = None
+    """Folder of the metrics.jsonl file (and wandb's files)."""
+    peak_theoretical_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device, for MFU; null = look the device up."""
+    kv_ratio_interval: Optional[int] = None
+    """Log the Sep-Attention kept-KV fraction every N iterations."""
 
 
 @dataclass
 class LaunchConfig:
     """What deepy.py launches (its command-line flags override these)."""
 
-    hostfile: Optional[str] = None  # DeepSpeed format: 'host slots=N' per line
-    # multi-node: per-node torchrun, the deepspeed launcher, or srun inside a SLURM allocation
+    hostfile: Optional[str] = None
+    """DeepSpeed-format hostfile ('host slots=N' per line) for several nodes."""
     launcher: Literal["torchrun", "deepspeed", "slurm"] = "torchrun"
-    num_gpus: Optional[int] = None  # processes per node; None = GPUs present, else tp x pp
-    global_num_gpus: Optional[int] = None  # the world size, checked against the launch
+    """Multi-node launch: torchrun per node, the deepspeed launcher, or srun inside a SLURM allocation."""
+    num_gpus: Optional[int] = None
+    """Processes per node; null = GPUs present, else tp x pp."""
+    global_num_gpus: Optional[int] = None
+    """The world size, checked against the launch."""
     master_addr: Optional[str] = None
+    """Address of rank 0; null = 127.0.0.1 on one node, the first host with a hostfile."""
     master_port: Optional[int] = None
-    deepspeed_slurm: bool = False  # an srun task takes its rank and world size from SLURM's environment
-    comment: Optional[str] = None  # srun --comment (launcher slurm)
-    account: Optional[str] = None  # srun --account (launcher slurm)
-    # DeepSpeed's host selection: "node-a@node-b:0,2" (hosts, or slots of a host after ':')
+    """Port of rank 0; null = 29500."""
+    deepspeed_slurm: bool = False
+    """An srun task takes its rank and world size from SLURM's environment."""
+    comment: Optional[str] = None
+    """srun --comment (launcher slurm)."""
+    account: Optional[str] = None
+    """srun --account (launcher slurm)."""
     include: Optional[str] = None
+    """DeepSpeed's host selection: only these hosts, 'node-a@node-b:0,2' (slots of a host after ':')."""
     exclude: Optional[str] = None
-    num_nodes: int = -1  # the first N hosts left after include/exclude; -1: all
+    """DeepSpeed's host selection: leave these hosts (or host:slots) out, as include."""
+    num_nodes: int = -1
+    """The first N hosts left after include/exclude; -1 = all."""
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape, positions, MLP, initialisation, kernels."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Attention kernel and Sep-Attention rule."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor, pipeline, context and data parallelism, ZeRO."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and its parameters."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch, schedule, precision, evaluation and stopping."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and loading checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics, wandb, TensorBoard."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """What deepy.py launches."""
 
 
 # Groups whose fields are flat top-level YAML keys.

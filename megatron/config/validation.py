@@ -4,7 +4,8 @@ parallel layout against a world size.
 :func:`config_from_tree` translates NeoX / SepLLM spellings (``neox_compat.py``), then checks every
 key and reports every unknown key, wrong type and unsupported feature at once, each as one
 ``file:line: message`` line of one :class:`~megatron.errors.ConfigError`; range checks follow, also
-all at once. Launch checks raise on the first problem."""
+all at once. Launch checks raise on the first problem. No check changes the config it reads: what
+NeoX's spellings mean (``pipe_parallel_size: 0``, ``fp16.enabled``) is decided in the translation."""
 from __future__ import annotations
 
 import dataclasses
@@ -172,7 +173,7 @@ def config_from_tree(tree: Dict[str, Any], source: Optional[Dict[str, str]] = No
              for group, values in groups.items()}
     problems.raise_if_any()
     cfg = Config(**built)
-    validate(cfg, where, log)
+    validate(cfg, where)
     return cfg
 
 
@@ -180,22 +181,23 @@ def _at(located: Tuple[str, Tuple[int, int]], message: str):
     return located[0], message, located[1]
 
 
-def validate(cfg: Config, source: Optional[Dict[str, str]] = None, log=print) -> None:
+def validate(cfg: Config, source: Optional[Dict[str, str]] = None) -> None:
     """Range and consistency checks that do not depend on the world size; all problems at once.
-    ``source`` maps our dotted keys to where they were set."""
+    ``source`` maps our dotted keys to where they were set. Reads ``cfg`` only: NeoX's spellings
+    (``pipe_parallel_size: 0``, the ``fp16`` section) were translated before it was built."""
     src = source or {}
     problems = Problems()
 
     def err(key: str, msg: str) -> None:
         problems.add(src.get(key, "config"), msg)
 
-    _check_model(cfg, err, log)
+    _check_model(cfg, err)
     _check_training(cfg, err)
     _check_fp16(cfg, err)
     problems.raise_if_any()
 
 
-def _check_model(cfg: Config, err, log) -> None:
+def _check_model(cfg: Config, err) -> None:
     m, sep, tr, par = cfg.model, cfg.attention.sepllm, cfg.training, cfg.parallel
     positive = {
         "num_layers": m.num_layers, "hidden_size": m.hidden_size,
@@ -205,16 +207,11 @@ def _check_model(cfg: Config, err, log) -> None:
         "model_parallel_size": par.model_parallel_size, "log_interval": cfg.logging.log_interval,
         "context_parallel_size": par.context_parallel_size,
         "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by, "mlp_multiple_of": m.mlp_multiple_of,
-        "max_skipped_steps": tr.max_skipped_steps,
+        "max_skipped_steps": tr.max_skipped_steps, "pipe_parallel_size": par.pipe_parallel_size,
     }
     bad = {key for key, value in positive.items() if value < 1}
     for key in sorted(bad, key=list(positive).index):
         err(key, f"key '{key}' = {positive[key]} is not valid; expected an integer >= 1")
-    if par.pipe_parallel_size == 0:
-        log("config: pipe_parallel_size = 0 read as 1 (no pipeline split)")
-        par.pipe_parallel_size = 1
-    if par.pipe_parallel_size < 0:
-        err("pipe_parallel_size", "key 'pipe_parallel_size' must be >= 1")
     if bad & {"hidden_size", "num_attention_heads", "num_layers"}:
         return
     if m.hidden_size % m.num_attention_heads:
@@ -306,12 +303,9 @@ def _check_training(cfg: Config, err) -> None:
             raise ValueError
     except ValueError:
         err("split", f"split = {cfg.data.split!r}; expected up to 3 non-negative weights like '969,30,1'")
-    f16 = tr.fp16
-    if f16.enabled and tr.precision != "fp16":
-        err("fp16", f"fp16.enabled is true but precision is {tr.precision}; set precision: fp16 (or "
-                    "enabled: false)")
-    if tr.precision == "fp16":
-        f16.enabled = True
+    if tr.fp16.enabled != (tr.precision == "fp16"):  # the translation (compat_groups.precision) sets both
+        err("fp16", f"fp16.enabled is {str(tr.fp16.enabled).lower()} but precision is {tr.precision}; "
+                    "set precision: fp16 with enabled: true, or neither")
     if any(i < 0 for i in ck.extra_save_iters):
         err("extra_save_iters", f"extra_save_iters {ck.extra_save_iters} has negative iterations")
     for key in ("kv_ratio_interval", "peak_theoretical_tflops"):

@@ -4,7 +4,7 @@ Exit codes (train.py, and deepy.py whatever the rank count): 0 finished, or stop
 saving; 2 bad config, data or checkpoint; 3 diverged; 128 + N a rank was killed by signal N (or
 signal N arrived before training started); 1 a crash (a bug: its traceback is shown once).
 
-Rank side (:func:`report_failure`, :func:`report_crash`): under our per-node launcher
+Rank side (:func:`report_failure`, :func:`report_crash`, in megatron/errors.py): under our per-node launcher
 (``megatron.launch.node_agent``, which sets ``SEPLLM_RANK_STATUS_DIR``) a rank does not print its
 failure; it writes ``rank<N>.json`` (exit code, kind, message or traceback, time) for the launcher.
 Run by hand or by another launcher, it prints as before (the error line on stderr).
@@ -23,52 +23,24 @@ its consequences, in this order of precedence:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from megatron.errors import EXIT_DIVERGED, EXIT_USER_ERROR
-
-STATUS_DIR_ENV = "SEPLLM_RANK_STATUS_DIR"
-EXIT_CRASH = 1
-ERROR, INTERRUPTED, CRASH = "error", "interrupted", "crash"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _record(code: int, kind: str, text: str) -> bool:
-    """Write this rank's outcome for the launcher; False when no launcher collects outcomes."""
-    folder = os.environ.get(STATUS_DIR_ENV)
-    if not folder:
-        return False
-    path = Path(folder) / f"rank{_rank()}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps({"rank": _rank(), "code": code, "kind": kind, "text": text, "time": time.time()}))
-        os.replace(tmp, path)
-    except OSError:
-        return False  # the launcher's folder is gone: tell it the old way
-    return True
-
-
-def report_failure(code: int, message: str, every_rank: bool = True, kind: str = ERROR) -> int:
-    """A deliberate stop (user error, divergence, early signal) with its one-line message; returns
-    ``code``. Without a launcher collecting outcomes the message goes to stderr, from every rank (an
-    error may be one rank's own) or, with ``every_rank=False`` (all ranks fail alike), rank 0 only."""
-    if not _record(code, kind, message) and (every_rank or _rank() == 0):
-        print(message, file=sys.stderr, flush=True)
-    return code
-
-
-def report_crash(traceback_text: str) -> bool:
-    """A crash: recorded for the launcher (True), or False: the caller lets it propagate as usual."""
-    return _record(EXIT_CRASH, CRASH, traceback_text)
+# The rank side lives with the error types (megatron/errors.py), which every CLI reports through.
+from megatron.errors import (  # noqa: F401
+    CRASH,
+    ERROR,
+    EXIT_CRASH,
+    EXIT_DIVERGED,
+    EXIT_USER_ERROR,
+    INTERRUPTED,
+    STATUS_DIR_ENV,
+    report_crash,
+    report_failure,
+)
 
 
 # ----------------------------------------------------------------------------- launcher side

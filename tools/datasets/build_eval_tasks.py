@@ -27,6 +27,10 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron.errors import UserError, run_cli  # noqa: E402
+
 WORD = re.compile(r"^[A-Za-z][a-z]+$")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 MARKUP_START = ("..", "::", "*", "-", "=", "#", "|", ">>>", "$", "+", "`", "[", "%", "<", "{")
@@ -36,7 +40,7 @@ must do does did done have has had which what when where who whom whose why how 
 there here also only just more most other same very your you our we they their them his her he she one two""".split())
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError):
     pass
 
 
@@ -159,12 +163,11 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name, rows in tasks.items():
             write_jsonl(out / f"{name}.jsonl", rows)
-    except (BuildError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise BuildError(str(e)) from None
     print(", ".join(f"{name}: {len(rows)}" for name, rows in tasks.items()) + f" examples in {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from megatron.errors import UserError, run_cli  # noqa: E402
+
 # package -> (directory inside the package, glob allowed; file suffixes taken)
 PACKAGES = {
     "linux-doc-6.1": ("usr/share/doc/linux-doc-6.1/Documentation", (".rst.gz", ".txt.gz", ".rst")),
@@ -41,7 +45,7 @@ PACKAGES = {
 BLOCK_TAGS = {"p", "div", "li", "pre", "tr", "br", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "table"}
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError):
     pass
 
 
@@ -176,23 +180,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    try:
-        deb_dir = Path(args.deb_dir) if args.deb_dir else out / "debs"
-        n_train, n_held, total = write_jsonl(out, deb_dir, args.heldout_every, int(args.max_mb * 2 ** 20))
-        print(f"corpus: {n_train} train documents, {n_held} held out, {total / 2 ** 20:.1f} MB of text")
-        tok = out / "tokenizer.json"
-        run([py, "tools/train_tokenizer.py", "--input", str(out / "corpus.jsonl"), "--type", "bpe",
-             "--vocab-size", str(args.vocab_size), "--output", str(tok)])
-        for name in ("corpus", "heldout"):
-            run([py, "tools/preprocess_data.py", "--input", str(out / f"{name}.jsonl"), "--output-prefix",
-                 str(out / name), "--tokenizer-type", "HFTokenizer", "--vocab-file", str(tok),
-                 "--workers", str(args.workers)])
-        print(f"tokenizer {tok}; datasets {out / 'corpus_text_document'}, {out / 'heldout_text_document'}")
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    deb_dir = Path(args.deb_dir) if args.deb_dir else out / "debs"
+    n_train, n_held, total = write_jsonl(out, deb_dir, args.heldout_every, int(args.max_mb * 2 ** 20))
+    print(f"corpus: {n_train} train documents, {n_held} held out, {total / 2 ** 20:.1f} MB of text")
+    tok = out / "tokenizer.json"
+    run([py, "tools/train_tokenizer.py", "--input", str(out / "corpus.jsonl"), "--type", "bpe",
+         "--vocab-size", str(args.vocab_size), "--output", str(tok)])
+    for name in ("corpus", "heldout"):
+        run([py, "tools/preprocess_data.py", "--input", str(out / f"{name}.jsonl"), "--output-prefix",
+             str(out / name), "--tokenizer-type", "HFTokenizer", "--vocab-file", str(tok),
+             "--workers", str(args.workers)])
+    print(f"tokenizer {tok}; datasets {out / 'corpus_text_document'}, {out / 'heldout_text_document'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
