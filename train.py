@@ -17,7 +17,10 @@ import os
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv=None, exiting: bool = False) -> int:
+    """Train; the exit code. ``exiting``: this process ends with that code (``python train.py``): a stop
+    signal from then on ends it at once with the code. Otherwise (called from Python) the process's
+    signal handlers are restored on return."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
     args = parser.parse_args(argv)
@@ -33,8 +36,11 @@ def main(argv=None) -> int:
     try:
         code = run(args.configs, provisional_rank())
         return code
-    finally:  # exiting: a late stop (a launcher ending the other ranks, SLURM's after a requeue) ends the
-        exit_signals.exit_quietly_on_signal(code)  # process with its code, no traceback from clean-up
+    finally:
+        if exiting:  # a late stop (a launcher ending the other ranks, SLURM's after a requeue) ends the
+            exit_signals.exit_quietly_on_signal(code)  # process with its code, no traceback from clean-up
+        else:
+            exit_signals.uninstall()
 
 
 def run(configs, rank: int) -> int:
@@ -88,4 +94,4 @@ def run(configs, rank: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exiting=True))

@@ -243,7 +243,7 @@ def train_step(self, micro_batches):
     return real_step(self, micro_batches)
 
 Trainer.train_step = train_step
-sys.exit(train.main())
+sys.exit(train.main(exiting=True))
 """
 
 

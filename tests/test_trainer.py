@@ -166,3 +166,17 @@ def test_a_dataset_shorter_than_one_sequence_or_a_split_rounded_to_nothing_warns
     assert warnings(three, "90,10,0") == [f"warning: split '90,10,0' rounds the valid part of '{three}' (3 documents "
                                           "in all) to zero documents: no validation"]
     assert warnings(dataset("many", [list(range(5, 45))] * 20), "90,10,0") == []
+
+
+def test_train_main_called_from_python_leaves_the_signal_handlers_as_they_were(tmp_path, capsys):
+    """A notebook or test calling train.main must keep its Ctrl-C: only `python train.py` (exiting=True)
+    turns late stop signals into an immediate exit with the run's code."""
+    import signal
+
+    import train
+    from megatron.training.exit_signals import EXIT_SIGNALS
+
+    before = {s: signal.getsignal(s) for s in EXIT_SIGNALS}
+    assert train.main([str(tmp_path / "missing.yml")]) == 2
+    assert "missing.yml" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in EXIT_SIGNALS} == before
