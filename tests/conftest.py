@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,3 +78,17 @@ def run_cli(args, timeout=600, env=None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", **(env or {}))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=full_env)
+
+
+@pytest.fixture(autouse=True)
+def _stop_signal_handlers_are_restored():
+    """A test (or the code it calls in-process) that leaves its own SIGTERM/SIGINT/SIGUSR1 handler in the
+    pytest process can end a later test's signal in os._exit: name the culprit instead."""
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in watched}
+    yield
+    changed = [signal.Signals(s).name for s in watched if signal.getsignal(s) != before[s]]
+    for s in watched:
+        signal.signal(s, before[s])
+    assert not changed, f"the test left its own handler for {', '.join(changed)}"
+
