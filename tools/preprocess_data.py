@@ -23,12 +23,13 @@ from typing import List, Optional
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.data.preprocess import DTYPES, PreprocessOptions, Stopped, preprocess  # noqa: E402
 from megatron.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--input", nargs="+", required=True, help="files, folders or globs (comma-separated ok)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_<json-key>_document.bin/.idx")
     p.add_argument("--json-key", default="text", help="key holding the document text in jsonl input")

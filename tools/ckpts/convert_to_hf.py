@@ -12,18 +12,18 @@ config.json under "sepllm".
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.convert import export_hf  # noqa: E402
 from megatron.errors import run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--input", required=True, help="checkpoint root or global_stepN directory")
     p.add_argument("--output", required=True, help="HF model directory to write")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")

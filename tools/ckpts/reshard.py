@@ -8,15 +8,16 @@ model_parallel_size / pipe_parallel_size. AdamW state is re-sharded too unless `
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.cli import cli_parser  # noqa: E402
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--load", required=True, help="source checkpoint (save root or global_stepN dir)")
     p.add_argument("--save", required=True, help="output save root")
     p.add_argument("--tp", type=int, required=True, help="target model_parallel_size")
