@@ -225,9 +225,9 @@ RULES: List[Rule] = [
     same("data_path"), same("train_data_paths"), same("valid_data_paths"),
     same("test_data_paths", "evaluated at the end of training, like NeoX"),
     same("train_data_weights"), same("split"), same("vocab_file"), same("merge_file"),
-    choices("tokenizer_type", {}, {t: "this tokenizer type is not implemented"
-                                   for t in ("HFGPT2Tokenizer", "CharLevelTokenizer", "TiktokenTokenizer")},
-            "HFTokenizer, SPMTokenizer, GPT2BPETokenizer"),
+    choices("tokenizer_type", {}, {"TiktokenTokenizer": "this tokenizer type is not implemented"},
+            "HFTokenizer, SPMTokenizer, GPT2BPETokenizer, HFGPT2Tokenizer (local GPT-2 files, NeoX's "
+            "<|padding|> added), CharLevelTokenizer (UTF-8 bytes, vocabulary 512, eod 0, as NeoX)"),
     same("num_workers", "background DataLoader workers preparing batches"),
     noop_unless("data_impl", lambda v: v in ("mmap", "infer"), "mmap/infer: our datasets are mmap",
                 "only mmap indexed datasets are implemented"),

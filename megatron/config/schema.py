@@ -220,7 +220,8 @@ class DataConfig:
     test_data_paths: Optional[List[str]] = None
     train_data_weights: Optional[List[float]] = None
     split: str = "969,30,1"
-    tokenizer_type: Literal["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer"] = "HFTokenizer"
+    tokenizer_type: Literal["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "HFGPT2Tokenizer",
+                            "CharLevelTokenizer"] = "HFTokenizer"
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     data_cache_dir: Optional[str] = None
