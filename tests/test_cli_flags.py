@@ -88,8 +88,8 @@ def test_deepy_passes_script_flags_on_in_neox_dialect():
 
 
 def test_deepy_finds_our_scripts_from_another_directory(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "--dry-run", "eval.py",
+    out = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "--dry-run", "generate.py",
                           str(ROOT / "configs" / "tiny.yml")], capture_output=True, text=True, cwd=tmp_path,
                          timeout=120)
     assert "script not found" not in out.stderr
-    assert str(ROOT / "eval.py") in out.stdout, out.stdout[-2000:] + out.stderr
+    assert str(ROOT / "generate.py") in out.stdout, out.stdout[-2000:] + out.stderr

@@ -131,7 +131,7 @@ def _attention_section(ctx: Context, key: str, value: Any) -> None:
 
 TE = "Transformer Engine (NVIDIA's fp8 layers)"
 SPARSE = "NeoX's sparse attention (DeepSpeed block-sparse kernels)"
-GEN = "a text-generation setting of NeoX's generate.py; training ignores it (tools/generate.py takes flags)"
+GEN = "generate.py's setting, NeoX's meaning (README: Coming from GPT-NeoX); training ignores it"
 
 RULES: List[Rule] = [
     # ---------------------------------------------------------------- model shape
@@ -265,9 +265,10 @@ RULES: List[Rule] = [
     noop_unless("memory_profiling", _false, "false: no memory snapshots",
                 "memory snapshots are not implemented"),
     noop("memory_profiling_path", "a memory-profiler setting (not implemented)"),
-    *[noop(k, GEN) for k in ("text_gen_type", "temperature", "top_p", "top_k", "maximum_tokens", "prompt_end",
-                             "sample_input_file", "sample_output_file", "num_samples", "recompute",
-                             "eval_results_prefix", "eval_tasks")],
+    *[same(k, GEN) for k in ("text_gen_type", "temperature", "top_p", "top_k", "maximum_tokens", "prompt_end",
+                             "sample_input_file", "sample_output_file", "num_samples", "recompute")],
+    *[noop(k, "an evaluation setting of NeoX's eval.py; training ignores it (eval.py takes flags)")
+      for k in ("eval_results_prefix", "eval_tasks")],
     # ---------------------------------------------------------------- launcher (deepy.py)
     same("hostfile", "DeepSpeed-format hostfile for deepy.py", RUNNER),
     choices("launcher", {"pdsh": "deepspeed"},

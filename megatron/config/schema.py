@@ -271,6 +271,49 @@ class LaunchConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """generate.py's settings: NeoX's text_generation.yml keys with NeoX's meaning, and the bounded
+    Streaming-SepLLM cache it generates through (tools/generate.py's flags and defaults)."""
+
+    text_gen_type: Optional[Literal["unconditional", "input-file", "interactive"]] = None
+    """unconditional samples, a completion per prompt of sample_input_file, or prompts from stdin"""
+    maximum_tokens: int = 64
+    """tokens generated per sample at most (fewer when the end-of-document or the model's eos comes first)"""
+    prompt_end: str = "\n"
+    """what ends one prompt in sample_input_file and in interactive input"""
+    temperature: float = 0.0
+    """divides the logits before sampling; greedy when temperature, top_k and top_p are all 0 (NeoX)"""
+    top_p: float = 0.0
+    """nucleus sampling: the smallest set of tokens holding this probability mass; 0 = off (NeoX)"""
+    top_k: int = 0
+    """sample among the k most likely tokens; 0 = off"""
+    recompute: bool = False
+    """true: no KV cache; the whole sequence through the model's rule at every token, up to seq_length"""
+    num_samples: int = 1
+    """unconditional samples to generate"""
+    sample_input_file: Optional[str] = None
+    """input-file: the prompts, separated by prompt_end"""
+    sample_output_file: Optional[str] = "samples.txt"
+    """JSON lines of the samples, NeoX's fields; null with input-file: INPUT.output.jsonl"""
+    cache_policy: Literal["sepllm", "streamingllm", "full"] = "sepllm"
+    """the streaming KV cache's policy (tools/generate.py --policy)"""
+    init_cache_size: int = 4
+    """a: initial tokens the cache keeps"""
+    sep_cache_size: int = 64
+    """s: separators the cache keeps"""
+    local_size: int = 256
+    """w: most recent tokens the cache keeps at a compression"""
+    cache_size: int = 800
+    """c: the cache's total budget, entries per layer"""
+    pos_shift: bool = True
+    """rotate keys by their place in the cache (false: by stream position)"""
+    decode_mask: Literal["cache", "rule"] = "cache"
+    """cache: attend to every cached key; rule: the layer's Sep-Attention rule inside the cache"""
+    prefill_chunk: Optional[int] = None
+    """prefill at most this many prompt tokens per forward"""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -281,9 +324,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 # Groups whose fields are flat top-level YAML keys.
-FLAT_GROUPS = ("model", "parallel", "training", "data", "checkpoint", "logging", "launch")
+FLAT_GROUPS = ("model", "parallel", "training", "data", "checkpoint", "logging", "launch", "generation")
 # Groups that appear as one nested YAML section under their own name.
 NESTED_GROUPS = ("attention", "optimizer")
