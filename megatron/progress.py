@@ -77,6 +77,10 @@ class Progress:
         if due or (self.every and self.done - self.last_done >= self.every):
             self._write()
 
+    def set(self, done: float) -> None:
+        """Report ``done`` units finished so far (an absolute count)."""
+        self.update(done - self.done)
+
     def close(self) -> None:
         """The final line (done = total when everything was counted); only once."""
         if self.enabled and not self.closed:

@@ -139,7 +139,7 @@ def test_neox_readme_convert_command_line(eval_checkpoint, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GPTNeoXForCausalLM"] and config["torch_dtype"] == "float16"
     assert (out / "tokenizer.json").read_bytes() == TOKENIZER.read_bytes()
-    assert "layers" in err  # the conversion's progress
+    assert "exporting layers: 2 layers / 2 layers (100%)" in err  # the conversion's progress
 
 
 @pytest.mark.parametrize("flags, message", [
