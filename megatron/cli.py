@@ -33,7 +33,21 @@ def closest_flag(flag: str, known: Iterable[str], cutoff: float = 0.6) -> Option
     return by_norm[match[0]] if match else None
 
 
+# GPT-NeoX's (and Megatron's) spellings of flags that our tools spell otherwise: the hint names ours.
+NEOX_FLAGS = {
+    "input-dir": ("--input", "--load"), "output-dir": ("--output", "--save"), "precision": ("--dtype",),
+    "maximum-tokens": ("--max-new-tokens",), "jsonl-keys": ("--json-key",), "eval-tasks": ("--tasks",),
+    "num-gpus": ("--num-procs",), "vocab": ("--vocab-file",), "recompute": ("--policy",),
+    "sample-input-file": ("--prompt-file",), "model-parallel-size": ("--tp",), "pipe-parallel-size": ("--pp",),
+    "target-tp": ("--tp",), "target-pp": ("--pp",),
+}
+
+
 def unknown_flag_message(flag: str, known: Iterable[str]) -> str:
+    known = list(known)
+    ours = next((k for k in NEOX_FLAGS.get(_norm(flag), ()) if k in known), None)
+    if ours:
+        return f"unknown flag {flag}; did you mean {ours}? (GPT-NeoX's spelling; ours is {ours})"
     hint = closest_flag(flag, known)
     return f"unknown flag {flag}" + (f"; did you mean {hint}?" if hint else "")
 

@@ -93,3 +93,19 @@ def test_deepy_finds_our_scripts_from_another_directory(tmp_path):
                          timeout=120)
     assert "script not found" not in out.stderr
     assert str(ROOT / "generate.py") in out.stdout, out.stdout[-2000:] + out.stderr
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("tools/generate.py", ["--load", "x", "--maximum_tokens", "5"],
+     "unknown flag --maximum_tokens; did you mean --max-new-tokens? (GPT-NeoX's spelling; ours is --max-new-tokens)"),
+    ("tools/ckpts/reshard.py", ["--input_dir", "x"],
+     "unknown flag --input_dir; did you mean --load? (GPT-NeoX's spelling; ours is --load)"),
+])
+def test_a_neox_spelling_our_tool_spells_otherwise_names_ours(script, argv, message, capsys):
+    spec = importlib.util.spec_from_file_location("tool_under_test", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as info:
+        module.main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
