@@ -45,10 +45,11 @@ NEOX_FLAGS = {
 
 def unknown_flag_message(flag: str, known: Iterable[str]) -> str:
     known = list(known)
+    same = next((k for k in known if k.startswith("--") and _norm(k) == _norm(flag)), None)
     ours = next((k for k in NEOX_FLAGS.get(_norm(flag), ()) if k in known), None)
-    if ours:
-        return f"unknown flag {flag}; did you mean {ours}? (GPT-NeoX's spelling; ours is {ours})"
-    hint = closest_flag(flag, known)
+    if ours and not same:
+        return f"unknown flag {flag} (GPT-NeoX's spelling); did you mean {ours}?"
+    hint = same or closest_flag(flag, known)
     return f"unknown flag {flag}" + (f"; did you mean {hint}?" if hint else "")
 
 

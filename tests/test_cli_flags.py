@@ -97,9 +97,9 @@ def test_deepy_finds_our_scripts_from_another_directory(tmp_path):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("tools/generate.py", ["--load", "x", "--maximum_tokens", "5"],
-     "unknown flag --maximum_tokens; did you mean --max-new-tokens? (GPT-NeoX's spelling; ours is --max-new-tokens)"),
+     "unknown flag --maximum_tokens (GPT-NeoX's spelling); did you mean --max-new-tokens?"),
     ("tools/ckpts/reshard.py", ["--input_dir", "x"],
-     "unknown flag --input_dir; did you mean --load? (GPT-NeoX's spelling; ours is --load)"),
+     "unknown flag --input_dir (GPT-NeoX's spelling); did you mean --load?"),
 ])
 def test_a_neox_spelling_our_tool_spells_otherwise_names_ours(script, argv, message, capsys):
     spec = importlib.util.spec_from_file_location("tool_under_test", ROOT / script)
