@@ -86,8 +86,9 @@ def check_flags(parser, own, args) -> None:
     script_at = own.index(args.script) if args.script in own else len(own)
     target = script_parser(args.script)
     theirs = target.known_flags() if target is not None else []
+    spelled = {flag.replace("_", "-") for flag in ours + theirs}
     for i, flag in long_flags(own):
-        if flag in ours or flag in theirs:
+        if flag in ours or flag in theirs or flag.replace("_", "-") in spelled:
             continue
         if i < script_at or target is not None or closest_flag(flag, ours, cutoff=0.8):
             parser.fail(unknown_flag_message(flag, ours + theirs))

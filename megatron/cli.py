@@ -1,7 +1,8 @@
 """The one argument-parser factory every command-line entry point uses (train.py, eval.py, generate.py,
 deepy.py, tools/*.py).
 
-No prefix matching (``--sav`` is not ``--save``: a flag means what it spells), and a flag the command
+No prefix matching (``--sav`` is not ``--save``: a flag means what it spells); ``_`` and ``-`` are
+interchangeable inside a flag, as in config keys (NeoX writes ``--input_dir``); a flag the command
 does not know is one line naming it, with the closest known flag when there is one, exit 2::
 
     error: unknown flag --dryrun; did you mean --dry-run?
@@ -79,8 +80,26 @@ class CliParser(argparse.ArgumentParser):
         known = set(self.known_flags())
         return [flag for _, flag in long_flags(argv) if flag not in known]
 
+    def spelled_as_known(self, argv: Sequence[str]) -> List[str]:
+        """``argv`` with each flag that is a known one with ``_`` for ``-`` (or the reverse: NeoX spells
+        ``--input_dir``, we ``--input-dir``) written as the known one; other tokens unchanged."""
+        known = self.known_flags()
+        by_norm = {}
+        for k in known:
+            if k.startswith("--"):
+                by_norm.setdefault(_norm(k), k)
+        argv = list(argv)
+        for i, flag in long_flags(argv):
+            if flag not in known and _norm(flag) in by_norm and flag.lower() == flag:
+                argv[i] = by_norm[_norm(flag)] + argv[i][len(flag):]
+        return argv
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = self.spelled_as_known(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(argv, namespace)
+
     def parse_args(self, args=None, namespace=None):
-        argv = list(sys.argv[1:] if args is None else args)
+        argv = self.spelled_as_known(sys.argv[1:] if args is None else args)
         unknown = self.unknown_flags(argv)
         if unknown:
             self.fail(unknown_flag_message(unknown[0], self.known_flags()))

@@ -41,6 +41,15 @@ def test_a_misspelled_required_flag_is_named_as_misspelled_not_missing(capsys):
     assert parse_fails(p, ["--input", "a", "--zzz=1"], capsys) == "tool: error: unknown flag --zzz"
 
 
+def test_underscores_and_dashes_are_one_spelling_as_in_config_keys(capsys):
+    p = cli_parser(prog="tool")
+    p.add_argument("--output-prefix")
+    p.add_argument("--input_dir")
+    args = p.parse_args(["--output_prefix", "a", "--input-dir=b"])
+    assert (args.output_prefix, args.input_dir) == ("a", "b")
+    assert parse_fails(p, ["--Output_Prefix", "a"], capsys).endswith("did you mean --output-prefix?")
+
+
 def test_argparse_errors_are_one_line(capsys):
     p = cli_parser(prog="tool")
     p.add_argument("--n", type=int, required=True)
@@ -82,9 +91,10 @@ def test_deepy_refuses_unknown_flags_before_launching(argv, message, capsys, mon
 def test_deepy_passes_script_flags_on_in_neox_dialect():
     """NeoX's README: ``deepy.py eval.py -d configs your_configs.yml --eval_tasks task1 task2``."""
     deepy = load_deepy()
-    args = deepy.parse_args(["eval.py", "-d", "configs", "tiny.yml", "--eval_tasks", "lambada", "piqa"])
-    assert args.conf_dir == "configs" and args.configs == ["tiny.yml"]
-    assert args.script_args == ["--eval_tasks", "lambada", "piqa"]
+    args = deepy.parse_args(["eval.py", "-d", "configs", "tiny.yml", "--eval_tasks", "lambada", "piqa",
+                             "--task_data", "d", "--dry_run"])
+    assert args.conf_dir == "configs" and args.configs == ["tiny.yml"] and args.dry_run
+    assert args.script_args == ["--eval_tasks", "lambada", "piqa", "--task_data", "d"]
 
 
 def test_deepy_finds_our_scripts_from_another_directory(tmp_path):

@@ -145,7 +145,7 @@ def test_neox_readme_convert_command_line(eval_checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--architecture", "mistral"], "error: --architecture mistral is not implemented"),
     (["--pad-token-id", "3"], "error: --pad-token-id is not implemented"),
-    (["--input-dir", "x"], "error: unknown flag --input-dir; did you mean --input_dir?"),
+    (["--inputdir", "x"], "error: unknown flag --inputdir; did you mean --input_dir?"),
 ])
 def test_convert_refusals_are_one_line(eval_checkpoint, tmp_path, capsys, flags, message):
     argv = ["--input_dir", str(eval_checkpoint), "--output_dir", str(tmp_path / "hf")]
