@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 
+import pytest
 from conftest import SAMPLE, TOKENIZER
 
 from megatron.progress import Progress
@@ -83,3 +84,23 @@ def test_reshard_reports_bytes_with_a_total(eval_checkpoint, tmp_path, capsys):
     save_resharded(str(eval_checkpoint), str(tmp_path / "tp2"), 2, 1, progress=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("resharding: ") and "(100%)" in err[-1]
+
+
+@pytest.mark.slow  # lm-eval's import and task setup take ~10 s
+def test_eval_reports_requests_with_a_total(eval_checkpoint, task_data, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import yaml
+    from conftest import ROOT
+
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    cfg = tmp_path / "eval.yml"
+    cfg.write_text(yaml.safe_dump({"load": str(eval_checkpoint), "vocab_file": str(TOKENIZER)}))
+    spec = importlib.util.spec_from_file_location("eval_cli_progress", ROOT / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(cfg), "--tasks", "docs_lambada", "--limit", "4", "--task-data", str(task_data),
+                        "--output-path", str(tmp_path / "r.json"), "--bootstrap-iters", "0"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("loglikelihood: 4 requests / 4 requests (100%)") for line in lines), lines[-5:]
