@@ -276,41 +276,41 @@ class GenerationConfig:
     Streaming-SepLLM cache it generates through (tools/generate.py's flags and defaults)."""
 
     text_gen_type: Optional[Literal["unconditional", "input-file", "interactive"]] = None
-    """unconditional samples, a completion per prompt of sample_input_file, or prompts from stdin"""
+    """Unconditional samples, a completion per prompt of sample_input_file, or prompts from stdin."""
     maximum_tokens: int = 64
-    """tokens generated per sample at most (fewer when the end-of-document or the model's eos comes first)"""
+    """Tokens generated per sample at most (fewer when the end-of-document or the model's eos comes first)."""
     prompt_end: str = "\n"
-    """what ends one prompt in sample_input_file and in interactive input"""
+    """What ends one prompt in sample_input_file and in interactive input."""
     temperature: float = 0.0
-    """divides the logits before sampling; greedy when temperature, top_k and top_p are all 0 (NeoX)"""
+    """Divides the logits before sampling; greedy when temperature, top_k and top_p are all 0 (NeoX)."""
     top_p: float = 0.0
-    """nucleus sampling: the smallest set of tokens holding this probability mass; 0 = off (NeoX)"""
+    """Nucleus sampling: the smallest set of tokens holding this probability mass; 0 = off (NeoX)."""
     top_k: int = 0
-    """sample among the k most likely tokens; 0 = off"""
+    """Sample among the k most likely tokens; 0 = off."""
     recompute: bool = False
-    """true: no KV cache; the whole sequence through the model's rule at every token, up to seq_length"""
+    """No KV cache: the whole sequence through the model's rule at every token, up to seq_length."""
     num_samples: int = 1
-    """unconditional samples to generate"""
+    """Unconditional samples to generate."""
     sample_input_file: Optional[str] = None
-    """input-file: the prompts, separated by prompt_end"""
+    """The prompts of text_gen_type input-file, separated by prompt_end."""
     sample_output_file: Optional[str] = "samples.txt"
-    """JSON lines of the samples, NeoX's fields; null with input-file: INPUT.output.jsonl"""
+    """JSON lines of the samples, NeoX's fields; null with input-file: INPUT.output.jsonl."""
     cache_policy: Literal["sepllm", "streamingllm", "full"] = "sepllm"
-    """the streaming KV cache's policy (tools/generate.py --policy)"""
+    """The streaming KV cache's policy (tools/generate.py --policy)."""
     init_cache_size: int = 4
-    """a: initial tokens the cache keeps"""
+    """Initial tokens the cache keeps (a)."""
     sep_cache_size: int = 64
-    """s: separators the cache keeps"""
+    """Separators the cache keeps (s)."""
     local_size: int = 256
-    """w: most recent tokens the cache keeps at a compression"""
+    """Most recent tokens the cache keeps at a compression (w)."""
     cache_size: int = 800
-    """c: the cache's total budget, entries per layer"""
+    """The cache's total budget, entries per layer (c)."""
     pos_shift: bool = True
-    """rotate keys by their place in the cache (false: by stream position)"""
+    """Rotate keys by their place in the cache (false: by stream position)."""
     decode_mask: Literal["cache", "rule"] = "cache"
-    """cache: attend to every cached key; rule: the layer's Sep-Attention rule inside the cache"""
+    """'cache': attend to every cached key; 'rule': the layer's Sep-Attention rule inside the cache."""
     prefill_chunk: Optional[int] = None
-    """prefill at most this many prompt tokens per forward"""
+    """Prefill at most this many prompt tokens per forward."""
 
 
 @dataclass
