@@ -4,7 +4,8 @@
     python deepy.py generate.py -d configs my_model.yml local_setup.yml text_generation.yml
     python generate.py my_model.yml text_generation.yml
 
-``load:`` names the checkpoint (the model comes from it); the tokenizer is the config's
+``load:`` names the checkpoint (the model comes from it; a model key of the YAML that differs is
+noted); the tokenizer is the config's
 (``tokenizer_type`` / ``vocab_file``) or the checkpoint's. ``text_gen_type``: ``unconditional``
 (``num_samples`` samples), ``input-file`` (one completion per prompt of ``sample_input_file``, prompts
 separated by ``prompt_end``) or ``interactive`` (prompts from stdin); the first two write JSON lines to
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
 
     if int(os.environ.get("RANK", "0")) != 0:  # one process generates (NeoX: model-parallel rank 0)
         return 0
-    cfg, _ = load_config(args.configs, log=lambda *_: None)
+    cfg, source = load_config(args.configs, log=lambda *_: None)
     if not cfg.checkpoint.load:
         raise InferenceError(f"no checkpoint: set 'load:' in {' / '.join(args.configs)} (the model comes from it)")
     planned = plan(cfg.generation)  # bad settings are reported before the model loads
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_cfg, _ = load_model(cfg.checkpoint.load, tokenizer, device)
+    for key in sorted(k for k in source if hasattr(cfg.model, k)):  # a NeoX model YAML next to the checkpoint
+        if getattr(cfg.model, key) != getattr(model_cfg.model, key):
+            print(f"note: {key} = {getattr(cfg.model, key)!r} in the config differs from the checkpoint's "
+                  f"{getattr(model_cfg.model, key)!r}; the checkpoint's model is used", file=sys.stderr)
     generator = Generator(model, tokenizer, cfg.generation, cfg.training.seed, model_cfg.model.seq_length,
                           stop_ids(tokenizer))
     run_generation(generator, planned, log=lambda line: print(line, file=sys.stderr))

@@ -77,6 +77,15 @@ def test_unconditional_writes_num_samples_from_the_end_of_document_token(eval_ch
     assert len({s["text"] for s in out}) > 1  # sample i has seed + i
 
 
+def test_the_model_comes_from_the_checkpoint_and_a_differing_yaml_key_is_noted(eval_checkpoint, tmp_path, capsys):
+    cfg = text_generation_yml(tmp_path, eval_checkpoint, num_layers=5, hidden_size=32)
+    assert exit_code(load("generate.py"), [cfg]) == 0
+    err = capsys.readouterr().err
+    assert "note: num_layers = 5 in the config differs from the checkpoint's 2; the checkpoint's model is used" in err
+    assert "hidden_size" not in err
+    assert len(samples(tmp_path / "sample_output.txt")) == len(PROMPTS)
+
+
 def test_recompute_is_the_models_full_forward(eval_checkpoint, tmp_path, capsys):
     """recompute: true (no cache) equals streaming with a cache that keeps everything under the model's rule."""
     rule = dict(cache_policy="full", decode_mask="rule", pos_shift=False)
