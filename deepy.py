@@ -24,16 +24,19 @@ diverged, 128 + N a rank killed by signal N, 1 a crash), with the error printed 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent
+OUR_SCRIPTS = ("train.py", "eval.py", "generate.py")  # repo-root scripts, found from any directory as in NeoX
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # no prefix matching: a script's --dev must not become ours
+
+def build_parser():
+    from megatron.cli import cli_parser
+
+    p = cli_parser(__doc__, prog="deepy.py")
     p.add_argument("--num-procs", "--num_gpus", "--num-gpus", dest="num_procs", type=int, default=None,
                    help="processes on this node (default: GPUs present, else tp x pp)")
     p.add_argument("--hostfile", "-H", default=None, help="DeepSpeed-format hostfile: 'host slots=N' lines")
@@ -49,14 +52,62 @@ def parse_args(argv):
     p.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), default=None,
                    help="multi-node launcher (default: the config's launcher, else torchrun); slurm: srun "
                         "inside an allocation, one task per rank")
-    p.add_argument("--conf-dir", "-d", dest="conf_dir", default=None, help="directory prefixed to config names")
-    p.add_argument("--dry-run", action="store_true",
+    p.add_argument("--conf-dir", "--conf_dir", "-d", dest="conf_dir", default=None,
+                   help="directory prefixed to config names")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="check paths, print the model, attention and batch summary and the commands, and exit")
-    p.add_argument("script", help="training script, e.g. train.py")
+    p.add_argument("script", help="script to launch: train.py, eval.py, generate.py (found next to deepy.py "
+                                  "when not in the current directory) or a path")
     p.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
+    return p
+
+
+def resolve_script(script: str) -> str:
+    """The script as given when it exists, else one of ours next to deepy.py (NeoX's repo-root scripts)."""
+    if not Path(script).is_file() and script in OUR_SCRIPTS and (ROOT / script).is_file():
+        return str(ROOT / script)
+    return script
+
+
+def script_parser(script: str):
+    """The argument parser of one of our scripts (train.py, eval.py, generate.py), else None."""
+    path = Path(script).resolve()
+    if path.parent != ROOT or path.name not in OUR_SCRIPTS:
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_deepy_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # top-level imports only: the scripts import torch lazily
+    return module.build_parser()
+
+
+def check_flags(parser, own, args) -> None:
+    """deepy's unknown flags are errors before anything starts: before the script they are deepy's;
+    after it, a flag one of our scripts does not know, or (for another script) one spelled like a
+    flag of deepy's (``--dryrun``), is refused; other flags go to the script."""
+    from megatron.cli import closest_flag, long_flags, unknown_flag_message
+
+    ours = parser.known_flags()
+    script_at = own.index(args.script) if args.script in own else len(own)
+    target = script_parser(args.script)
+    theirs = target.known_flags() if target is not None else []
+    spelled = {flag.replace("_", "-") for flag in ours + theirs}
+    for i, flag in long_flags(own):
+        if flag in ours or flag in theirs or flag.replace("_", "-") in spelled:
+            continue
+        if i < script_at or target is not None or closest_flag(flag, ours, cutoff=0.8):
+            parser.fail(unknown_flag_message(flag, ours + theirs))
+
+
+def parse_args(argv):
+    p = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     own, verbatim = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args, unknown = p.parse_known_args(own)
+    args.script = resolve_script(args.script)
+    own = [resolve_script(a) if a in OUR_SCRIPTS else a for a in own]
+    check_flags(p, own, args)
     args.script_args = unknown + verbatim  # passed to the script after the configs
     return args
 
@@ -76,7 +127,8 @@ def launch_script(argv=None) -> int:
 
     configs = [str(Path(args.conf_dir) / c) if args.conf_dir else c for c in args.configs]
     if not Path(args.script).is_file():
-        raise LaunchError(f"training script not found: {args.script}")
+        raise LaunchError(f"script not found: {args.script} (deepy.py runs train.py, eval.py, generate.py or a "
+                          "script path)")
     cfg, _ = load_config(configs)
     launch = cfg.launch
     hostfile = args.hostfile or launch.hostfile

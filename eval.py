@@ -19,9 +19,11 @@ import argparse
 import os
 import sys
 
+from megatron.cli import cli_parser
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser():
+    p = cli_parser(__doc__)
     p.add_argument("configs", nargs="*", help="YAML config files, merged left to right (optional with --load)")
     p.add_argument("--tasks", "--eval_tasks", "--eval-tasks", dest="tasks", nargs="+", required=True,
                    help="task names, comma- or space-separated; 'docs' = all local tasks")
@@ -48,7 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb-project", default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbosity", default="WARNING", help="lm-eval's log level (default WARNING)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -12,18 +12,23 @@ codes for any number of ranks (megatron/launch/outcome.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from megatron.cli import cli_parser
+
+
+def build_parser():
+    parser = cli_parser(__doc__)
+    parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
+    return parser
 
 
 def main(argv=None, exiting: bool = False) -> int:
     """Train; the exit code. ``exiting``: this process ends with that code (``python train.py``): a stop
     signal from then on ends it at once with the code. Otherwise (called from Python) the process's
     signal handlers are restored on return."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     # Before the heavy imports: stop signals (preemption, Ctrl-C) and the launcher's death are handled.
     from megatron.launch.signals import die_with_parent, launched_by_launcher
     from megatron.launch.slurm import in_srun_step, provisional_rank

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron"
 
 # Lower layers first; a package may import its own modules and any package of a lower layer.
 LAYERS = [
-    {"errors"},
+    {"errors", "cli", "progress"},
     {"config", "kernels", "tokenizer"},
     {"attention", "data"},
     {"parallel", "hf_remote"},

@@ -75,7 +75,7 @@ def test_deepy_takes_launch_keys_from_the_config_and_dry_run_checks_paths(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["train.py", "configs/nope.yml"], "error: config file not found: configs/nope.yml"),
-    (["missing_script.py", "configs/tiny.yml"], "error: training script not found"),
+    (["missing_script.py", "configs/tiny.yml"], "error: script not found"),
 ])
 def test_deepy_bad_input_one_line(args, message):
     out = subprocess.run([sys.executable, "deepy.py", *args], capture_output=True, text=True, timeout=120)

@@ -17,7 +17,6 @@ architectures after applying: ``python -m megatron.attention.triton_aot --arch 9
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import sys
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.errors import UserError, run_cli  # noqa: E402
 
 DISPATCH = Path("megatron/attention/dispatch.py")
@@ -155,7 +155,7 @@ def rewrite_configs(text: str, path: Path, chosen: Dict[Key, Tuple[Tuple[int, ..
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("report", help="gpu_day_one.json written by bench/gpu_day_one.sh")
     p.add_argument("--root", default=str(ROOT), help="repository to rewrite (default: this one)")
     p.add_argument("--margin", type=float, default=0.05, help="smallest speedup that counts (default 5%%)")

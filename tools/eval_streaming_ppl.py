@@ -24,13 +24,14 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.errors import InferenceError, run_cli  # noqa: E402
 from megatron.inference.cli import add_cache_args, add_checkpoint_args, cache_config_from_args  # noqa: E402
 from megatron.inference.kv_cache import POLICIES  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     add_checkpoint_args(p)
     p.add_argument("--text-file", required=True, help="the long text stream (UTF-8)")
     p.add_argument("--num-tokens", type=int, default=None, help="evaluate at most this many tokens")

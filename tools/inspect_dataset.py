@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.data import MMapIndexedDataset, build_dataset  # noqa: E402
 from megatron.errors import DataError, run_cli  # noqa: E402
 from megatron.tokenizer import Tokenizer, build_tokenizer, tokenizer_from_path  # noqa: E402
@@ -67,7 +67,7 @@ def render(tokens: np.ndarray, tokenizer: Optional[Tokenizer], max_chars: int) -
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--tokenizer", help="tokenizer.json or sentencepiece .model, to show text")
     p.add_argument("--tokenizer-type", choices=("HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer"),

@@ -7,7 +7,6 @@ Each run directory holds the ``metrics.jsonl`` the trainer writes to ``log_dir``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.errors import UserError, run_cli  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def plot(runs: Dict[str, Dict[str, List[float]]], out: str, title: str = "") -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("runs", nargs="+", help="run directories (log_dir), optionally NAME=DIR")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--title", default="")

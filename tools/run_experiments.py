@@ -20,7 +20,6 @@ The table goes into ``bench/RESULTS.md`` between the ``experiments`` markers (``
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.errors import UserError, run_cli  # noqa: E402
 
 VARIANTS = ("full", "sepllm", "streamingllm", "fixed_interval")
@@ -298,7 +298,7 @@ def write_section(path: Path, body: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="bundled sample, tiny model, a few steps (CI)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out-dir", default=None, help="runs go here (default runs/experiments, smoke: runs/smoke)")

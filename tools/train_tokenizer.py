@@ -11,7 +11,6 @@ decoder, ``<|endoftext|>`` = id 0 and ``<|padding|>`` = id 1), saved as a Huggin
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from typing import Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.data.corpus_reader import expand_inputs, is_jsonl, item_text, read_items  # noqa: E402
 from megatron.errors import DataError, run_cli  # noqa: E402
 
@@ -76,7 +76,7 @@ def save_atomic(path: str, payload: bytes) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--input", nargs="+", required=True, help="txt / jsonl files (.gz/.zst ok), folders, globs")
     p.add_argument("--type", choices=("bpe", "spm"), default="bpe")
     p.add_argument("--vocab-size", type=int, default=4096)

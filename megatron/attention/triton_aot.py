@@ -79,10 +79,11 @@ def spilling(reports: Iterable[CompileReport]) -> List[str]:
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    from megatron.cli import cli_parser
+
+    parser = cli_parser(__doc__)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--quick", dest="scope", action="store_const", const="quick",

@@ -43,6 +43,7 @@ from megatron.checkpointing.integrity import (
     write_signed_json,
 )
 from megatron.errors import CheckpointError
+from megatron.progress import Progress
 
 TIED_COPY = "lm_head.weight"
 StateDict = Dict[str, torch.Tensor]
@@ -159,15 +160,22 @@ def check_output_dir(load: str, save: str, force: bool) -> None:
         raise CheckpointError(f"--save directory '{save}' is not empty; pass --force to write into it")
 
 
-def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: bool = False) -> Path:
+def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: bool = False,
+                   progress: bool = False) -> Path:
     """Write ``out_dir/global_stepN`` (and ``out_dir/latest``) for layout ``tp`` x ``pp``.
 
     Model and AdamW state are re-sharded; ``weights_only=True`` (or a source saved without
     optimizer) writes weights only, and the manifest's ``has_optimizer`` says so. Returns the step dir.
+    ``progress``: report the bytes read and written on stderr (megatron/progress.py).
     """
     from megatron.config import config_from_tree, validate_model_split
 
+    source = resolve_checkpoint_dir(ckpt_dir)
+    read = sum(f.stat().st_size for f in source.glob("*_tp*_pp*.pt") if not weights_only or f.name.startswith("model"))
+    # Writing takes about what reading does: the ETA counts the input bytes twice.
+    bar = Progress("resharding", total=2 * read, unit="B", enabled=progress)
     full, full_optim, manifest, groups = load_full_checkpoint(ckpt_dir, with_optimizer=not weights_only)
+    bar.set(read)
     tree = dict(manifest["config"], model_parallel_size=tp, pipe_parallel_size=pp)
     cfg = config_from_tree(tree, log=lambda *_: None)
     validate_model_split(cfg, tp, pp, cfg.parallel.virtual_pipe_stages)
@@ -197,10 +205,12 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                 shard[name] = value
                 used.add(src)
             files.update(write_shard(shard, tmp / shard_name("model", t, p)))
+            bar.update(sum(v.numel() * v.element_size() for v in shard.values()))
             files.update(write_signed_json(tmp / f"meta_tp{t:02d}_pp{p:02d}.json", {"params": meta}))
             if full_optim:
-                files.update(write_shard(_reshard_optimizer(meta, full_optim, groups, tied, t, tp),
-                                         tmp / shard_name("optim", t, p)))
+                optim = _reshard_optimizer(meta, full_optim, groups, tied, t, tp)
+                files.update(write_shard(optim, tmp / shard_name("optim", t, p)))
+                bar.update(sum(v.numel() * v.element_size() for v in _tensors(optim)))
     unused = set(full) - used
     if unused:
         raise CheckpointError(f"parameters not placed in any target shard: {sorted(unused)[:5]}")
@@ -217,7 +227,21 @@ def save_resharded(ckpt_dir: str, out_dir: str, tp: int, pp: int, weights_only: 
                         layout={"tp": tp, "pp": pp, "dp": 1, "cp": 1},
                         resharded_from={"path": str(src_ckpt), "layout": manifest["layout"]})
     atomic_write_text(tmp / MANIFEST, signed_json(new_manifest, indent=1))
+    bar.set(bar.total)
+    bar.close()
     return publish(tmp, root, iteration)
+
+
+def _tensors(tree: Any):
+    """Every tensor in a nested dict / list (an optimizer shard)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
 
 
 def _reshard_optimizer(meta: Dict[str, Dict[str, Any]], full_optim: Dict[str, Dict[str, Any]],

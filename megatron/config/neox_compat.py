@@ -139,7 +139,7 @@ def _attention_section(ctx: Context, key: str, value: Any) -> None:
 
 TE = "Transformer Engine (NVIDIA's fp8 layers)"
 SPARSE = "NeoX's sparse attention (DeepSpeed block-sparse kernels)"
-GEN = "a text-generation setting of NeoX's generate.py; training ignores it (tools/generate.py takes flags)"
+GEN = "generate.py's setting, NeoX's meaning (README: Coming from GPT-NeoX); training ignores it"
 
 RULES: List[Rule] = [
     # ---------------------------------------------------------------- model shape
@@ -233,9 +233,9 @@ RULES: List[Rule] = [
     same("data_path"), same("train_data_paths"), same("valid_data_paths"),
     same("test_data_paths", "evaluated at the end of training, like NeoX"),
     same("train_data_weights"), same("split"), same("vocab_file"), same("merge_file"),
-    choices("tokenizer_type", {}, {t: "this tokenizer type is not implemented"
-                                   for t in ("HFGPT2Tokenizer", "CharLevelTokenizer", "TiktokenTokenizer")},
-            "HFTokenizer, SPMTokenizer, GPT2BPETokenizer"),
+    choices("tokenizer_type", {}, {"TiktokenTokenizer": "this tokenizer type is not implemented"},
+            "HFTokenizer, SPMTokenizer, GPT2BPETokenizer, HFGPT2Tokenizer (local GPT-2 files, NeoX's "
+            "<|padding|> added), CharLevelTokenizer (UTF-8 bytes, vocabulary 512, eod 0, as NeoX)"),
     same("num_workers", "background DataLoader workers preparing batches"),
     noop_unless("data_impl", lambda v: v in ("mmap", "infer"), "mmap/infer: our datasets are mmap",
                 "only mmap indexed datasets are implemented"),
@@ -275,9 +275,10 @@ RULES: List[Rule] = [
     noop_unless("memory_profiling", _false, "false: no memory snapshots",
                 "memory snapshots are not implemented"),
     noop("memory_profiling_path", "a memory-profiler setting (not implemented)"),
-    *[noop(k, GEN) for k in ("text_gen_type", "temperature", "top_p", "top_k", "maximum_tokens", "prompt_end",
-                             "sample_input_file", "sample_output_file", "num_samples", "recompute",
-                             "eval_results_prefix", "eval_tasks")],
+    *[same(k, GEN) for k in ("text_gen_type", "temperature", "top_p", "top_k", "maximum_tokens", "prompt_end",
+                             "sample_input_file", "sample_output_file", "num_samples", "recompute")],
+    *[noop(k, "an evaluation setting of NeoX's eval.py; training ignores it (eval.py takes flags)")
+      for k in ("eval_results_prefix", "eval_tasks")],
     # ---------------------------------------------------------------- launcher (deepy.py)
     same("hostfile", "DeepSpeed-format hostfile for deepy.py", RUNNER),
     choices("launcher", {"pdsh": "deepspeed"},

@@ -321,8 +321,9 @@ class DataConfig:
     """Blending weights of train_data_paths; null = in proportion to their token counts."""
     split: str = "969,30,1"
     """Train, valid, test weights dividing data_path."""
-    tokenizer_type: Literal["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer"] = "HFTokenizer"
-    """Tokenizer kind: a tokenizers JSON file, a SentencePiece model, or GPT-2 BPE (vocab + merges)."""
+    tokenizer_type: Literal["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "HFGPT2Tokenizer",
+                            "CharLevelTokenizer"] = "HFTokenizer"
+    """Tokenizer kind: tokenizers JSON (HFGPT2Tokenizer: GPT-2's), SentencePiece, GPT-2 BPE, or UTF-8 bytes."""
     vocab_file: Optional[str] = None
     """Tokenizer file (tokenizer.json, .model, or GPT-2 vocab.json)."""
     merge_file: Optional[str] = None
@@ -408,6 +409,49 @@ class LaunchConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """generate.py's settings: NeoX's text_generation.yml keys with NeoX's meaning, and the bounded
+    Streaming-SepLLM cache it generates through (tools/generate.py's flags and defaults)."""
+
+    text_gen_type: Optional[Literal["unconditional", "input-file", "interactive"]] = None
+    """Unconditional samples, a completion per prompt of sample_input_file, or prompts from stdin."""
+    maximum_tokens: int = 64
+    """Tokens generated per sample at most (fewer when the end-of-document or the model's eos comes first)."""
+    prompt_end: str = "\n"
+    """What ends one prompt in sample_input_file and in interactive input."""
+    temperature: float = 0.0
+    """Divides the logits before sampling; greedy when temperature, top_k and top_p are all 0 (NeoX)."""
+    top_p: float = 0.0
+    """Nucleus sampling: the smallest set of tokens holding this probability mass; 0 = off (NeoX)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 = off."""
+    recompute: bool = False
+    """No KV cache: the whole sequence through the model's rule at every token, up to seq_length."""
+    num_samples: int = 1
+    """Unconditional samples to generate."""
+    sample_input_file: Optional[str] = None
+    """The prompts of text_gen_type input-file, separated by prompt_end."""
+    sample_output_file: Optional[str] = "samples.txt"
+    """JSON lines of the samples, NeoX's fields; null with input-file: INPUT.output.jsonl."""
+    cache_policy: Literal["sepllm", "streamingllm", "full"] = "sepllm"
+    """The streaming KV cache's policy (tools/generate.py --policy)."""
+    init_cache_size: int = 4
+    """Initial tokens the cache keeps (a)."""
+    sep_cache_size: int = 64
+    """Separators the cache keeps (s)."""
+    local_size: int = 256
+    """Most recent tokens the cache keeps at a compression (w)."""
+    cache_size: int = 800
+    """The cache's total budget, entries per layer (c)."""
+    pos_shift: bool = True
+    """Rotate keys by their place in the cache (false: by stream position)."""
+    decode_mask: Literal["cache", "rule"] = "cache"
+    """'cache': attend to every cached key; 'rule': the layer's Sep-Attention rule inside the cache."""
+    prefill_chunk: Optional[int] = None
+    """Prefill at most this many prompt tokens per forward."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape, positions, MLP, initialisation, kernels."""
@@ -427,9 +471,11 @@ class Config:
     """Metrics, wandb, TensorBoard."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """What deepy.py launches."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """What generate.py generates (NeoX's text_generation.yml keys) and its streaming cache."""
 
 
 # Groups whose fields are flat top-level YAML keys.
-FLAT_GROUPS = ("model", "parallel", "training", "data", "checkpoint", "logging", "launch")
+FLAT_GROUPS = ("model", "parallel", "training", "data", "checkpoint", "logging", "launch", "generation")
 # Groups that appear as one nested YAML section under their own name.
 NESTED_GROUPS = ("attention", "optimizer")

@@ -194,6 +194,7 @@ def validate(cfg: Config, source: Optional[Dict[str, str]] = None) -> None:
     _check_model(cfg, err)
     _check_training(cfg, err)
     _check_fp16(cfg, err)
+    _check_generation(cfg, err)
     problems.raise_if_any()
 
 
@@ -322,6 +323,24 @@ def _check_training(cfg: Config, err) -> None:
         err("include", "include and exclude are exclusive: name the hosts to use, or the ones to skip")
     if cfg.data.num_workers < 0:
         err("num_workers", f"num_workers = {cfg.data.num_workers}; expected an integer >= 0")
+
+
+def _check_generation(cfg: Config, err) -> None:
+    g = cfg.generation
+    for key in ("maximum_tokens", "num_samples", "cache_size"):
+        if getattr(g, key) < 1:
+            err(key, f"{key} = {getattr(g, key)}; expected an integer >= 1")
+    for key in ("top_k", "init_cache_size", "sep_cache_size", "local_size"):
+        if getattr(g, key) < 0:
+            err(key, f"{key} = {getattr(g, key)}; expected an integer >= 0")
+    if g.temperature < 0:
+        err("temperature", f"temperature = {g.temperature}; expected a number >= 0")
+    if not 0 <= g.top_p <= 1:
+        err("top_p", f"top_p = {g.top_p}; expected a probability in [0, 1] (0 = off)")
+    if g.prefill_chunk is not None and g.prefill_chunk < 1:
+        err("prefill_chunk", f"prefill_chunk = {g.prefill_chunk}; expected an integer >= 1")
+    if not g.prompt_end:
+        err("prompt_end", "prompt_end is empty; expected the text that ends a prompt (NeoX: '\\n')")
 
 
 # Packages that an accepted key needs, checked before launch.

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from megatron.config.schema import Config
 from megatron.convert.common import TensorSource, fuse_qkv, pad_rows, split_qkv
 from megatron.errors import ConversionError
 from megatron.model.transformer import ffn_size
+from megatron.progress import Progress
 
 # HF activation names -> ours. The tanh approximations differ from each other by float rounding only.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -141,7 +141,9 @@ class Family:
         out["embed.weight"] = pad_rows(src.take(names["embed"], (vocab_size, H)), padded_vocab)
         if m.pos_emb == "learned":
             out["pos_embed"] = src.take(names["pos_embed"], (m.max_position_embeddings or m.seq_length, H))
-        for i in tqdm(range(m.num_layers), desc="layers", disable=not progress):
+        bar = Progress("importing layers", total=m.num_layers, unit="layers", enabled=progress)
+        for i in range(m.num_layers):
+            bar.set(i)  # layers finished
             norms, linears = self.layer_tables(cfg, i)
             for n in norms:
                 get = src.peek if n.shared else src.take
@@ -159,6 +161,8 @@ class Family:
                 elif bias is not None and bias.abs().max() > 0:
                     raise ConversionError(f"tensor '{lin.hf}.bias' is non-zero but the target config "
                                           "has no bias there")
+        bar.set(m.num_layers)
+        bar.close()
         out["final_norm.weight"] = src.take(names["final_norm"] + ".weight", (H,))
         if m.norm == "layernorm":
             out["final_norm.bias"] = src.take(names["final_norm"] + ".bias", (H,))
@@ -178,7 +182,9 @@ class Family:
         out[names["embed"]] = src.take("embed.weight", (padded_vocab, H))[:vocab_size]
         if m.pos_emb == "learned":
             out[names["pos_embed"]] = src.take("pos_embed", (m.max_position_embeddings or m.seq_length, H))
-        for i in tqdm(range(m.num_layers), desc="layers", disable=not progress):
+        bar = Progress("exporting layers", total=m.num_layers, unit="layers", enabled=progress)
+        for i in range(m.num_layers):
+            bar.set(i)  # layers finished
             norms, linears = self.layer_tables(cfg, i)
             for n in norms:
                 out[n.hf + ".weight"] = src.take(n.ours + ".weight", (n.size,))
@@ -191,6 +197,8 @@ class Family:
                 if lin.hf_bias:
                     out[lin.hf + ".bias"] = (src.take(lin.ours + ".bias", (lin.out,)) if lin.our_bias
                                              else w.new_zeros(lin.out))
+        bar.set(m.num_layers)
+        bar.close()
         out[names["final_norm"] + ".weight"] = src.take("final_norm.weight", (H,))
         if m.norm == "layernorm":
             out[names["final_norm"] + ".bias"] = src.take("final_norm.bias", (H,))

@@ -105,11 +105,13 @@ def check_finite(state: Dict[str, torch.Tensor], ckpt_dir: Path, allow: bool, lo
 def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size: Optional[int] = None,
               dtype: str = "auto", tokenizer_dir: Optional[str] = None, progress: bool = True,
               log: Callable[[str], None] = print, architecture: Optional[str] = None,
-              cache: Optional[Dict[str, Any]] = None, allow_non_finite: bool = False) -> ExportResult:
+              cache: Optional[Dict[str, Any]] = None, allow_non_finite: bool = False,
+              save_tokenizer: bool = True) -> ExportResult:
     """Write ``checkpoint`` as an HF model directory. ``architecture`` (an HF class or model_type)
     overrides the choice made from the model's shape (and, for imported models, the import record);
     ``cache`` overrides the default Streaming-SepLLM budget (CacheConfig fields) stored for generate;
-    non-finite weights (a diverged run) are refused unless ``allow_non_finite``."""
+    non-finite weights (a diverged run) are refused unless ``allow_non_finite``; ``save_tokenizer=False``
+    writes no tokenizer files."""
     out = Path(output_dir)
     check_output_dir(out, force)
     if dtype != "auto" and dtype not in DTYPES:
@@ -145,6 +147,8 @@ def export_hf(checkpoint: str, output_dir: str, force: bool = False, vocab_size:
 
     tok_src = Path(tokenizer_dir) if tokenizer_dir else (
         Path(cfg.data.vocab_file).parent if cfg.data.vocab_file else None)
+    if not save_tokenizer:
+        tok_src = None
     if tok_src is not None and not tok_src.is_dir():
         log(f"warning: tokenizer directory '{tok_src}' not found; no tokenizer files exported")
         tok_src = None

@@ -12,12 +12,14 @@ import time
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from megatron.data.corpus_reader import Item, expand_inputs, is_jsonl, item_text, read_items
 from megatron.errors import DataError
+from megatron.progress import Progress
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype, check_vocab_fits
 from megatron.tokenizer import Tokenizer, build_tokenizer
 
@@ -45,14 +47,14 @@ _worker_state: dict = {}
 
 
 def init_worker(tokenizer_type: str, vocab_file: str, merge_file: Optional[str], json_key: str,
-                append_eod: bool, dtype_name: str, in_pool: bool = False) -> None:
+                append_eod: bool, dtype_name: str, fix_text: bool = False, in_pool: bool = False) -> None:
     if in_pool:  # the main process handles stop signals and ends the pool in order; workers ignore
         # them, also when a scheduler or a terminal signals every process of the job at once
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
     _worker_state.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod,
-                         dtype=np.dtype(dtype_name))
+                         dtype=np.dtype(dtype_name), fix_text=fix_text)
 
 
 def tokenize_batch(batch: List[Item]) -> List[Tuple[str, int, Optional[bytes], Optional[str]]]:
@@ -63,6 +65,10 @@ def tokenize_batch(batch: List[Item]) -> List[Tuple[str, int, Optional[bytes], O
     for item in batch:
         text, error = item_text(item, st["json_key"])
         out.append([item[0], item[1], None, error])
+        if text is not None and st["fix_text"]:
+            import ftfy
+
+            text = ftfy.fix_text(text)
         if text is not None:
             if text.strip():
                 texts.append(text)
@@ -81,7 +87,7 @@ def tokenize_batch(batch: List[Item]) -> List[Tuple[str, int, Optional[bytes], O
 class PreprocessOptions:
     input: List[str]
     output_prefix: str
-    vocab_file: str
+    vocab_file: Optional[str] = None
     tokenizer_type: str = "HFTokenizer"
     merge_file: Optional[str] = None
     json_key: str = "text"
@@ -92,6 +98,9 @@ class PreprocessOptions:
     workers: int = 1
     skip_bad_lines: bool = False
     quiet: bool = False
+    num_docs: Optional[int] = None  # the progress total in documents (NeoX's --num-docs); else input bytes
+    log_interval: Optional[int] = None  # documents between progress lines, at most (NeoX's --log-interval)
+    ftfy: bool = False  # fix broken unicode with ftfy before tokenizing
 
     @property
     def output_dataset(self) -> str:
@@ -121,11 +130,16 @@ def location(path: str, line_no: int) -> str:
     return f"{path}:{line_no}" if line_no else path
 
 
-def results_in_order(workers: int, all_batches: Iterator[List[Item]], init_args: tuple) -> Iterator[list]:
+def batch_bytes(batch: List[Item]) -> int:
+    return sum(len(item[2]) + 1 for item in batch)  # + the line's newline
+
+
+def results_in_order(workers: int, all_batches: Iterator[List[Item]], init_args: tuple) -> Iterator[tuple]:
+    """(input bytes, results) per batch, in input order."""
     if workers <= 1:
         init_worker(*init_args)
         for batch in all_batches:
-            yield tokenize_batch(batch)
+            yield batch_bytes(batch), tokenize_batch(batch)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -138,11 +152,13 @@ def results_in_order(workers: int, all_batches: Iterator[List[Item]], init_args:
     try:
         pending: deque = deque()
         for batch in all_batches:
-            pending.append(pool.submit(tokenize_batch, batch))
+            pending.append((batch_bytes(batch), pool.submit(tokenize_batch, batch)))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+                size, result = pending.popleft()
+                yield size, result.result()
         while pending:
-            yield pending.popleft().result()
+            size, result = pending.popleft()
+            yield size, result.result()
     except BrokenProcessPool:
         raise DataError(f"a tokenizer worker process died ({dead_worker_cause(pool)}); nothing written. "
                         "If it ran out of memory, use fewer --workers or smaller input files") from None
@@ -201,11 +217,15 @@ def write_results(results: list, builder: IndexedDatasetBuilder, stats: Preproce
             stats.tokens += len(tokens)
 
 
-def make_progress(quiet: bool):
-    if quiet:
-        return None
-    from tqdm import tqdm
-    return tqdm(unit="doc", unit_scale=True, mininterval=1.0, delay=1.0, file=sys.stderr, desc="tokenizing")
+def make_progress(opts: PreprocessOptions, paths: List[str]) -> Progress:
+    """Documents against --num-docs when given, else bytes against the input files' size (known
+    when none is compressed: a compressed file's text is larger than the file)."""
+    if opts.num_docs:
+        return Progress("tokenizing", total=opts.num_docs, unit="docs", enabled=not opts.quiet,
+                        every=opts.log_interval)
+    compressed = any(Path(p).suffix in (".gz", ".zst", ".xz", ".bz2") for p in paths)
+    total = None if compressed else sum(os.path.getsize(p) for p in paths)
+    return Progress("tokenizing", total=total, unit="B", enabled=not opts.quiet)
 
 
 class Stopped(Exception):
@@ -229,29 +249,27 @@ def preprocess(opts: PreprocessOptions, stop_signal: Callable[[], int] = lambda:
     tokenizer = build_tokenizer(opts.tokenizer_type, opts.vocab_file, opts.merge_file)
     dtype = np.dtype(best_fitting_dtype(tokenizer.vocab_size) if opts.dtype == "auto" else DTYPES[opts.dtype])
     check_vocab_fits(tokenizer.vocab_size, dtype)
-    init_args = (opts.tokenizer_type, opts.vocab_file, opts.merge_file, opts.json_key, opts.append_eod, dtype.name)
+    init_args = (opts.tokenizer_type, opts.vocab_file, opts.merge_file, opts.json_key, opts.append_eod, dtype.name,
+                 opts.ftfy)
     stats = PreprocessStats(output=opts.output_dataset, dtype=dtype.name)
     start = time.perf_counter()
-    progress = make_progress(opts.quiet)
-    try:
-        with IndexedDatasetBuilder(opts.output_dataset, dtype) as builder:
-            ordered = results_in_order(opts.workers, batches(paths, opts.input_format, opts.split_lines),
-                                       init_args)
-            with closing(ordered):  # shuts the worker pool down on errors too
-                for results in ordered:
-                    if stop_signal():
-                        raise Stopped(stop_signal())
-                    write_results(results, builder, stats, opts.skip_bad_lines, dtype)
-                    if progress is not None:
-                        stats.seconds = time.perf_counter() - start
-                        progress.update(len(results))
-                        progress.set_postfix_str(f"{stats.tokens_per_s:,.0f} tokens/s", refresh=False)
-            if stats.docs == 0:
-                raise DataError(f"no documents with text in {', '.join(paths[:3])}"
-                                f"{' ...' if len(paths) > 3 else ''}; nothing written")
-    finally:
-        if progress is not None:
-            progress.close()
+    progress = make_progress(opts, paths)
+    with IndexedDatasetBuilder(opts.output_dataset, dtype) as builder:
+        ordered = results_in_order(opts.workers, batches(paths, opts.input_format, opts.split_lines),
+                                   init_args)
+        with closing(ordered):  # shuts the worker pool down on errors too
+            for size, results in ordered:
+                if stop_signal():
+                    raise Stopped(stop_signal())
+                docs_before = stats.docs
+                write_results(results, builder, stats, opts.skip_bad_lines, dtype)
+                progress.update(stats.docs - docs_before if opts.num_docs else size)
+        if stats.docs == 0:
+            raise DataError(f"no documents with text in {', '.join(paths[:3])}"
+                            f"{' ...' if len(paths) > 3 else ''}; nothing written")
+    if progress.total and not opts.num_docs:
+        progress.done = progress.total  # blank lines and the last newline are not counted
+    progress.close()
     stats.seconds = time.perf_counter() - start
     if not opts.quiet:
         print(f"wrote {stats.output}.bin/.idx: {stats.docs:,} documents, {stats.tokens:,} tokens, dtype "

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from tqdm import tqdm
 
 from megatron.errors import InferenceError
 from megatron.evaluation.scoring import Scorer
 from megatron.inference.sampling import SamplingConfig
+from megatron.progress import Progress
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -67,8 +67,8 @@ class SepLLMEvalLM(TemplateLM):
     def get_model_info(self) -> Dict[str, Any]:
         return dict(self.info)
 
-    def _bar(self, total: int, desc: str, disable: bool) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=disable or not self.progress or self.rank != 0)
+    def _bar(self, total: int, desc: str, disable: bool) -> Progress:
+        return Progress(desc, total=total, unit="requests", enabled=not disable and self.progress and self.rank == 0)
 
     # ------------------------------------------------------------------ requests
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:

@@ -123,8 +123,8 @@ def print_reports(reports) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
+    from megatron.cli import cli_parser
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli_parser(__doc__)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)")
     print_reports(compile_all(parser.parse_args().arch))

@@ -238,6 +238,58 @@ def gpt2_bpe_tokenizer(vocab_file: str, merge_file: str) -> HFTokenizer:
     return HFTokenizer(tok, vocab_file)
 
 
+class CharLevelTokenizer(Tokenizer):
+    """GPT-NeoX's ``CharLevelTokenizer``: the ids are the text's UTF-8 bytes (no offset), the vocabulary
+    512, end-of-document 0 and padding 1, as NeoX writes them; needs no vocabulary file. Decoding joins
+    the bytes (ids 256 and up, and the two special ids, stand for no text)."""
+
+    name = "CharLevelTokenizer"
+    VOCAB_SIZE, EOD, PAD = 512, 0, 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.VOCAB_SIZE
+
+    @property
+    def eod_id(self) -> int:
+        return self.EOD
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if self.PAD < int(i) < 256).decode("utf-8", errors="replace")
+
+    def token_texts(self) -> Dict[int, str]:
+        return {i: chr(i) for i in range(self.PAD + 1, 128)}  # single bytes that are whole characters
+
+
+PADDING_TOKEN = "<|padding|>"  # what NeoX's HFGPT2Tokenizer adds as its pad token
+
+
+def hf_gpt2_tokenizer(vocab_file: Optional[str]) -> HFTokenizer:
+    """GPT-NeoX's ``HFGPT2Tokenizer`` from local files: a GPT-2 ``tokenizer.json``, or a folder holding
+    one (or ``vocab.json`` + ``merges.txt``), with NeoX's ``<|padding|>`` pad token added."""
+    if not vocab_file:
+        raise DataError("tokenizer_type HFGPT2Tokenizer needs a vocab_file here (a GPT-2 tokenizer.json or a "
+                        "folder with vocab.json + merges.txt); NeoX's download of the hub's 'gpt2' is not done")
+    path = Path(vocab_file)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            tok = gpt2_bpe_tokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+        else:
+            raise DataError(f"folder '{vocab_file}' has neither tokenizer.json nor vocab.json + merges.txt "
+                            "(tokenizer_type HFGPT2Tokenizer)")
+    else:
+        tok = HFTokenizer.from_file(_require_file(vocab_file, "a vocab_file (tokenizer.json)", "HFGPT2Tokenizer"))
+    if tok._tok.token_to_id(PADDING_TOKEN) is None:
+        tok._tok.add_special_tokens([PADDING_TOKEN])
+    tok.name = "HFGPT2Tokenizer"
+    return tok
+
+
 def _require_file(path: Optional[str], what: str, tokenizer_type: str) -> str:
     if not path:
         raise DataError(f"tokenizer_type {tokenizer_type} needs {what}")
@@ -246,9 +298,13 @@ def _require_file(path: Optional[str], what: str, tokenizer_type: str) -> str:
     return path
 
 
+TOKENIZER_TYPES = ("HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "HFGPT2Tokenizer", "CharLevelTokenizer")
+
+
 def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str],
                     merge_file: Optional[str] = None) -> Tokenizer:
-    """``HFTokenizer`` (tokenizer.json), ``SPMTokenizer`` (.model) or ``GPT2BPETokenizer`` (vocab + merges)."""
+    """``HFTokenizer`` (tokenizer.json), ``SPMTokenizer`` (.model), ``GPT2BPETokenizer`` (vocab + merges),
+    and NeoX's ``HFGPT2Tokenizer`` and ``CharLevelTokenizer``."""
     if tokenizer_type == "HFTokenizer":
         return HFTokenizer.from_file(_require_file(vocab_file, "a vocab_file (tokenizer.json)", tokenizer_type))
     if tokenizer_type == "SPMTokenizer":
@@ -257,8 +313,11 @@ def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str],
         vocab = _require_file(vocab_file, "a vocab_file (vocab.json)", tokenizer_type)
         merges = _require_file(merge_file, "a merge_file (merges.txt)", tokenizer_type)
         return gpt2_bpe_tokenizer(vocab, merges)
-    raise DataError(f"unknown tokenizer_type '{tokenizer_type}'; expected HFTokenizer, SPMTokenizer or "
-                    "GPT2BPETokenizer")
+    if tokenizer_type == "HFGPT2Tokenizer":
+        return hf_gpt2_tokenizer(vocab_file)
+    if tokenizer_type == "CharLevelTokenizer":
+        return CharLevelTokenizer()
+    raise DataError(f"unknown tokenizer_type '{tokenizer_type}'; expected one of {', '.join(TOKENIZER_TYPES)}")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, model_parallel_size: int = 1) -> int:

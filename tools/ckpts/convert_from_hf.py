@@ -12,18 +12,18 @@ fine-tune with it plus configs/finetune_example.yml.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.convert import import_hf  # noqa: E402
 from megatron.errors import run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--input", required=True, help="HF model directory (config.json + weights) or a .gguf file")
     p.add_argument("--save", required=True, help="checkpoint root to write")
     p.add_argument("--config-out", help="YAML to write (default SAVE/model.yml)")

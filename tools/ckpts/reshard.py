@@ -8,20 +8,22 @@ model_parallel_size / pipe_parallel_size. AdamW state is re-sharded too unless `
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.cli import cli_parser  # noqa: E402
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--load", required=True, help="source checkpoint (save root or global_stepN dir)")
     p.add_argument("--save", required=True, help="output save root")
     p.add_argument("--tp", type=int, required=True, help="target model_parallel_size")
     p.add_argument("--pp", type=int, default=1, help="target pipe_parallel_size")
     p.add_argument("--weights-only", action="store_true", help="drop the optimizer state")
+    p.add_argument("--quiet", action="store_true", help="no progress")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --save, even the one holding --load (replaces that step)")
     args = p.parse_args(argv)
@@ -32,7 +34,8 @@ def main(argv=None) -> int:
     if args.tp < 1 or args.pp < 1:
         raise CheckpointError("--tp and --pp must be >= 1")
     check_output_dir(args.load, args.save, args.force)
-    out = save_resharded(args.load, args.save, args.tp, args.pp, weights_only=args.weights_only)
+    out = save_resharded(args.load, args.save, args.tp, args.pp, weights_only=args.weights_only,
+                         progress=not args.quiet)
     print(f"wrote {out} (tp={args.tp}, pp={args.pp})")
     return 0
 

@@ -18,7 +18,6 @@ Output is deterministic for a given input and --seed; files are written atomical
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from typing import Dict, Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.cli import cli_parser  # noqa: E402
 from megatron.errors import UserError, run_cli  # noqa: E402
 
 WORD = re.compile(r"^[A-Za-z][a-z]+$")
@@ -148,7 +148,7 @@ def write_jsonl(path: Path, rows: List[Dict[str, object]]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--input", default="data/docs/heldout.jsonl", help="JSONL documents with a \"text\" field")
     p.add_argument("--out", default="data/eval", help="directory for docs_*.jsonl")
     p.add_argument("--max-examples", type=int, default=500, help="examples per task at most")

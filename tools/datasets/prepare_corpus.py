@@ -17,7 +17,6 @@ into indexed datasets. ``--max-mb`` caps the corpus for quick runs.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -28,6 +27,10 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron.cli import cli_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -169,7 +172,7 @@ def write_jsonl(out: Path, deb_dir: Path, heldout_every: int, max_bytes: int) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser(__doc__)
     p.add_argument("--out", default="data/docs", help="output directory")
     p.add_argument("--deb-dir", default=None, help="where the .deb files are (or go); default OUT/debs")
     p.add_argument("--vocab-size", type=int, default=8192)
