@@ -269,7 +269,8 @@ RULES: List[Rule] = [
                              "sample_input_file", "sample_output_file", "num_samples", "recompute",
                              "eval_results_prefix", "eval_tasks")],
     # ---------------------------------------------------------------- launcher (deepy.py)
-    same("hostfile", "DeepSpeed-format hostfile for deepy.py", RUNNER),
+    same("hostfile", "DeepSpeed-format hostfile for deepy.py; a path that does not exist (NeoX's /mock_path) "
+                     "runs on this node with one warning, as DeepSpeed does", RUNNER),
     choices("launcher", {"pdsh": "deepspeed"},
             {v: "MPI launchers are not supported; use launcher: slurm, pdsh or torchrun"
              for v in ("openmpi", "mvapich")},
