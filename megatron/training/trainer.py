@@ -228,7 +228,7 @@ class Trainer:
         loss = self.evaluate(self.test_ds) if self.test_ds is not None else None
         if loss is not None:
             self.log(f"iter {self.iteration:6d} | test loss {loss:.4f} | ppl {torch.tensor(loss).exp():.2f}")
-            self.metrics.log(self.iteration, {"loss": loss}, prefix="test")
+            self.metrics.log(self.iteration, {"loss": loss, "ppl": math.exp(loss)}, prefix="test")
 
     def log_kv_ratio(self, micro_batch: torch.Tensor) -> None:
         """The SepLLM reference's PRINT_KV_RATIO: kept fraction of causal attention, per group of layers."""
@@ -293,7 +293,7 @@ class Trainer:
                 if val is not None:
                     self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | "
                              f"ppl {torch.tensor(val).exp():.2f}")
-                    self.metrics.log(self.iteration, {"loss": val}, prefix="valid")
+                    self.metrics.log(self.iteration, {"loss": val, "ppl": math.exp(val)}, prefix="valid")
             if lg.kv_ratio_interval and self.iteration % lg.kv_ratio_interval == 0:
                 self.log_kv_ratio(micro_batches[-1])
             on_schedule = ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0
