@@ -259,12 +259,12 @@ RULES: List[Rule] = [
                                                         "tensorboard and the JSONL log are)"),
     *[noop(k, "a Comet setting (Comet logging is not implemented)")
       for k in ("comet_project", "comet_experiment_name", "comet_tags", "comet_others", "comet_workspace")],
-    noop_unless("profile", _false, "false: no profiling", "nsys/torch profiler hooks are not implemented"),
-    noop("profile_step_start", "a profiler setting (profiling is not implemented)"),
-    noop("profile_step_stop", "a profiler setting (profiling is not implemented)"),
-    noop_unless("memory_profiling", _false, "false: no memory snapshots",
-                "memory snapshots are not implemented"),
-    noop("memory_profiling_path", "a memory-profiler setting (not implemented)"),
+    same("profile", "torch.profiler traces of iterations profile_step_start + 1 .. profile_step_stop into "
+                    "tensorboard_dir (else log_dir), NVTX ranges on CUDA"),
+    same("profile_step_start", "the profiler's warm-up iteration (the next one is the first recorded)"),
+    same("profile_step_stop", "the last profiled iteration"),
+    same("memory_profiling", "CUDA memory snapshot (peak RSS without CUDA) after profile_step_stop"),
+    same("memory_profiling_path", "directory of memory_profiling's mem_snapshot.pickle / peak_rss.json"),
     *[noop(k, GEN) for k in ("text_gen_type", "temperature", "top_p", "top_k", "maximum_tokens", "prompt_end",
                              "sample_input_file", "sample_output_file", "num_samples", "recompute",
                              "eval_results_prefix", "eval_tasks")],

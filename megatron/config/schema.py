@@ -251,6 +251,16 @@ class LoggingConfig:
     log_dir: Optional[str] = None  # JSONL metrics file goes here
     peak_theoretical_tflops: Optional[float] = None  # per device, for MFU; None = look up the device
     kv_ratio_interval: Optional[int] = None  # log the Sep-Attention kept-KV fraction every N iterations
+    profile: bool = False
+    """torch.profiler traces (and NVTX ranges on CUDA) of iterations profile_step_start + 1 .. profile_step_stop."""
+    profile_step_start: int = 10
+    """The iteration before the first profiled one (it runs as the profiler's warm-up)."""
+    profile_step_stop: int = 12
+    """The last profiled iteration."""
+    memory_profiling: bool = False
+    """A CUDA memory snapshot (peak RSS without CUDA) of the profiled iterations, in memory_profiling_path."""
+    memory_profiling_path: Optional[str] = None
+    """Directory for memory_profiling's mem_snapshot.pickle / peak_rss.json."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from megatron.training.guards import non_finite_reason, skip_step
 from megatron.training.loss_scaler import LossScaler
 from megatron.training.optimizer import NamedState, clip_grad_norm_, load_named_optimizer_state, named_optimizer_state
 from megatron.training.pipeline import PipelineRunner
+from megatron.training.profiling import nvtx_range
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
 
@@ -75,11 +76,13 @@ class DenseEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(micro_batches)
+        with nvtx_range("forward-backward"):
+            loss = self._forward_backward(micro_batches)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        allreduce_sequence_parallel_grads(self.model)
-        allreduce_gradients(params, self.layout)
-        allreduce_tied_embedding_grads(self.model)
+        with nvtx_range("gradient reduction"):
+            allreduce_sequence_parallel_grads(self.model)
+            allreduce_gradients(params, self.layout)
+            allreduce_tied_embedding_grads(self.model)
         # fp16: unscale, agree on overflow over all ranks (loss_scaler.py); an overflow skips the step below.
         overflow = self.loss_scaler is not None and self.loss_scaler.unscale_and_check(params)
         grad_norm = float("inf") if overflow else clip_grad_norm_(params, self.clip_grad, self.layout)
@@ -89,7 +92,8 @@ class DenseEngine:
         reason = non_finite_reason(stats["loss"], grad_norm)  # same on every rank: both are reduced
         if reason:
             return skip_step(self.optimizer, stats, reason)  # no update (megatron/training/guards.py)
-        self.optimizer.step()
+        with nvtx_range("optimizer step"):
+            self.optimizer.step()
         return stats
 
     @torch.no_grad()

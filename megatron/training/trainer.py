@@ -31,6 +31,7 @@ from megatron.training.loss_scaler import log_suffix
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer
+from megatron.training.profiling import RunProfiler
 from megatron.training.resume import build_engine_and_resume, nothing_to_load
 from megatron.training.summary import layer_rules, parameter_counts, summary_lines
 from megatron.training.throughput import Throughput, device_peak_tflops, kept_fractions
@@ -85,6 +86,7 @@ class Trainer:
         if manifest is not None:
             self.log_resume(manifest)
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg), log=self.log)
+        self.profiler = RunProfiler(cfg.logging, self.device, rank(), self.log)
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
                  f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size} cp={self.layout.cp_size}, "
@@ -245,6 +247,7 @@ class Trainer:
             with deferred_exit_signals():  # SIGTERM/SIGINT/SIGUSR1: save and stop after the current step
                 return self.train_loop()
         finally:
+            self.profiler.close()
             self.metrics.close()
             if self.session is not None:
                 self.session.close()
@@ -267,7 +270,9 @@ class Trainer:
         while self.iteration < tr.train_iters:
             step_start = time.perf_counter()
             micro_batches = next(batches)
+            self.profiler.before_step(self.iteration + 1)
             stats = self.train_step(micro_batches)
+            self.profiler.after_step(self.iteration)
             window_time += time.perf_counter() - step_start
             stats = self.guard.after_step(self.iteration, stats)  # skipped steps counted; stops a divergence
             losses.append(stats["loss"])
