@@ -20,3 +20,16 @@ def check_monitoring(cfg: Config, err: Err) -> None:
     if lg.memory_profiling and not lg.memory_profiling_path:
         err("memory_profiling", "memory_profiling: true needs memory_profiling_path (the directory for the "
                                 "snapshot)")
+    if cfg.parallel.zero_optimization.stage > 0 and lg.log_gradient_noise_scale:
+        err("log_gradient_noise_scale", "log_gradient_noise_scale keeps whole gradients of several steps, which ZeRO "
+                                        f"(zero_optimization.stage {cfg.parallel.zero_optimization.stage}) partitions "
+                                        "over ranks; NeoX refuses it under ZeRO too")
+    if lg.gradient_noise_scale_n_batches < 2:
+        err("gradient_noise_scale_n_batches", f"gradient_noise_scale_n_batches = "
+                                              f"{lg.gradient_noise_scale_n_batches}; expected an integer >= 2")
+    ck = cfg.checkpoint
+    if ck.checkpoint_scale == "log" and ck.checkpoint_factor < 2:
+        err("checkpoint_scale", f"checkpoint_scale log saves at powers of checkpoint_factor, which is "
+                                f"{ck.checkpoint_factor}; expected checkpoint_factor >= 2")
+    if ck.iteration is not None and (ck.iteration < 0 or not ck.load):
+        err("iteration", f"iteration {ck.iteration} names the step to load: it needs load: and must be >= 0")

@@ -246,13 +246,29 @@ RULES: List[Rule] = [
     same("checkpoint_factor", "save every N iterations (NeoX's linear checkpoint_scale)"),
     rename("save_interval", "checkpoint_factor", "older NeoX name"),
     same("extra_save_iters", "also save at these iterations (0: before the first step)"),
-    noop("checkpoint_validation_with_forward_pass", "checkpoints are validated by name and shape on load"),
+    same("checkpoint_validation_with_forward_pass", "the loss of a fixed batch (NeoX: its logits) is saved with "
+                                                    "each checkpoint and must come out again after loading"),
+    same("checkpoint_scale", "linear: every checkpoint_factor iterations; log: at 1 and every power of "
+                             "checkpoint_factor (an integer here)"),
+    same("iteration", "the step to load: load's global_stepN instead of the one 'latest' names"),
+    noop_unless("s3_path", lambda v: v in (None, ""), "null: no upload",
+                "uploading checkpoints to S3 is not implemented; copy the save directory with your own tool"),
+    noop("s3_chunk_size", "a setting of the S3 upload (s3_path), which is not implemented"),
     # ---------------------------------------------------------------- logging
     same("log_interval"), same("log_dir"), same("tensorboard_dir", "needs the tensorboard extra"),
     same("use_wandb"), same("wandb_project"), same("wandb_group"),
     rename("wandb_team", "wandb_entity"), same("wandb_host"), same("wandb_run_name"),
     same("peak_theoretical_tflops", "per-device peak for MFU in the training log"),
-    noop("log_grad_norm", "grad_norm is always logged"),
+    same("log_param_norm", "parameter_norms/NAME and the total param_norm at each log_interval, whole "
+                           "parameters under any layout"),
+    same("log_grad_norm", "gradient_norms/NAME (before clipping) at each log_interval; the total grad_norm "
+                          "is always logged; not under ZeRO"),
+    same("log_grad_pct_zeros", "pct_grad_zeros/NAME at each log_interval; not under ZeRO"),
+    same("log_optimizer_states", "optimizer_state_norms/NAME_exp_avg and _exp_avg_sq at each log_interval"),
+    same("log_gradient_noise_scale", "noise_scale (NeoX's estimate) in the log line and train/noise_scale; "
+                                     "not under ZeRO, as in NeoX"),
+    same("gradient_noise_scale_n_batches", "global batches averaged into the noise scale's large batch"),
+    same("gradient_noise_scale_cpu_offload", "the noise scale's gradient buffer in CPU memory"),
     noop("steps_per_print", "DeepSpeed's own print interval; the log follows log_interval", DS),
     noop("wall_clock_breakdown", "DeepSpeed timers; the log shows ms/iter, tokens/s and FLOPs/s", DS),
     noop_unless("use_comet", _false, "false: no Comet", "Comet logging is not implemented (wandb, "

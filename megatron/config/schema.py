@@ -235,6 +235,12 @@ class CheckpointConfig:
     extra_save_iters: List[int] = field(default_factory=list)  # also save at these (0 = before training)
     keep_last_n_checkpoints: Optional[int] = None
     finetune: bool = False  # load weights only: reset optimizer, iteration and data position
+    iteration: Optional[int] = None
+    """The step to load from load: (global_stepN); None = the one 'latest' names."""
+    checkpoint_scale: Literal["linear", "log"] = "linear"
+    """linear: save every checkpoint_factor iterations; log: at 1 and every power of checkpoint_factor."""
+    checkpoint_validation_with_forward_pass: bool = False
+    """Save the loss of a fixed batch with each checkpoint and check it after loading."""
 
 
 @dataclass
@@ -261,6 +267,20 @@ class LoggingConfig:
     """A CUDA memory snapshot (peak RSS without CUDA) of the profiled iterations, in memory_profiling_path."""
     memory_profiling_path: Optional[str] = None
     """Directory for memory_profiling's mem_snapshot.pickle / peak_rss.json."""
+    log_param_norm: bool = False
+    """Log every parameter's norm (parameter_norms/NAME) and the total (param_norm) at each log_interval."""
+    log_grad_norm: bool = False
+    """Log every parameter's gradient norm (gradient_norms/NAME), before clipping."""
+    log_grad_pct_zeros: bool = False
+    """Log the per cent of exact zeros in every parameter's gradient (pct_grad_zeros/NAME)."""
+    log_optimizer_states: bool = False
+    """Log the norm of every parameter's AdamW moments (optimizer_state_norms/NAME_exp_avg, _exp_avg_sq)."""
+    log_gradient_noise_scale: bool = False
+    """Estimate and log the gradient noise scale (noise_scale), as NeoX does."""
+    gradient_noise_scale_n_batches: int = 5
+    """Consecutive global batches whose mean gradient is the noise scale's large batch."""
+    gradient_noise_scale_cpu_offload: bool = False
+    """Keep the noise scale's gradient buffer in CPU memory."""
 
 
 @dataclass

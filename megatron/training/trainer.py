@@ -14,6 +14,7 @@ import torch
 
 from megatron.attention.dispatch import check_impl_available
 from megatron.checkpointing import ensure_writable, resolve_checkpoint_dir, save_checkpoint
+from megatron.checkpointing.checkpoint import checkpoint_at_step
 from megatron.checkpointing.session import SaveSession
 from megatron.config import Config, config_to_tree, validate_device, validate_launch
 from megatron.data import MMapIndexedDataset, build_dataset, build_train_valid_test_datasets
@@ -25,11 +26,13 @@ from megatron.parallel import layout_from_config
 from megatron.parallel.distributed import device_for_rank, init_distributed, rank
 from megatron.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.training.batches import collate, global_batch_indices, train_batches
+from megatron.training.checkpoint_checks import forward_record, on_save_schedule, validate_loaded
 from megatron.training.exit_signals import agreed_exit_signal, deferred_exit_signals, signal_name
 from megatron.training.guards import NonFiniteGuard, TrainingDiverged, non_finite_state
 from megatron.training.loss_scaler import log_suffix
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
+from megatron.training.norm_stats import OptionalLogs
 from megatron.training.optimizer import build_optimizer
 from megatron.training.profiling import RunProfiler
 from megatron.training.resume import build_engine_and_resume, nothing_to_load
@@ -68,6 +71,8 @@ class Trainer:
         self.global_batch = self.micro * self.accum * self.dp_size
         self.iteration, self.consumed_samples = 0, 0
         self.stop_signal = 0  # the signal that stopped training after a checkpoint (0: it was not stopped)
+        if cfg.checkpoint.iteration is not None:  # NeoX's step to load
+            cfg.checkpoint.load = checkpoint_at_step(cfg.checkpoint.load, cfg.checkpoint.iteration)
         self.session = self.open_save_session()  # own `save:` before doing anything
         self.guard = NonFiniteGuard(tr.max_skipped_steps, self.log)
 
@@ -85,6 +90,8 @@ class Trainer:
                                                         log=self.log)
         if manifest is not None:
             self.log_resume(manifest)
+            validate_loaded(self, manifest, self.log)
+        self.optional_logs = OptionalLogs(cfg, self.model, self.engine, self.global_batch, self.device)
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg), log=self.log)
         self.profiler = RunProfiler(cfg.logging, self.device, rank(), self.log)
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
@@ -190,7 +197,8 @@ class Trainer:
             raise TrainingDiverged(f"not saving the checkpoint of iteration {self.iteration}: {bad}; "
                                    f"the last good checkpoint is {self.guard.last_checkpoint or 'none'}")
         path = save_checkpoint(ck.save, self.iteration, self.model, optimizer_state,
-                               {"consumed_samples": self.consumed_samples}, config_to_tree(self.cfg),
+                               {"consumed_samples": self.consumed_samples, **forward_record(self)},
+                               config_to_tree(self.cfg),
                                ck.keep_last_n_checkpoints, session=self.session)
         self.guard.last_checkpoint = str(path)
         self.log(f"saved checkpoint {path}")
@@ -271,13 +279,15 @@ class Trainer:
             step_start = time.perf_counter()
             micro_batches = next(batches)
             self.profiler.before_step(self.iteration + 1)
+            self.optional_logs.logging_step = self.is_log_iteration(self.iteration + 1)
             stats = self.train_step(micro_batches)
+            self.optional_logs.after_step(stats)
             self.profiler.after_step(self.iteration)
             window_time += time.perf_counter() - step_start
             stats = self.guard.after_step(self.iteration, stats)  # skipped steps counted; stops a divergence
             losses.append(stats["loss"])
             window_iters += 1
-            if self.iteration % lg.log_interval == 0 or self.iteration == tr.train_iters:
+            if self.is_log_iteration(self.iteration):
                 # Logged loss: mean over the logging window (Megatron's "lm loss"), non-finite losses of
                 # skipped steps left out; last step's kept too.
                 finite = [x for x in losses[-window_iters:] if math.isfinite(x)]
@@ -287,10 +297,12 @@ class Trainer:
                 stats["iter_time"] = window_time / window_iters
                 stats.update(self.throughput.report(self.iteration, window_time, window_iters,
                                                     self.kept_fractions(micro_batches[-1])))
+                if self.optional_logs.enabled:
+                    stats.update(self.optional_logs.collect())  # collective
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
                          f"{stats['lr']:.3e} | grad_norm {stats['grad_norm']:.3f} | tokens/s "
                          f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter | "
-                         + Throughput.text(stats) + log_suffix(stats))
+                         + Throughput.text(stats) + log_suffix(stats) + OptionalLogs.text(stats))
                 self.metrics.log(self.iteration, stats)
                 window_time, window_iters = 0.0, 0
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
@@ -301,7 +313,7 @@ class Trainer:
                     self.metrics.log(self.iteration, {"loss": val, "ppl": math.exp(val)}, prefix="valid")
             if lg.kv_ratio_interval and self.iteration % lg.kv_ratio_interval == 0:
                 self.log_kv_ratio(micro_batches[-1])
-            on_schedule = ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0
+            on_schedule = on_save_schedule(ck, self.iteration)
             save_due = save_due or bool(ck.save and (on_schedule or self.iteration in ck.extra_save_iters))
             saved = save_due and not self.guard.in_skip_streak  # after skipped steps: at the next good one
             if saved:
@@ -322,6 +334,9 @@ class Trainer:
             self.test()
         self.node_log(f"finished at iteration {self.iteration}")
         return losses
+
+    def is_log_iteration(self, iteration: int) -> bool:
+        return iteration % self.cfg.logging.log_interval == 0 or iteration == self.cfg.training.train_iters
 
     def stop_on_signal(self, signum: int, saved: bool) -> None:
         ck = self.cfg.checkpoint
