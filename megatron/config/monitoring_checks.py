@@ -33,3 +33,10 @@ def check_monitoring(cfg: Config, err: Err) -> None:
                                 f"{ck.checkpoint_factor}; expected checkpoint_factor >= 2")
     if ck.iteration is not None and (ck.iteration < 0 or not ck.load):
         err("iteration", f"iteration {ck.iteration} names the step to load: it needs load: and must be >= 0")
+    tr = cfg.training
+    if tr.eval_tasks is not None and not tr.eval_tasks:
+        err("eval_tasks", "eval_tasks is an empty list; name tasks (e.g. [docs_lambada, docs_cloze]) or remove it")
+    if tr.eval_tasks and not tr.eval_interval:
+        err("eval_tasks", "eval_tasks run at every eval_interval, which is 0; set eval_interval")
+    if tr.eval_limit is not None and tr.eval_limit <= 0:
+        err("eval_limit", f"eval_limit = {tr.eval_limit}; expected a positive number of examples (or a fraction)")

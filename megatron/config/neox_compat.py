@@ -283,7 +283,9 @@ RULES: List[Rule] = [
     same("memory_profiling_path", "directory of memory_profiling's mem_snapshot.pickle / peak_rss.json"),
     *[noop(k, GEN) for k in ("text_gen_type", "temperature", "top_p", "top_k", "maximum_tokens", "prompt_end",
                              "sample_input_file", "sample_output_file", "num_samples", "recompute",
-                             "eval_results_prefix", "eval_tasks")],
+                             "eval_results_prefix")],
+    same("eval_tasks", "lm-eval tasks run at every eval_interval through our harness (megatron/evaluation); "
+                       "results in the log line, metrics.jsonl, tensorboard and wandb (validation/TASK_METRIC)"),
     # ---------------------------------------------------------------- launcher (deepy.py)
     same("hostfile", "DeepSpeed-format hostfile for deepy.py; a path that does not exist (NeoX's /mock_path) "
                      "runs on this node with one warning, as DeepSpeed does", RUNNER),

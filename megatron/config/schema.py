@@ -210,6 +210,12 @@ class TrainingConfig:
     eval_iters: int = 10
     exit_interval: Optional[int] = None  # stop (after saving) once iteration % exit_interval == 0
     max_skipped_steps: int = 20  # stop (exit 3) after this many consecutive non-finite (skipped) steps
+    eval_tasks: Optional[List[str]] = None
+    """lm-eval tasks (local docs_* or lm-eval's) run on the model at every eval_interval, as in NeoX."""
+    eval_task_data: Optional[str] = None
+    """Folder of the local tasks' data for eval_tasks (None = data/eval)."""
+    eval_limit: Optional[float] = None
+    """Examples per task for eval_tasks (a fraction if < 1; None = all)."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from megatron.checkpointing.session import SaveSession
 from megatron.config import Config, config_to_tree, validate_device, validate_launch
 from megatron.data import MMapIndexedDataset, build_dataset, build_train_valid_test_datasets
 from megatron.data.token_range import check_token_ids
-from megatron.errors import DataError
+from megatron.errors import ConfigError, DataError
 from megatron.kernels.dispatch import interpret_enabled
 from megatron.model import build_model, num_parameters
 from megatron.parallel import layout_from_config
@@ -94,6 +94,9 @@ class Trainer:
         self.optional_logs = OptionalLogs(cfg, self.model, self.engine, self.global_batch, self.device)
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg), log=self.log)
         self.profiler = RunProfiler(cfg.logging, self.device, rank(), self.log)
+        # eval_tasks: megatron.evaluation.during_training.TaskEvaluator, attached by train.py (evaluation
+        # sits above training); every rank calls it at each eval_interval.
+        self.task_evaluator: Optional[Callable[[int], Dict[str, float]]] = None
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
                  f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size} cp={self.layout.cp_size}, "
@@ -263,6 +266,9 @@ class Trainer:
     def train_loop(self) -> List[float]:
         cfg = self.cfg
         tr, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
+        if tr.eval_tasks and self.task_evaluator is None:
+            raise ConfigError("eval_tasks needs the task evaluator, which train.py attaches "
+                              "(megatron.evaluation.during_training.TaskEvaluator)")
         batches = train_batches(self.train_ds, self.consumed_samples, self.micro, self.accum,
                                 self.dp_size, self.layout.dp_rank, num_workers=cfg.data.num_workers,
                                 steps=tr.train_iters - self.iteration)
@@ -311,6 +317,8 @@ class Trainer:
                     self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | "
                              f"ppl {torch.tensor(val).exp():.2f}")
                     self.metrics.log(self.iteration, {"loss": val, "ppl": math.exp(val)}, prefix="valid")
+                if tr.eval_tasks:
+                    self.log_eval_tasks()
             if lg.kv_ratio_interval and self.iteration % lg.kv_ratio_interval == 0:
                 self.log_kv_ratio(micro_batches[-1])
             on_schedule = on_save_schedule(ck, self.iteration)
@@ -334,6 +342,13 @@ class Trainer:
             self.test()
         self.node_log(f"finished at iteration {self.iteration}")
         return losses
+
+    def log_eval_tasks(self) -> None:
+        results = self.task_evaluator(self.iteration)  # collective; the numbers on the logging rank
+        if results:
+            self.log(f"iter {self.iteration:6d} | eval tasks | "
+                     + " | ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+            self.metrics.log(self.iteration, results, prefix="valid")
 
     def is_log_iteration(self, iteration: int) -> bool:
         return iteration % self.cfg.logging.log_interval == 0 or iteration == self.cfg.training.train_iters
