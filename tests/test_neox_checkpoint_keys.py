@@ -3,6 +3,7 @@ and s3_path refused in one line."""
 import re
 
 import pytest
+import torch
 from conftest import tiny_config_tree
 from test_neox_train import run
 
@@ -52,3 +53,20 @@ def test_s3_path_is_refused_in_one_line():
                                           r"checkpoints to S3 is not implemented"):
         config_from_tree({"s3_path": "s3://bucket/run"}, log=lambda m: None)
     config_from_tree({"s3_path": None, "s3_chunk_size": 1 << 20}, log=lambda m: None)
+
+
+def test_eval_settings_take_the_step_named_by_iteration(tmp_path):
+    from eval_helpers import save_tiny_checkpoint
+
+    from megatron.checkpointing import save_checkpoint
+    from megatron.evaluation.runner import settings_from_config
+
+    root = save_tiny_checkpoint(tmp_path / "save")  # global_step1
+    save_checkpoint(str(root), 3, torch.nn.Linear(1, 1), None, {}, {})
+    cfg = tmp_path / "eval.yml"
+    cfg.write_text(f"load: {root}\niteration: 1\n")
+    assert settings_from_config([str(cfg)], tasks=["docs"]).load == str(root / "global_step1")
+    assert settings_from_config([str(cfg)], load=str(root), tasks=["docs"]).load == str(root)
+    cfg.write_text(f"load: {root}\niteration: 2\n")
+    with pytest.raises(CheckpointError, match="available iterations: 1, 3"):
+        settings_from_config([str(cfg)], tasks=["docs"])

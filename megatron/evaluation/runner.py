@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron.checkpointing.checkpoint import checkpoint_at_step
 from megatron.checkpointing.integrity import atomic_write_text
 from megatron.config import config_from_tree, config_to_tree, load_config
 from megatron.config.schema import Config
@@ -70,10 +71,13 @@ def _get_dotted(obj: Any, dotted: str) -> Any:
 def settings_from_config(paths: List[str], log: Callable[[str], None] = print, **cli: Any) -> EvalSettings:
     """EvalSettings from YAML files (as train.py reads them) and command-line values (None = unset)."""
     cfg, source = load_config(paths, log=lambda *_: None) if paths else (Config(), {})
-    load = cli.pop("load", None) or cfg.checkpoint.load
+    from_cli = cli.pop("load", None)
+    load = from_cli or cfg.checkpoint.load
     if not load:
         where = ", ".join(paths) if paths else "the command line"
         raise InferenceError(f"no checkpoint to evaluate: set 'load:' in {where} or pass --load")
+    if not from_cli and cfg.checkpoint.iteration is not None:  # NeoX's step to load
+        load = checkpoint_at_step(load, cfg.checkpoint.iteration)
     tree = config_to_tree(cfg)
     tokenizer = {}
     if "vocab_file" in source:

@@ -71,7 +71,8 @@ class RunProfiler:
     """Starts and stops torch.profiler, NVTX and the memory recording around the configured iterations.
     The trainer calls ``before_step(n)`` / ``after_step(n)`` with the number of the iteration it runs."""
 
-    def __init__(self, logging_cfg, device: torch.device, rank: int, log: Callable[[str], None]):
+    def __init__(self, logging_cfg, device: torch.device, rank: int, log: Callable[[str], None],
+                 start_iteration: int = 0):
         lg = logging_cfg
         self.enabled, self.memory = lg.profile, lg.memory_profiling
         self.start, self.stop = lg.profile_step_start, lg.profile_step_stop
@@ -82,6 +83,9 @@ class RunProfiler:
         self.prof = None
         if self.memory and self.cuda:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
+        if (self.enabled or self.memory) and start_iteration >= self.stop:
+            log(f"profile: this run starts after iteration {start_iteration}, past profile_step_stop {self.stop}; "
+                "nothing will be profiled")
 
     def _first(self) -> int:
         """The first iteration the profiler sees: the warm-up one (none when start is 0)."""

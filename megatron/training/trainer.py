@@ -93,7 +93,7 @@ class Trainer:
             validate_loaded(self, manifest, self.log)
         self.optional_logs = OptionalLogs(cfg, self.model, self.engine, self.global_batch, self.device)
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg), log=self.log)
-        self.profiler = RunProfiler(cfg.logging, self.device, rank(), self.log)
+        self.profiler = RunProfiler(cfg.logging, self.device, rank(), self.log, self.iteration)
         # eval_tasks: megatron.evaluation.during_training.TaskEvaluator, attached by train.py (evaluation
         # sits above training); every rank calls it at each eval_interval.
         self.task_evaluator: Optional[Callable[[int], Dict[str, float]]] = None
