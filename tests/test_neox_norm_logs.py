@@ -98,3 +98,12 @@ def test_zero1_gradient_logs_equal_the_dense_run(tiny_dataset, tmp_path):
     assert len(keys) > 40 and set(keys) <= set(zero)
     for k in keys:
         assert zero[k] == pytest.approx(dense[k], rel=1e-5, abs=1e-7), k
+
+
+def test_log_param_norm_is_a_key_and_its_misspelling_points_to_it():
+    from megatron.config import config_from_tree
+    from megatron.errors import ConfigError
+
+    assert config_from_tree({"log_param_norm": True}, log=lambda m: None).logging.log_param_norm
+    with pytest.raises(ConfigError, match=r"unknown key 'log_param_nrom'; did you mean 'log_param_norm'\?"):
+        config_from_tree({"log_param_nrom": True}, log=lambda m: None)
