@@ -123,7 +123,7 @@ def launch_script(argv=None) -> int:
     args = parse_args(argv)
     from megatron.config import dump_config, load_config, validate_launch
     from megatron.errors import LaunchError
-    from megatron.launch.launcher import build_commands, world_size
+    from megatron.launch.launcher import build_commands, usable_hostfile, world_size
 
     configs = [str(Path(args.conf_dir) / c) if args.conf_dir else c for c in args.configs]
     if not Path(args.script).is_file():
@@ -131,7 +131,7 @@ def launch_script(argv=None) -> int:
                           "script path)")
     cfg, _ = load_config(configs)
     launch = cfg.launch
-    hostfile = args.hostfile or launch.hostfile
+    hostfile = usable_hostfile(args.hostfile or launch.hostfile)
     num_procs = args.num_procs or launch.num_gpus or (None if hostfile else launch.global_num_gpus)
     if num_procs is None:
         import torch

@@ -73,6 +73,10 @@ def run(configs, rank: int) -> int:
             ranks_from_slurm(cfg.launch)
             resume_requeued_run(cfg.checkpoint, log=log)
             trainer = Trainer(cfg)
+            if cfg.training.eval_tasks:
+                from megatron.evaluation.during_training import TaskEvaluator
+
+                trainer.task_evaluator = TaskEvaluator(trainer, trainer.log)
             trainer.train()
             trained = True
             shutdown_distributed()

@@ -301,6 +301,18 @@ def resolve_checkpoint_dir(load: str) -> Path:
                           f"a global_stepN directory with {MANIFEST}")
 
 
+def checkpoint_at_step(load: str, iteration: int) -> str:
+    """NeoX's ``iteration`` key: the ``global_stepN`` checkpoint under the save root ``load``."""
+    path = Path(load) / step_dir_name(iteration)
+    if not (path / MANIFEST).is_file():
+        prefix = len(step_dir_name(0)) - 1
+        steps = sorted(int(p.name[prefix:]) for p in Path(load).glob(step_dir_name(0)[:-1] + "*")
+                       if p.name[prefix:].isdigit() and (p / MANIFEST).is_file())
+        raise CheckpointError(f"iteration {iteration}: no checkpoint '{path}' (key 'load' is '{load}'); "
+                              f"available iterations: {', '.join(map(str, steps)) or 'none'}")
+    return str(path)
+
+
 def read_manifest(ckpt_dir: Path) -> Dict[str, Any]:
     """The manifest, or one CheckpointError line (missing, not JSON, missing keys)."""
     return read_manifest_file(Path(ckpt_dir))

@@ -256,31 +256,49 @@ RULES: List[Rule] = [
     same("checkpoint_factor", "save every N iterations (NeoX's linear checkpoint_scale)"),
     rename("save_interval", "checkpoint_factor", "older NeoX name"),
     same("extra_save_iters", "also save at these iterations (0: before the first step)"),
-    noop("checkpoint_validation_with_forward_pass", "checkpoints are validated by name and shape on load"),
+    same("checkpoint_validation_with_forward_pass", "the loss of a fixed batch (NeoX: its logits) is saved with "
+                                                    "each checkpoint and must come out again after loading"),
+    same("checkpoint_scale", "linear: every checkpoint_factor iterations; log: at 1 and every power of "
+                             "checkpoint_factor (an integer here)"),
+    same("iteration", "the step to load: load's global_stepN instead of the one 'latest' names"),
+    noop_unless("s3_path", lambda v: v in (None, ""), "null: no upload",
+                "uploading checkpoints to S3 is not implemented; copy the save directory with your own tool"),
+    noop("s3_chunk_size", "a setting of the S3 upload (s3_path), which is not implemented"),
     # ---------------------------------------------------------------- logging
     same("log_interval"), same("log_dir"), same("tensorboard_dir", "needs the tensorboard extra"),
     same("use_wandb"), same("wandb_project"), same("wandb_group"),
     rename("wandb_team", "wandb_entity"), same("wandb_host"), same("wandb_run_name"),
     same("peak_theoretical_tflops", "per-device peak for MFU in the training log"),
-    noop("log_grad_norm", "grad_norm is always logged"),
+    same("log_param_norm", "parameter_norms/NAME and the total param_norm at each log_interval, whole "
+                           "parameters under any layout"),
+    same("log_grad_norm", "gradient_norms/NAME (before clipping) at each log_interval; the total grad_norm "
+                          "is always logged; not under ZeRO"),
+    same("log_grad_pct_zeros", "pct_grad_zeros/NAME at each log_interval; not under ZeRO"),
+    same("log_optimizer_states", "optimizer_state_norms/NAME_exp_avg and _exp_avg_sq at each log_interval"),
+    same("log_gradient_noise_scale", "noise_scale (NeoX's estimate) in the log line and train/noise_scale; "
+                                     "not under ZeRO, as in NeoX"),
+    same("gradient_noise_scale_n_batches", "global batches averaged into the noise scale's large batch"),
+    same("gradient_noise_scale_cpu_offload", "the noise scale's gradient buffer in CPU memory"),
     noop("steps_per_print", "DeepSpeed's own print interval; the log follows log_interval", DS),
     noop("wall_clock_breakdown", "DeepSpeed timers; the log shows ms/iter, tokens/s and FLOPs/s", DS),
     noop_unless("use_comet", _false, "false: no Comet", "Comet logging is not implemented (wandb, "
                                                         "tensorboard and the JSONL log are)"),
     *[noop(k, "a Comet setting (Comet logging is not implemented)")
       for k in ("comet_project", "comet_experiment_name", "comet_tags", "comet_others", "comet_workspace")],
-    noop_unless("profile", _false, "false: no profiling", "nsys/torch profiler hooks are not implemented"),
-    noop("profile_step_start", "a profiler setting (profiling is not implemented)"),
-    noop("profile_step_stop", "a profiler setting (profiling is not implemented)"),
-    noop_unless("memory_profiling", _false, "false: no memory snapshots",
-                "memory snapshots are not implemented"),
-    noop("memory_profiling_path", "a memory-profiler setting (not implemented)"),
+    same("profile", "torch.profiler traces of iterations profile_step_start + 1 .. profile_step_stop into "
+                    "tensorboard_dir (else log_dir), NVTX ranges on CUDA"),
+    same("profile_step_start", "the profiler's warm-up iteration (the next one is the first recorded)"),
+    same("profile_step_stop", "the last profiled iteration"),
+    same("memory_profiling", "CUDA memory snapshot (peak RSS without CUDA) after profile_step_stop"),
+    same("memory_profiling_path", "directory of memory_profiling's mem_snapshot.pickle / peak_rss.json"),
     *[same(k, GEN) for k in ("text_gen_type", "temperature", "top_p", "top_k", "maximum_tokens", "prompt_end",
                              "sample_input_file", "sample_output_file", "num_samples", "recompute")],
-    *[noop(k, "an evaluation setting of NeoX's eval.py; training ignores it (eval.py takes flags)")
-      for k in ("eval_results_prefix", "eval_tasks")],
+    noop("eval_results_prefix", "an evaluation setting of NeoX's eval.py; eval.py takes --output-path"),
+    same("eval_tasks", "lm-eval tasks run at every eval_interval through our harness (megatron/evaluation); "
+                       "results in the log line, metrics.jsonl, tensorboard and wandb (validation/TASK_METRIC)"),
     # ---------------------------------------------------------------- launcher (deepy.py)
-    same("hostfile", "DeepSpeed-format hostfile for deepy.py", RUNNER),
+    same("hostfile", "DeepSpeed-format hostfile for deepy.py; a path that does not exist (NeoX's /mock_path) "
+                     "runs on this node with one warning, as DeepSpeed does", RUNNER),
     choices("launcher", {"pdsh": "deepspeed"},
             {v: "MPI launchers are not supported; use launcher: slurm, pdsh or torchrun"
              for v in ("openmpi", "mvapich")},

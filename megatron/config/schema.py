@@ -305,6 +305,12 @@ class TrainingConfig:
     """Stop (after saving) once iteration % exit_interval == 0."""
     max_skipped_steps: int = 20
     """Stop (exit 3) after this many consecutive non-finite (skipped) steps."""
+    eval_tasks: Optional[List[str]] = None
+    """lm-eval tasks (local docs_* or lm-eval's) run on the model at every eval_interval, as in NeoX."""
+    eval_task_data: Optional[str] = None
+    """Folder of the local tasks' data for eval_tasks (None = data/eval)."""
+    eval_limit: Optional[float] = None
+    """Examples per task for eval_tasks (a fraction if < 1; None = all)."""
 
 
 @dataclass
@@ -348,6 +354,12 @@ class CheckpointConfig:
     """Keep the last N checkpoints this run wrote; null = keep all."""
     finetune: bool = False
     """Load weights only: reset optimizer, iteration and data position."""
+    iteration: Optional[int] = None
+    """The step to load from load: (global_stepN); None = the one 'latest' names."""
+    checkpoint_scale: Literal["linear", "log"] = "linear"
+    """linear: save every checkpoint_factor iterations; log: at 1 and every power of checkpoint_factor."""
+    checkpoint_validation_with_forward_pass: bool = False
+    """Save the loss of a fixed batch with each checkpoint and check it after loading."""
 
 
 @dataclass
@@ -376,6 +388,30 @@ class LoggingConfig:
     """Peak TFLOP/s of one device, for MFU; null = look the device up."""
     kv_ratio_interval: Optional[int] = None
     """Log the Sep-Attention kept-KV fraction every N iterations."""
+    profile: bool = False
+    """torch.profiler traces (and NVTX ranges on CUDA) of iterations profile_step_start + 1 .. profile_step_stop."""
+    profile_step_start: int = 10
+    """The iteration before the first profiled one (it runs as the profiler's warm-up)."""
+    profile_step_stop: int = 12
+    """The last profiled iteration."""
+    memory_profiling: bool = False
+    """A CUDA memory snapshot (peak RSS without CUDA) of the profiled iterations, in memory_profiling_path."""
+    memory_profiling_path: Optional[str] = None
+    """Directory for memory_profiling's mem_snapshot.pickle / peak_rss.json."""
+    log_param_norm: bool = False
+    """Log every parameter's norm (parameter_norms/NAME) and the total (param_norm) at each log_interval."""
+    log_grad_norm: bool = False
+    """Log every parameter's gradient norm (gradient_norms/NAME), before clipping."""
+    log_grad_pct_zeros: bool = False
+    """Log the per cent of exact zeros in every parameter's gradient (pct_grad_zeros/NAME)."""
+    log_optimizer_states: bool = False
+    """Log the norm of every parameter's AdamW moments (optimizer_state_norms/NAME_exp_avg, _exp_avg_sq)."""
+    log_gradient_noise_scale: bool = False
+    """Estimate and log the gradient noise scale (noise_scale), as NeoX does."""
+    gradient_noise_scale_n_batches: int = 5
+    """Consecutive global batches whose mean gradient is the noise scale's large batch."""
+    gradient_noise_scale_cpu_offload: bool = False
+    """Keep the noise scale's gradient buffer in CPU memory."""
 
 
 @dataclass

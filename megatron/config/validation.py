@@ -12,6 +12,7 @@ import dataclasses
 import typing
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from megatron.config.monitoring_checks import check_monitoring
 from megatron.config.neox_compat import BY_KEY, translate
 from megatron.config.problems import UNKNOWN_ORDER, Problems, suggest
 from megatron.config.schema import FLAT_GROUPS, NESTED_GROUPS, Config, mlp_sizes
@@ -195,6 +196,7 @@ def validate(cfg: Config, source: Optional[Dict[str, str]] = None) -> None:
     _check_training(cfg, err)
     _check_fp16(cfg, err)
     _check_generation(cfg, err)
+    check_monitoring(cfg, err)
     problems.raise_if_any()
 
 

@@ -31,14 +31,14 @@ class SepLLMEvalLM(TemplateLM):
     """lm-eval ``LM`` over a loaded GPTModel and our tokenizer."""
 
     def __init__(self, scorer: Scorer, tokenizer, info: Optional[Dict[str, Any]] = None,
-                 progress: bool = True):
+                 progress: bool = True, distributed: bool = True):
         super().__init__()
         self.scorer = scorer
         self.our_tokenizer = tokenizer
         self.info = dict(info or {})
         self.progress = progress
         self._device = scorer.device
-        if dist.is_available() and dist.is_initialized():
+        if distributed and dist.is_available() and dist.is_initialized():
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
 
     # ------------------------------------------------------------------ lm-eval plumbing

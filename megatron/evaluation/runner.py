@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron.checkpointing.checkpoint import checkpoint_at_step
 from megatron.checkpointing.integrity import atomic_write_text
 from megatron.config import config_from_tree, config_to_tree, load_config
 from megatron.config.schema import Config
@@ -70,10 +71,13 @@ def _get_dotted(obj: Any, dotted: str) -> Any:
 def settings_from_config(paths: List[str], log: Callable[[str], None] = print, **cli: Any) -> EvalSettings:
     """EvalSettings from YAML files (as train.py reads them) and command-line values (None = unset)."""
     cfg, source = load_config(paths, log=lambda *_: None) if paths else (Config(), {})
-    load = cli.pop("load", None) or cfg.checkpoint.load
+    from_cli = cli.pop("load", None)
+    load = from_cli or cfg.checkpoint.load
     if not load:
         where = ", ".join(paths) if paths else "the command line"
         raise InferenceError(f"no checkpoint to evaluate: set 'load:' in {where} or pass --load")
+    if not from_cli and cfg.checkpoint.iteration is not None:  # NeoX's step to load
+        load = checkpoint_at_step(load, cfg.checkpoint.iteration)
     tree = config_to_tree(cfg)
     tokenizer = {}
     if "vocab_file" in source:
@@ -138,10 +142,17 @@ def build_eval_model(settings: EvalSettings, log: Callable[[str], None] = print)
 
 def make_lm(settings: EvalSettings, log: Callable[[str], None] = print):
     """The lm-eval LM for the settings' checkpoint, and a description of what runs."""
+    model, cfg, tokenizer, ckpt = build_eval_model(settings, log)
+    return lm_for_model(model, cfg, tokenizer, settings, str(ckpt), log)
+
+
+def lm_for_model(model, cfg: Config, tokenizer, settings: EvalSettings, label: str,
+                 log: Callable[[str], None] = print, distributed: bool = True):
+    """The lm-eval LM over a whole model in eval mode (a loaded checkpoint, or a training run's model);
+    ``distributed=False``: this process evaluates alone even inside a process group."""
     from megatron.evaluation.harness import SepLLMEvalLM
     from megatron.evaluation.scoring import Scorer, stream_cache_for
 
-    model, cfg, tokenizer, ckpt = build_eval_model(settings, log)
     max_length = settings.max_length or cfg.model.seq_length
     if hasattr(model, "pos_embed") and max_length > model.pos_embed.shape[0]:
         raise InferenceError(f"max_length {max_length} exceeds the model's {model.pos_embed.shape[0]} learned "
@@ -156,11 +167,11 @@ def make_lm(settings: EvalSettings, log: Callable[[str], None] = print):
             stream_cache = dataclasses.asdict(stream_cache_for(model, max_length))
         except InferenceError as err:  # only requests longer than max_length need it
             log(f"note: no streaming cache for requests longer than {max_length}: {err}")
-    info = {"checkpoint": str(ckpt), "attention": {"mode": sep.mode, "n_init": sep.n_init, "n_local": sep.n_local,
-                                                    "impl": cfg.attention.impl},
+    info = {"checkpoint": label, "attention": {"mode": sep.mode, "n_init": sep.n_init, "n_local": sep.n_local,
+                                               "impl": cfg.attention.impl},
             "max_length": max_length, "long_context": settings.long_context, "dtype": settings.dtype,
             "stream_cache": stream_cache}
-    return SepLLMEvalLM(scorer, tokenizer, info, progress=settings.progress), info
+    return SepLLMEvalLM(scorer, tokenizer, info, progress=settings.progress, distributed=distributed), info
 
 
 def evaluate(settings: EvalSettings, log: Callable[[str], None] = print, lm=None) -> Optional[Dict[str, Any]]:

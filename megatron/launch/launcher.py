@@ -52,6 +52,15 @@ def exported_env() -> str:
     return "export " + " ".join(parts) + "; "
 
 
+def usable_hostfile(path: Optional[str], log=print) -> Optional[str]:
+    """``path`` when it is a file; a hostfile that does not exist means this node only, with one warning
+    line, as DeepSpeed's runner (and so GPT-NeoX, whose example configs say ``hostfile: /mock_path``) does."""
+    if path and not Path(path).is_file():
+        log(f"warning: hostfile {path} not found; running on this node only (as DeepSpeed does)")
+        return None
+    return path
+
+
 def parse_hostfile(path: str) -> List[Host]:
     p = Path(path)
     if not p.is_file():

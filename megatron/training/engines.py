@@ -24,6 +24,7 @@ from megatron.training.guards import non_finite_reason, skip_step
 from megatron.training.loss_scaler import LossScaler
 from megatron.training.optimizer import NamedState, clip_grad_norm_, load_named_optimizer_state, named_optimizer_state
 from megatron.training.pipeline import PipelineRunner
+from megatron.training.profiling import nvtx_range
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
 
@@ -46,12 +47,19 @@ class Engine(Protocol):
 class DenseEngine:
     """Every rank holds whole (TP-sharded) parameters and the full optimizer state."""
 
+    observe_gradients: Optional[Callable[[], None]] = None
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  clip_grad: float, autocast: AutocastFactory = contextlib.nullcontext,
                  loss_scaler: Optional[LossScaler] = None):
         self.model, self.optimizer, self.device, self.clip_grad = model, optimizer, device, clip_grad
         self.autocast, self.layout = autocast, model.layout
         self.loss_scaler = loss_scaler  # fp16 (megatron/training/loss_scaler.py); None otherwise
+
+    @staticmethod
+    def full_grad(p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """``p``'s reduced, unscaled gradient while ``observe_gradients`` runs."""
+        return p.grad
 
     def _forward_backward(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
         """Accumulates the gradient of mean(loss over micro-batches); returns that mean (this rank)."""
@@ -75,13 +83,17 @@ class DenseEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(micro_batches)
+        with nvtx_range("forward-backward"):
+            loss = self._forward_backward(micro_batches)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        allreduce_sequence_parallel_grads(self.model)
-        allreduce_gradients(params, self.layout)
-        allreduce_tied_embedding_grads(self.model)
+        with nvtx_range("gradient reduction"):
+            allreduce_sequence_parallel_grads(self.model)
+            allreduce_gradients(params, self.layout)
+            allreduce_tied_embedding_grads(self.model)
         # fp16: unscale, agree on overflow over all ranks (loss_scaler.py); an overflow skips the step below.
         overflow = self.loss_scaler is not None and self.loss_scaler.unscale_and_check(params)
+        if self.observe_gradients is not None and not overflow:
+            self.observe_gradients()  # optional per-parameter logs (norm_stats.py): reduced, not yet clipped
         grad_norm = float("inf") if overflow else clip_grad_norm_(params, self.clip_grad, self.layout)
         stats = {"loss": float(average_over_dp(loss, self.layout)), "lr": lr, "grad_norm": grad_norm}
         if self.loss_scaler is not None:
@@ -89,7 +101,8 @@ class DenseEngine:
         reason = non_finite_reason(stats["loss"], grad_norm)  # same on every rank: both are reduced
         if reason:
             return skip_step(self.optimizer, stats, reason)  # no update (megatron/training/guards.py)
-        self.optimizer.step()
+        with nvtx_range("optimizer step"):
+            self.optimizer.step()
         return stats
 
     @torch.no_grad()

@@ -3,7 +3,12 @@
 ``metrics.jsonl`` is strict JSON, one object per line: a non-finite value (the loss of a skipped
 step) is written as ``null``; wandb and tensorboard get the float itself.
 wandb ``online`` without credentials (no ``WANDB_API_KEY``, no netrc entry for the host) falls back
-to ``offline`` with one line, so a run never stops at a login prompt.
+to ``offline``, so a run never stops at a login prompt; an offline run says so in one line, with the
+directory ``wandb sync`` uploads.
+
+Tensorboard and wandb get GPT-NeoX's tags (``train/lm_loss``, ``validation/lm_loss``,
+``runtime/tokens_per_sec``, ... :data:`NEOX_TAGS`), so NeoX dashboards keep working; ``metrics.jsonl``
+keeps our names (``train/loss``, ``valid/loss``).
 """
 from __future__ import annotations
 
@@ -38,14 +43,41 @@ def wandb_credentials(host: Optional[str]) -> bool:
         return False
 
 
-def wandb_mode(requested: str, host: Optional[str], log: Callable[[str], None]) -> str:
+def wandb_mode(requested: str, host: Optional[str]) -> str:
+    """The mode wandb runs in: ``WANDB_MODE`` wins; ``online`` without credentials is ``offline``."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     if requested == "online" and not wandb_credentials(host):
-        log("wandb: online logging needs WANDB_API_KEY or `wandb login`; logging offline instead "
-            "(sync later with `wandb sync`)")
         return "offline"
     return requested
+
+
+def offline_line(requested: str, run_dir: str) -> str:
+    """The one line an offline wandb run prints: why, where its files are, how to upload them."""
+    why = " (online needs WANDB_API_KEY or `wandb login`)" if requested == "online" else ""
+    return f"wandb: logging offline{why}; run files in {run_dir}; upload with `wandb sync {run_dir}`"
+
+
+# (our group, our metric) -> GPT-NeoX's tensorboard / wandb tag (megatron/logging.py and training.py).
+NEOX_TAGS = {
+    ("train", "loss"): "train/lm_loss", ("train", "lr"): "train/learning_rate",
+    ("train", "loss_scale"): "train/loss_scale", ("train", "noise_scale"): "train/noise_scale",
+    ("train", "tokens_per_sec"): "runtime/tokens_per_sec", ("train", "iter_time"): "runtime/iteration_time",
+    ("train", "samples_per_sec"): "runtime/samples_per_sec",
+    ("train", "flops_per_sec_per_device"): "runtime/flops_per_sec_per_gpu",
+    ("train", "mfu"): "runtime/model_flops_utilization",
+    ("valid", "loss"): "validation/lm_loss", ("valid", "ppl"): "validation/lm_loss_ppl",
+    ("test", "loss"): "test/lm_loss", ("test", "ppl"): "test/lm_loss_ppl",
+}
+NEOX_GROUPS = {"valid": "validation"}
+
+
+def neox_tag(prefix: str, key: str) -> str:
+    """The tag NeoX writes for our ``prefix/key`` (metrics NeoX has no tag for keep ours, with NeoX's
+    group name; keys holding a '/' are already full tags, e.g. ``parameter_norms/NAME``)."""
+    if "/" in key:
+        return key
+    return NEOX_TAGS.get((prefix, key), f"{NEOX_GROUPS.get(prefix, prefix)}/{key}")
 
 
 class MetricsLogger:
@@ -64,12 +96,14 @@ class MetricsLogger:
         if lg.use_wandb:
             if lg.wandb_host:
                 os.environ.setdefault("WANDB_BASE_URL", lg.wandb_host)
-            os.environ["WANDB_MODE"] = wandb_mode(lg.wandb_mode, lg.wandb_host, log)
+            mode = os.environ["WANDB_MODE"] = wandb_mode(lg.wandb_mode, lg.wandb_host)
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
             self.wandb = wandb.init(project=lg.wandb_project, group=lg.wandb_group, entity=lg.wandb_entity,
                                     name=lg.wandb_run_name, config=config_tree, dir=lg.log_dir or ".")
+            if mode == "offline":
+                log(offline_line(lg.wandb_mode, str(Path(self.wandb.dir).parent)))
         if lg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -83,10 +117,10 @@ class MetricsLogger:
         if self.jsonl:
             self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=iteration)
+            self.wandb.log({neox_tag(prefix, k): v for k, v in metrics.items()}, step=iteration)
         if self.tb:
             for k, v in metrics.items():
-                self.tb.add_scalar(f"{prefix}/{k}", v, iteration)
+                self.tb.add_scalar(neox_tag(prefix, k), v, iteration)
 
     def close(self) -> None:
         if self.jsonl:

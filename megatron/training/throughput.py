@@ -8,8 +8,8 @@ actually do: that figure times their kept fraction of causal attention (keys kep
 keys a causal query sees, ``megatron.attention.kv_kept_fraction``) on the batch being trained.
 Recomputation (activation checkpointing) is not counted: this is model FLOPs, as MFU needs.
 MFU divides by ``peak_theoretical_tflops`` or, for bf16/fp16 on a GPU, by the dense tensor-core peak
-of the device by name. On CUDA the report also carries the peak memory allocated on the device since the
-start (``torch.cuda.max_memory_allocated``).
+of the device by name. The report also carries the memory figure (``profiling.memory_figures``: peak
+allocated on a GPU since the start, the process's RSS and peak RSS on CPU).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron.attention import SepRule, document_ids, kv_kept_fraction, separator_flags
+from megatron.training.profiling import memory_figures, memory_text
 
 # Dense bf16/fp16 tensor-core peaks in TFLOPS per device (vendor data sheets, no sparsity).
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
@@ -90,8 +91,7 @@ class Throughput:
                "flops_per_sec_per_device": flops_iter * window_iters / max(window_time, 1e-12) / self.world_size}
         if self.peak:
             out["mfu"] = out["flops_per_sec_per_device"] / (self.peak * 1e12)
-        if self.device is not None and self.device.type == "cuda":
-            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        out.update(memory_figures(self.device))
         return out
 
     @staticmethod
@@ -99,7 +99,7 @@ class Throughput:
         parts = [f"FLOPs/s/device {_human(stats['flops_per_sec_per_device'])}"]
         if "mfu" in stats:
             parts.append(f"MFU {100 * stats['mfu']:.1f}%")
-        if "peak_memory_gib" in stats:
-            parts.append(f"peak memory {stats['peak_memory_gib']:.2f} GiB")
+        if "peak_memory_gib" in stats or "rss_gib" in stats:
+            parts.append(memory_text(stats))
         parts += [f"elapsed {_clock(stats['elapsed_s'])}", f"ETA {_clock(stats['eta_s'])}"]
         return " | ".join(parts)

@@ -14,23 +14,27 @@ import torch
 
 from megatron.attention.dispatch import check_impl_available
 from megatron.checkpointing import ensure_writable, resolve_checkpoint_dir, save_checkpoint
+from megatron.checkpointing.checkpoint import checkpoint_at_step
 from megatron.checkpointing.session import SaveSession
 from megatron.config import Config, config_to_tree, validate_device, validate_launch
 from megatron.data import MMapIndexedDataset, build_dataset, build_train_valid_test_datasets
 from megatron.data.token_range import check_token_ids
-from megatron.errors import DataError
+from megatron.errors import ConfigError, DataError
 from megatron.kernels.dispatch import interpret_enabled
 from megatron.model import build_model, num_parameters
 from megatron.parallel import layout_from_config
 from megatron.parallel.distributed import device_for_rank, init_distributed, rank
 from megatron.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.training.batches import collate, global_batch_indices, train_batches
+from megatron.training.checkpoint_checks import forward_record, on_save_schedule, validate_loaded
 from megatron.training.exit_signals import agreed_exit_signal, deferred_exit_signals, signal_name
 from megatron.training.guards import NonFiniteGuard, TrainingDiverged, non_finite_state
 from megatron.training.loss_scaler import log_suffix
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import MetricsLogger
+from megatron.training.norm_stats import OptionalLogs
 from megatron.training.optimizer import build_optimizer
+from megatron.training.profiling import RunProfiler
 from megatron.training.resume import build_engine_and_resume, nothing_to_load
 from megatron.training.summary import layer_rules, parameter_counts, summary_lines
 from megatron.training.throughput import Throughput, device_peak_tflops, kept_fractions
@@ -67,6 +71,8 @@ class Trainer:
         self.global_batch = self.micro * self.accum * self.dp_size
         self.iteration, self.consumed_samples = 0, 0
         self.stop_signal = 0  # the signal that stopped training after a checkpoint (0: it was not stopped)
+        if cfg.checkpoint.iteration is not None:  # NeoX's step to load
+            cfg.checkpoint.load = checkpoint_at_step(cfg.checkpoint.load, cfg.checkpoint.iteration)
         self.session = self.open_save_session()  # own `save:` before doing anything
         self.guard = NonFiniteGuard(tr.max_skipped_steps, self.log)
 
@@ -84,7 +90,13 @@ class Trainer:
                                                         log=self.log)
         if manifest is not None:
             self.log_resume(manifest)
+            validate_loaded(self, manifest, self.log)
+        self.optional_logs = OptionalLogs(cfg, self.model, self.engine, self.global_batch, self.device)
         self.metrics = MetricsLogger(cfg, self.is_logger, config_to_tree(cfg), log=self.log)
+        self.profiler = RunProfiler(cfg.logging, self.device, rank(), self.log, self.iteration)
+        # eval_tasks: megatron.evaluation.during_training.TaskEvaluator, attached by train.py (evaluation
+        # sits above training); every rank calls it at each eval_interval.
+        self.task_evaluator: Optional[Callable[[int], Dict[str, float]]] = None
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
                  f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
                  f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size} cp={self.layout.cp_size}, "
@@ -188,7 +200,8 @@ class Trainer:
             raise TrainingDiverged(f"not saving the checkpoint of iteration {self.iteration}: {bad}; "
                                    f"the last good checkpoint is {self.guard.last_checkpoint or 'none'}")
         path = save_checkpoint(ck.save, self.iteration, self.model, optimizer_state,
-                               {"consumed_samples": self.consumed_samples}, config_to_tree(self.cfg),
+                               {"consumed_samples": self.consumed_samples, **forward_record(self)},
+                               config_to_tree(self.cfg),
                                ck.keep_last_n_checkpoints, session=self.session)
         self.guard.last_checkpoint = str(path)
         self.log(f"saved checkpoint {path}")
@@ -228,7 +241,7 @@ class Trainer:
         loss = self.evaluate(self.test_ds) if self.test_ds is not None else None
         if loss is not None:
             self.log(f"iter {self.iteration:6d} | test loss {loss:.4f} | ppl {torch.tensor(loss).exp():.2f}")
-            self.metrics.log(self.iteration, {"loss": loss}, prefix="test")
+            self.metrics.log(self.iteration, {"loss": loss, "ppl": math.exp(loss)}, prefix="test")
 
     def log_kv_ratio(self, micro_batch: torch.Tensor) -> None:
         """The SepLLM reference's PRINT_KV_RATIO: kept fraction of causal attention, per group of layers."""
@@ -245,6 +258,7 @@ class Trainer:
             with deferred_exit_signals():  # SIGTERM/SIGINT/SIGUSR1: save and stop after the current step
                 return self.train_loop()
         finally:
+            self.profiler.close()
             self.metrics.close()
             if self.session is not None:
                 self.session.close()
@@ -252,6 +266,9 @@ class Trainer:
     def train_loop(self) -> List[float]:
         cfg = self.cfg
         tr, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
+        if tr.eval_tasks and self.task_evaluator is None:
+            raise ConfigError("eval_tasks needs the task evaluator, which train.py attaches "
+                              "(megatron.evaluation.during_training.TaskEvaluator)")
         batches = train_batches(self.train_ds, self.consumed_samples, self.micro, self.accum,
                                 self.dp_size, self.layout.dp_rank, num_workers=cfg.data.num_workers,
                                 steps=tr.train_iters - self.iteration)
@@ -267,12 +284,16 @@ class Trainer:
         while self.iteration < tr.train_iters:
             step_start = time.perf_counter()
             micro_batches = next(batches)
+            self.profiler.before_step(self.iteration + 1)
+            self.optional_logs.logging_step = self.is_log_iteration(self.iteration + 1)
             stats = self.train_step(micro_batches)
+            self.optional_logs.after_step(stats)
+            self.profiler.after_step(self.iteration)
             window_time += time.perf_counter() - step_start
             stats = self.guard.after_step(self.iteration, stats)  # skipped steps counted; stops a divergence
             losses.append(stats["loss"])
             window_iters += 1
-            if self.iteration % lg.log_interval == 0 or self.iteration == tr.train_iters:
+            if self.is_log_iteration(self.iteration):
                 # Logged loss: mean over the logging window (Megatron's "lm loss"), non-finite losses of
                 # skipped steps left out; last step's kept too.
                 finite = [x for x in losses[-window_iters:] if math.isfinite(x)]
@@ -282,10 +303,12 @@ class Trainer:
                 stats["iter_time"] = window_time / window_iters
                 stats.update(self.throughput.report(self.iteration, window_time, window_iters,
                                                     self.kept_fractions(micro_batches[-1])))
+                if self.optional_logs.enabled:
+                    stats.update(self.optional_logs.collect())  # collective
                 self.log(f"iter {self.iteration:6d}/{tr.train_iters} | loss {stats['loss']:.4f} | lr "
                          f"{stats['lr']:.3e} | grad_norm {stats['grad_norm']:.3f} | tokens/s "
                          f"{stats['tokens_per_sec']:.0f} | {stats['iter_time'] * 1000:.0f} ms/iter | "
-                         + Throughput.text(stats) + log_suffix(stats))
+                         + Throughput.text(stats) + log_suffix(stats) + OptionalLogs.text(stats))
                 self.metrics.log(self.iteration, stats)
                 window_time, window_iters = 0.0, 0
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
@@ -293,10 +316,12 @@ class Trainer:
                 if val is not None:
                     self.log(f"iter {self.iteration:6d} | validation loss {val:.4f} | "
                              f"ppl {torch.tensor(val).exp():.2f}")
-                    self.metrics.log(self.iteration, {"loss": val}, prefix="valid")
+                    self.metrics.log(self.iteration, {"loss": val, "ppl": math.exp(val)}, prefix="valid")
+                if tr.eval_tasks:
+                    self.log_eval_tasks()
             if lg.kv_ratio_interval and self.iteration % lg.kv_ratio_interval == 0:
                 self.log_kv_ratio(micro_batches[-1])
-            on_schedule = ck.checkpoint_factor and self.iteration % ck.checkpoint_factor == 0
+            on_schedule = on_save_schedule(ck, self.iteration)
             save_due = save_due or bool(ck.save and (on_schedule or self.iteration in ck.extra_save_iters))
             saved = save_due and not self.guard.in_skip_streak  # after skipped steps: at the next good one
             if saved:
@@ -317,6 +342,16 @@ class Trainer:
             self.test()
         self.node_log(f"finished at iteration {self.iteration}")
         return losses
+
+    def log_eval_tasks(self) -> None:
+        results = self.task_evaluator(self.iteration)  # collective; the numbers on the logging rank
+        if results:
+            self.log(f"iter {self.iteration:6d} | eval tasks | "
+                     + " | ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+            self.metrics.log(self.iteration, results, prefix="valid")
+
+    def is_log_iteration(self, iteration: int) -> bool:
+        return iteration % self.cfg.logging.log_interval == 0 or iteration == self.cfg.training.train_iters
 
     def stop_on_signal(self, signum: int, saved: bool) -> None:
         ck = self.cfg.checkpoint

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -114,6 +114,8 @@ class ZeroEngine:
                 # gradients came out finite. Multiplying by exactly 1.0 otherwise, with no host sync.
                 loss = loss * torch.where(torch.isfinite(reduced), 1.0, float("nan")).to(loss.dtype)
             self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
+            if i == len(micro_batches) - 1 and self.observe_gradients is not None:
+                self.observe_gradients()  # reduced at the boundary, not yet clipped or stepped
             self.engine.step()  # reduce-scatter, clip and update at the accumulation boundary
         mean_loss = float(reduced)
         norm = self.engine.get_global_grad_norm()
@@ -124,6 +126,17 @@ class ZeroEngine:
         if reason or self.engine.skipped_steps > skipped_before:  # DeepSpeed already dropped the update
             return skip_step(None, stats, reason or "DeepSpeed skipped the step (gradient overflow)")
         return stats
+
+    observe_gradients: Optional[Callable[[], None]] = None
+
+    def full_grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """The whole (unscaled) gradient of ``p`` from ZeRO's partitions. Collective (data-parallel group)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grad = safe_get_full_grad(p)
+        if grad is not None and self.engine.fp16_enabled():
+            grad = grad / self.optimizer.loss_scale
+        return grad
 
     def _fp16_stats(self) -> Dict[str, float]:
         """DeepSpeed's loss scale and skipped steps, as the dense engine reports them (loss_scaler.py)."""
