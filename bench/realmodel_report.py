@@ -90,9 +90,9 @@ def generate_section(rows: List[dict]) -> str:
         rates = [r["decode_tokens_per_s"] for r in rs]
         body.append([str(context), engine, " / ".join(f"{x:.2f}" for x in rates), f"{sum(rates) / len(rates):.2f}",
                      str(rs[-1]["kv_entries"]), f"{rs[-1]['kv_mb']:.1f}",
-                     f"{max(r['peak_rss_mb'] for r in rs):.0f}"])
+                     f"{max(r['rss_before_decode_mb'] for r in rs):.0f}", f"{max(r['peak_rss_mb'] for r in rs):.0f}"])
     return table(["context", "engine", "decode tokens/s (each run)", "mean", "KV entries", "KV MiB",
-                  "peak RSS MiB"], body)
+                  "RSS before decode MiB", "peak RSS MiB"], body)
 
 
 def plot_ppl(rows: List[dict], path: Path) -> Optional[str]:

@@ -39,7 +39,7 @@ def results(tmp_path):
          "losses": [3.5, 3.0, 2.25]}])
     write_rows(tmp_path / "generate.jsonl", [
         {"engine": e, "context": 2048, "repeat": i, "decode_tokens_per_s": rate, "kv_entries": kv, "kv_mb": kv / 100,
-         "peak_rss_mb": 1000 + i}
+         "rss_before_decode_mb": 990.2, "peak_rss_mb": 1000 + i}
         for i in range(2) for e, rate, kv in (("ours", 2.0 + i, 476), ("transformers", 1.0, 2056))])
     return tmp_path
 
@@ -52,8 +52,8 @@ def test_report_tables_and_plot(results, tmp_path):
     assert "| sepllm a4 s64 w256 c800 | 4096 | 21.500 | 22.250 | 700 | 3.0 | 900 | 1001 | 12.3 |" in text
     assert "| pretrained | 30.000 | 20.000 | +50.0% |" in text
     assert "| sepllm | 5 x 128 | 0.0002 | 61 | 3.500 -> 2.250 |" in text
-    assert "| 2048 | ours | 2.00 / 3.00 | 2.50 | 476 | 4.8 | 1001 |" in text
-    assert "| 2048 | transformers | 1.00 / 1.00 | 1.00 | 2056 | 20.6 | 1001 |" in text
+    assert "| 2048 | ours | 2.00 / 3.00 | 2.50 | 476 | 4.8 | 990 | 1001 |" in text
+    assert "| 2048 | transformers | 1.00 / 1.00 | 1.00 | 2056 | 20.6 | 990 | 1001 |" in text
     pytest.importorskip("matplotlib")
     png = tmp_path / "plots" / "realmodel_ppl.png"
     assert f"Plot: `{png}`." in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
