@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -125,7 +126,7 @@ def plot_ppl(rows: List[dict], path: Path) -> Optional[str]:
 def render(results: Path, plot_dir: Optional[Path]) -> str:
     ppl_rows = read(results, "ppl")
     plot = plot_ppl(ppl_rows, plot_dir / "realmodel_ppl.png") if plot_dir and ppl_rows else None
-    note = (f"Plot: `{plot}`." if plot else
+    note = (f"Plot: `{os.path.relpath(plot)}`." if plot else
             "No plot: matplotlib is not installed (or no ppl results / --plot-dir ''); the table has the numbers.")
     return "\n\n".join([
         "### Training-free perplexity vs KV fraction", ppl_section(ppl_rows), note,

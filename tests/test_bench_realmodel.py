@@ -56,7 +56,7 @@ def test_report_tables_and_plot(results, tmp_path):
     assert "| 2048 | transformers | 1.00 / 1.00 | 1.00 | 2056 | 20.6 | 990 | 1001 |" in text
     pytest.importorskip("matplotlib")
     png = tmp_path / "plots" / "realmodel_ppl.png"
-    assert f"Plot: `{png}`." in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "realmodel_ppl.png`." in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_without_plot_or_results_says_so(results, tmp_path):
