@@ -227,14 +227,13 @@ def cmd_stream(args: argparse.Namespace) -> None:
     caches = {f"sepllm a{a} s{s} w{w} c{c}": CacheConfig("sepllm", a, s, w, c),
               f"streamingllm a{a} w{c - a} c{c}": CacheConfig("streamingllm", a, 0, c - a, c)}
     out = Path(args.results) / "stream.jsonl"
-    rows = read_rows(out)
     for name, cache in caches.items():
+        rows = read_rows(out)
         mine = [r for r in rows if r["cache"] == name]
         if mine and mine[-1]["tokens"] >= n - 1:
             continue
-        if mine:  # a partial run: start this cache over
-            rows = [r for r in rows if r["cache"] != name]
-            out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if mine:  # a partial run: start this cache over, keeping every other cache's rows
+            out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["cache"] != name))
         log(f"stream: {name}, {n} tokens, chunk {args.chunk}")
         reset_peak_rss()
         engine = StreamingEngine(model, cache)
