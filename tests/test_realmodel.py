@@ -11,13 +11,12 @@ import json
 import pytest
 import torch
 from conftest import ROOT, run_cli, write_config
-from realmodel_assets import paragraphs, real_text, smollm2_gguf, smollm2_hf_dir
+from realmodel_assets import model_under, paragraphs, real_text, smollm2_gguf, smollm2_hf_dir
 
 from megatron.checkpointing import resolve_checkpoint_dir
-from megatron.config import config_from_tree, config_to_tree, load_config
+from megatron.config import load_config
 from megatron.convert import export_hf
 from megatron.inference.loading import load_model
-from megatron.model import build_model
 from megatron.tokenizer import build_tokenizer
 from megatron.tokenizer.chat import render_chat
 
@@ -78,18 +77,6 @@ def stock(hf_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
 
-def ours_under(imported, tokenizer, attention):
-    """Our imported model with ``attention`` (impl + sepllm rule) instead of the imported full attention."""
-    model, cfg, _ = load_model(str(imported), tokenizer)
-    tree = config_to_tree(cfg)
-    tree["attention"] = attention
-    cfg = config_from_tree(tree)
-    rebuilt = build_model(cfg, model.vocab_size, cfg.attention.sepllm.separator_ids_from(tokenizer),
-                          tokenizer.eod_id)
-    rebuilt.load_state_dict(model.state_dict())
-    return rebuilt.eval(), cfg
-
-
 def test_gguf_import_equals_transformers_on_real_text(imported, hf_dir, hf_tokenizer, tokenizer, text_ids, stock):
     text = real_text()
     assert len(text_ids) > 4 * PARITY_TOKENS
@@ -109,7 +96,7 @@ def test_gguf_import_equals_transformers_on_real_text(imported, hf_dir, hf_token
 def test_training_free_sep_attention_equals_enable_sepllm(imported, hf_dir, hf_tokenizer, tokenizer, text_ids):
     from megatron.hf_remote import enable_sepllm, separator_ids_from_tokenizer
 
-    ours, cfg = ours_under(imported, tokenizer, {"impl": "reference", "sepllm": SEP_RULE})
+    ours, cfg = model_under(imported, tokenizer, {"impl": "reference", "sepllm": SEP_RULE})
     assert sorted(cfg.attention.sepllm.separator_ids_from(tokenizer)) == separator_ids_from_tokenizer(hf_tokenizer)
     sep_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     enable_sepllm(sep_model, n_init=SEP_RULE["n_init"], n_local=SEP_RULE["n_local"], tokenizer=hf_tokenizer)
