@@ -36,7 +36,7 @@ from megatron.attention.context_parallel import (
     sequence_segments,
     take_segments,
 )
-from megatron.config.validation import CONTEXT_PARALLEL_IMPLS
+from megatron.attention.impls import CONTEXT_PARALLEL_IMPLS, kernel
 from megatron.errors import ConfigError
 from megatron.parallel.layout import ParallelLayout
 
@@ -203,7 +203,7 @@ class ContextParallelAttention:
         if impl not in CONTEXT_PARALLEL_IMPLS:
             raise ConfigError(f"attention.impl {impl!r} does not run with context parallelism; use one of "
                               f"{', '.join(CONTEXT_PARALLEL_IMPLS)}")
-        if q.device.type != "cpu":
+        if q.device.type not in kernel(impl).context_parallel:
             raise ConfigError("context_parallel_size > 1 runs on CPU kernels only for now (compact, reference, "
                               "ring steps on the CPU flash kernel); the GPU path is not implemented")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
