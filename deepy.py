@@ -33,7 +33,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # no prefix matching: a script's --dev must not become ours
     p.add_argument("--num-procs", "--num_gpus", "--num-gpus", dest="num_procs", type=int, default=None,
-                   help="processes on this node (default: GPUs present, else tp x pp)")
+                   help="processes on this node (default: GPUs present, else tp x pp x cp: one model replica)")
     p.add_argument("--hostfile", "-H", default=None, help="DeepSpeed-format hostfile: 'host slots=N' lines")
     p.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None)
     p.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
@@ -72,8 +72,9 @@ def main(argv=None) -> int:
         if num_procs is None:
             import torch
 
-            num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
-                                                      cfg.parallel.pipe_parallel_size)
+            par = cfg.parallel  # one model replica: tp x pp x cp (the config sets no data-parallel size)
+            num_procs = torch.cuda.device_count() or (par.model_parallel_size * par.pipe_parallel_size
+                                                      * par.context_parallel_size)
         world = world_size(num_procs, hostfile)
         launcher = args.launcher or launch.launcher
         if launcher == "slurm":  # srun inside the allocation, one task per rank (megatron/launch/slurm.py)
