@@ -38,7 +38,7 @@ def build_parser():
 
     p = cli_parser(__doc__, prog="deepy.py")
     p.add_argument("--num-procs", "--num_gpus", "--num-gpus", dest="num_procs", type=int, default=None,
-                   help="processes on this node (default: GPUs present, else tp x pp)")
+                   help="processes on this node (default: GPUs present, else tp x pp x cp: one model replica)")
     p.add_argument("--hostfile", "-H", default=None, help="DeepSpeed-format hostfile: 'host slots=N' lines")
     p.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None)
     p.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
@@ -136,8 +136,9 @@ def launch_script(argv=None) -> int:
     if num_procs is None:
         import torch
 
-        num_procs = torch.cuda.device_count() or (cfg.parallel.model_parallel_size *
-                                                  cfg.parallel.pipe_parallel_size)
+        par = cfg.parallel  # one model replica: tp x pp x cp (the config sets no data-parallel size)
+        num_procs = torch.cuda.device_count() or (par.model_parallel_size * par.pipe_parallel_size
+                                                  * par.context_parallel_size)
     hosts = dict(include=args.include or launch.include, exclude=args.exclude or launch.exclude,
                  num_nodes=launch.num_nodes if args.num_nodes is None else args.num_nodes)
     world = world_size(num_procs, hostfile, **hosts)

@@ -9,8 +9,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron"
 # Lower layers first; a package may import its own modules and any package of a lower layer.
 LAYERS = [
     {"errors", "cli", "progress"},
-    {"config", "kernels", "tokenizer"},
+    {"kernels", "tokenizer"},
     {"attention", "data"},
+    {"config"},  # reads attention/impls.py, the kernels' capability table
     {"parallel", "hf_remote"},
     {"model"},
     {"checkpointing"},

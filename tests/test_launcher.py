@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -129,3 +130,14 @@ def test_deepy_takes_neox_host_selection_keys(tmp_path, tiny_dataset):
                           "train.py", "configs/tiny.yml", str(cfg)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: include and exclude are exclusive: name the hosts to use, or the ones to skip"], out.stderr
+
+
+def test_deepy_default_process_count_is_one_replica_tp_pp_cp(tmp_path, tiny_dataset):
+    """Without --num-procs (and no GPU), one model replica: tp x pp x cp processes (a cp=2 dry run
+    used to start one process and fail with "world size 1 is not divisible")."""
+    cfg = tmp_path / "cp.yml"
+    cfg.write_text(f"data_path: {tiny_dataset}\ncontext_parallel_size: 2\n")
+    out = subprocess.run([sys.executable, "deepy.py", "--dry-run", "train.py", "configs/tiny.yml", str(cfg)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr
+    assert "--nproc_per_node=2" in out.stdout and "data-parallel 1 " in out.stdout

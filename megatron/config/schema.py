@@ -423,7 +423,7 @@ class LaunchConfig:
     launcher: Literal["torchrun", "deepspeed", "slurm"] = "torchrun"
     """Multi-node launch: torchrun per node, the deepspeed launcher, or srun inside a SLURM allocation."""
     num_gpus: Optional[int] = None
-    """Processes per node; null = GPUs present, else tp x pp."""
+    """Processes per node; null = GPUs present, else tp x pp x cp (one model replica)."""
     global_num_gpus: Optional[int] = None
     """The world size, checked against the launch."""
     master_addr: Optional[str] = None

@@ -12,6 +12,7 @@ import dataclasses
 import typing
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from megatron.attention.impls import CONTEXT_PARALLEL_EXCLUDES, CONTEXT_PARALLEL_IMPLS, KERNELS, device_problem
 from megatron.config.monitoring_checks import check_monitoring
 from megatron.config.neox_compat import BY_KEY, translate
 from megatron.config.problems import UNKNOWN_ORDER, Problems, suggest
@@ -275,10 +276,10 @@ def _check_mlp(m, err) -> None:
 
 
 def _check_attention_dropout(cfg: Config, err) -> None:
-    """The compact (CPU) and flex Sep-Attention kernels have no dropout; dense layers and the
-    reference / sdpa / flash impls do."""
+    """Attention dropout on Sep-Attention layers needs a kernel whose row (attention/impls.py) has it;
+    dense (full) layers always have it."""
     m, att, sep = cfg.model, cfg.attention, cfg.attention.sepllm
-    if m.attention_dropout == 0 or att.impl in ("reference", "sdpa", "flash"):
+    if m.attention_dropout == 0 or KERNELS[att.impl].dropout:
         return
     full = {i % m.num_layers for i in sep.full_attention_layers}
     sparse_layers = [] if sep.mode == "full" else [i for i in range(m.num_layers) if i not in full]
@@ -385,11 +386,19 @@ def zero_fp16_device_problem(cfg: Config) -> Optional[str]:
             "zero_optimization.stage 0 (fp16 with our own loss scaler)")
 
 
+def _having(capability: str) -> str:
+    return ", ".join(f"'{name}'" for name, spec in KERNELS.items() if getattr(spec, capability))
+
+
 def _check_positions(cfg: Config, err) -> None:
-    """ALiBi and BiPE: what each attention impl can run, checked before launch."""
+    """ALiBi, BiPE and documents: what the attention impl can run (attention/impls.py), checked before launch."""
     m, impl = cfg.model, cfg.attention.impl
-    if m.pos_emb == "alibi" and impl == "triton":
-        err("attention.impl", "attention.impl 'triton' takes no ALiBi bias; use 'flex' (GPU) or 'compact' (CPU)")
+    spec = KERNELS[impl]
+    if cfg.attention.sepllm.separate_documents and not spec.separate_documents:
+        err("attention.sepllm.separate_documents", f"attention.impl '{impl}' does not implement "
+            f"attention.sepllm.separate_documents; use one of {_having('separate_documents')}")
+    if m.pos_emb == "alibi" and not spec.alibi:
+        err("attention.impl", f"attention.impl '{impl}' takes no ALiBi bias; use one of {_having('alibi')}")
     if not m.bipe:
         return
     if m.pos_emb not in ("rotary", "alibi"):
@@ -398,9 +407,9 @@ def _check_positions(cfg: Config, err) -> None:
     if m.bipe_separator_ids is not None and not m.bipe_separator_ids:
         err("bipe_separator_ids", "bipe_separator_ids is empty; give the token ids that end a segment, or leave "
                                   "it unset to use the Sep-Attention separators")
-    if m.pos_emb == "alibi" and impl == "flash":
-        err("attention.impl", "attention.impl 'flash' cannot run ALiBi-BiPE (flash_attn's ALiBi is token-level "
-                              "only); use 'flex' or 'sdpa'")
+    if m.pos_emb == "alibi" and spec.alibi and not spec.alibi_bipe:
+        err("attention.impl", f"attention.impl '{impl}' cannot run ALiBi-BiPE (its ALiBi is token-level only); "
+                              f"use one of {_having('alibi_bipe')}")
 
 
 def _check_fp16(cfg: Config, err) -> None:
@@ -459,10 +468,6 @@ def _validate_schedule(cfg: Config) -> None:
                           "use stage 0 (flat data-parallel all-reduce) with pipelining")
 
 
-# Attention kernels that run under context parallelism (megatron/parallel/context_parallel.py).
-CONTEXT_PARALLEL_IMPLS = ("auto", "reference", "compact", "sdpa")
-
-
 def validate_context_parallel(cfg: Config) -> None:
     """Context parallelism: the sequence splits into 2 x cp equal segments (balanced split), each
     rank's chunk splits over tp under sequence parallelism, and the attention kernel has a CP form."""
@@ -480,8 +485,8 @@ def validate_context_parallel(cfg: Config) -> None:
     if impl not in CONTEXT_PARALLEL_IMPLS:
         raise ConfigError(f"attention.impl {impl!r} does not run with context_parallel_size {cp}; use one of "
                           f"{', '.join(CONTEXT_PARALLEL_IMPLS)}")
-    unsupported = [what for what, used in (("pos_emb: alibi", m.pos_emb == "alibi"), ("bipe", m.bipe),
-                                           ("attention_dropout", m.attention_dropout > 0)) if used]
+    used = {"pos_emb: alibi": m.pos_emb == "alibi", "bipe": m.bipe, "attention_dropout": m.attention_dropout > 0}
+    unsupported = [what for what in CONTEXT_PARALLEL_EXCLUDES if used[what]]
     if unsupported:
         raise ConfigError(f"context_parallel_size {cp} does not support {', '.join(unsupported)} (the exchanged "
                           "key layout has no token-distance bias and no dropout); use context_parallel_size 1")
@@ -526,8 +531,9 @@ def validate_device(cfg: Config, device_type: str, triton_interpreter: bool = Fa
     Only what really fails: on CPU our own fp16 loss scaling, bf16, ``flex`` and the eager kernels all
     run; forced Triton kernels need CUDA or Triton's interpreter (``TRITON_INTERPRET=1``); flash_attn is
     CUDA only; fp16 under ZeRO needs DeepSpeed's fp16 on this machine (``zero_fp16_device_problem``).
-    (``attention.impl: triton`` is checked by the attention package.)"""
-    problem = zero_fp16_device_problem(cfg)
+    The attention impl's devices are its row in attention/impls.py (whether the triton package imports
+    is ``attention.dispatch.check_impl_available``'s)."""
+    problem = zero_fp16_device_problem(cfg) or device_problem(cfg.attention.impl, device_type, triton_interpreter)
     if problem:
         raise ConfigError(problem)
     if device_type == "cuda":
@@ -538,6 +544,4 @@ def validate_device(cfg: Config, device_type: str, triton_interpreter: bool = Fa
             if getattr(m, key) is True:
                 raise ConfigError(f"{key}: true needs a CUDA device (this run is on {device_type}) or "
                                   "TRITON_INTERPRET=1 set before start; leave it unset (auto: eager on CPU) or false")
-    if cfg.attention.impl == "flash":
-        raise ConfigError(f"attention.impl 'flash' needs flash_attn on a CUDA device (this run is on {device_type}); "
-                          "use 'sdpa' for the dense baseline on CPU")
+

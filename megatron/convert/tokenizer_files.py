@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 from megatron.config.schema import Config, DataConfig
 from megatron.convert.common import read_json
 from megatron.errors import DataError
+from megatron.model.attention_plan import resolve_attention_plan
 from megatron.tokenizer import Tokenizer, build_tokenizer
 
 # Tokenizer files copied between an HF directory and our tokenizer directory, when present
@@ -93,10 +94,6 @@ def tokenizer_vocab_size(data: DataConfig) -> Optional[int]:
 
 def resolved_separator_ids(cfg: Config) -> Optional[List[int]]:
     """Separator ids as training used them: explicit ids, else derived from the tokenizer."""
-    sep = cfg.attention.sepllm
-    if sep.separator_ids is not None:
-        return sorted(set(sep.separator_ids))
-    tok = project_tokenizer(cfg.data)
-    if tok is None:
-        return None
-    return sorted(set(int(i) for i in tok.separator_ids(sep.separator_tokens, sep.include_space_prefixed)))
+    tok = None if cfg.attention.sepllm.separator_ids is not None else project_tokenizer(cfg.data)
+    ids = resolve_attention_plan(cfg.model, cfg.attention.sepllm, tok).separator_ids
+    return None if ids is None else list(ids)

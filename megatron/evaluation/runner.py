@@ -28,7 +28,8 @@ from megatron.checkpointing.integrity import atomic_write_text
 from megatron.config import config_from_tree, config_to_tree, load_config
 from megatron.config.schema import Config
 from megatron.errors import InferenceError
-from megatron.inference.loading import load_model, load_tokenizer, separator_ids_for
+from megatron.inference.loading import load_model, load_tokenizer
+from megatron.model.attention_plan import resolve_attention_plan
 from megatron.model.gpt import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -126,7 +127,8 @@ def build_eval_model(settings: EvalSettings, log: Callable[[str], None] = print)
         if cfg.attention != ckpt_cfg.attention:
             state = model.state_dict()
             eod = tokenizer.eod_id if cfg.attention.sepllm.separate_documents else model.eod_id
-            model = build_model(cfg, state["embed.weight"].shape[0], separator_ids_for(cfg, tokenizer), eod)
+            plan = resolve_attention_plan(cfg.model, cfg.attention.sepllm, tokenizer)  # the overridden attention
+            model = build_model(cfg, state["embed.weight"].shape[0], plan, eod)
             model.load_state_dict(state)
             log("attention overridden by the config: " + ", ".join(
                 f"{k} {_get_dotted(ckpt_cfg, k)!r} -> {v!r}" for k, v in settings.attention_overrides.items()

@@ -5,10 +5,11 @@
                           ``enable_sepllm`` for training-free SepLLM on any supported HF model;
 * ``sepllm_cache``     -- the bounded Streaming-SepLLM ``Cache`` for ``generate``;
 * ``sepllm_budget``    -- its budget and eviction policy, shared with our own streaming engine;
+* ``stream_ledger``    -- the per-entry bookkeeping of both caches (positions, token ids, separators);
 * ``sepllm_rule``      -- in an export, a verbatim copy of ``megatron/attention/sepllm_rule.py``.
 
 Apart from ``sepllm_rule`` (a stand-in here) these modules import only torch and transformers
-(``sepllm_budget`` only torch), so
+(``sepllm_budget`` and ``stream_ledger`` only torch), so
 an exported directory works without this package. Importing this package itself needs neither
 (names load on first use), so the exporter can read ``EXPORT_FILES`` without transformers.
 
@@ -22,6 +23,7 @@ EXPORT_FILES = {"modeling_sepllm.py": "hf_remote/modeling_sepllm.py",
                 "sepllm_attach.py": "hf_remote/sepllm_attach.py",
                 "sepllm_cache.py": "hf_remote/sepllm_cache.py",
                 "sepllm_budget.py": "hf_remote/sepllm_budget.py",
+                "stream_ledger.py": "hf_remote/stream_ledger.py",
                 "sepllm_rule.py": "attention/sepllm_rule.py"}
 
 _LAZY = {"enable_sepllm": "sepllm_attach", "separator_ids_from_tokenizer": "sepllm_attach",

@@ -42,7 +42,13 @@ class SepLLMConfigError(ValueError):
 
 @dataclass
 class SepLLMSettings:
-    """The ``sepllm`` entry of config.json: the training-time rule plus the default cache budget."""
+    """The ``sepllm`` entry of config.json: the training-time rule plus the default cache budget.
+
+    The defaults (4 initial tokens, local window 256; cache a4 s64 w256 c800 in ``CacheBudget``) are the
+    paper's training-free setting (SepLLM switched on in a pretrained Llama-3-8B), which ``enable_sepllm``
+    serves. They differ on purpose from the trainer's ``SepLLMConfig`` (3 / 64: the reference training
+    configs' ``init_tok_max_idx: 2`` and n64 window): an export writes the values it was trained with
+    (``convert/hf_export.py: sepllm_settings``), so these defaults apply only to keys it leaves out."""
 
     mode: str = "sepllm"
     n_init: int = 4
@@ -343,7 +349,9 @@ def enable_sepllm(model, n_init: int = 4, n_local: int = 256, separator_ids: Opt
     """Turn a loaded transformers model (GPT-NeoX, Llama, GPT-2, Falcon) into Sep-Attention with the
     bounded Streaming-SepLLM cache for ``generate``. Separators: explicit ``separator_ids``, else the
     tokens of ``tokenizer`` whose text is one of ``separators``. The settings are stored in
-    ``model.config.sepllm`` (so ``save_pretrained`` keeps them). Returns the model."""
+    ``model.config.sepllm`` (so ``save_pretrained`` keeps them). Returns the model.
+    ``n_init=4, n_local=256`` are the paper's training-free setting, not the trainer's 3 / 64 (see
+    ``SepLLMSettings``)."""
     if separator_ids is None:
         if tokenizer is None and mode == "sepllm":
             raise SepLLMConfigError("enable_sepllm needs separator_ids=[...] or tokenizer=... to find separators")

@@ -11,7 +11,8 @@ recent ones; ``full`` never evicts (grows like ``DynamicCache``). The decisions 
 ``sepllm_budget.plan_eviction``, which our own engine (tools/generate.py) uses too.
 
 All layers share one eviction decision (it depends on token ids only). The per-entry bookkeeping
-(stream position, separator flag, document, padding) lives in ``StreamLedger`` next to the tensors.
+(stream position, separator flag, document, padding) lives in a ``StreamLedger`` (``stream_ledger.py``,
+shared with our own engine's cache) next to the tensors.
 Under positional shift (``enable_pos_shift``) keys are rotated by their place in the cache: when an
 eviction moves an entry from place p to place q, its cached (already rotated) key is turned by q - p.
 
@@ -25,48 +26,31 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .sepllm_budget import CacheBudget, plan_eviction
+from .stream_ledger import StreamLedger
 
 
-class StreamLedger:
-    """Per-entry facts of the cached keys, each [B, n]: stream (rule) position, token id, separator
-    flag, document id, position in the document, and whether the entry is a real token (not padding).
-    ``seen``/``docs``/``doc_start`` [B] carry the running counters of each row's stream."""
+class BatchStreamLedger(StreamLedger):
+    """The ledger (``stream_ledger.py``) of a batch of streams: per entry stream (rule) position, token id,
+    separator flag, document id, position in the document, and whether the entry is a real token (not
+    padding). ``seen``/``docs``/``doc_start`` [B] carry the running counters of each row's stream."""
 
     FIELDS = ("positions", "token_ids", "is_sep", "doc_ids", "pos_in_doc", "valid")
 
     def __init__(self, batch: int, device: torch.device):
-        long = dict(dtype=torch.long, device=device)
-        self.positions = torch.empty(batch, 0, **long)
-        self.token_ids = torch.empty(batch, 0, **long)
-        self.doc_ids = torch.empty(batch, 0, **long)
-        self.pos_in_doc = torch.empty(batch, 0, **long)
-        self.is_sep = torch.empty(batch, 0, dtype=torch.bool, device=device)
-        self.valid = torch.empty(batch, 0, dtype=torch.bool, device=device)
-        self.seen = torch.zeros(batch, **long)
-        self.docs = torch.zeros(batch, **long)
-        self.doc_start = torch.zeros(batch, **long)
-
-    @property
-    def batch(self) -> int:
-        return self.positions.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.positions.shape[1]
+        super().__init__(batch, device, {"positions": torch.long, "token_ids": torch.long, "is_sep": torch.bool,
+                                         "doc_ids": torch.long, "pos_in_doc": torch.long, "valid": torch.bool})
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.docs = torch.zeros_like(self.seen)
+        self.doc_start = torch.zeros_like(self.seen)
 
     def append(self, entries: dict, counters: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        for name in self.FIELDS:
-            setattr(self, name, torch.cat([getattr(self, name), entries[name]], dim=1))
+        super().append(entries)
         self.seen, self.docs, self.doc_start = counters
 
-    def retain(self, keep: torch.Tensor) -> None:
-        keep = keep.to(self.positions.device)
-        for name in self.FIELDS:
-            setattr(self, name, getattr(self, name)[:, keep])
-
     def select_rows(self, rows: torch.Tensor) -> None:
-        for name in self.FIELDS + ("seen", "docs", "doc_start"):
-            setattr(self, name, getattr(self, name)[rows.to(self.positions.device)])
+        super().select_rows(rows)
+        rows = rows.to(self.device)
+        self.seen, self.docs, self.doc_start = self.seen[rows], self.docs[rows], self.doc_start[rows]
 
 
 def turn_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -182,19 +166,19 @@ class SepLLMCache(Cache):
                                   enable_pos_shift, decode_mask)
         capacity = cache_size if self.budget.bounded else None
         super().__init__(layers=[SepLLMCacheLayer(capacity) for _ in range(num_layers)])
-        self.ledger: Optional[StreamLedger] = None
+        self.ledger: Optional[BatchStreamLedger] = None
         self.sep_end = 0  # end of the separator region (exclusive); starts after the initial region
         self.compressions = 0
         self.evicted = 0
 
     # ------------------------------------------------------------------ driven by the model's hooks
-    def start_ledger(self, batch: int, device: torch.device) -> StreamLedger:
+    def start_ledger(self, batch: int, device: torch.device) -> BatchStreamLedger:
         if self.ledger is None:
             if self.budget.policy == "sepllm" and batch != 1:
                 raise ValueError(f"the SepLLM streaming cache serves one sequence at a time (got batch size "
                                  f"{batch}); generate one prompt per call, or use policy='full' / "
                                  "'streamingllm' for batches")
-            self.ledger = StreamLedger(batch, device)
+            self.ledger = BatchStreamLedger(batch, device)
         elif self.ledger.batch != batch:
             raise ValueError(f"this cache holds {self.ledger.batch} sequence(s) but the input has {batch}")
         return self.ledger

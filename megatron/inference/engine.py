@@ -1,9 +1,10 @@
 """Streaming decoding: a GPTModel over a bounded KV cache (batch size 1).
 
 Each piece of new tokens runs through the model's own layers (``GPTModel.run_layers``, the one
-``TransformerLayer.forward``); the attention of every layer is handed to this engine through the
-``AttentionInputs.kv_cache`` hook: store the new k/v (unrotated) in the cache, rotate all keys by
-their stream position (or by their place in the cache under positional shift), attend.
+``TransformerLayer.forward``); the attention of every layer is handed to this engine, the forward's
+attention backend (``AttentionInputs.backend``, ``megatron/attention/backend.py``): store the new k/v
+(unrotated) in the cache, rotate all keys by their stream position (or by their place in the cache under
+positional shift), attend.
 
 Attention inside the cache (``CacheConfig.decode_mask``):
   * ``cache`` -- a query sees every cached key plus the new tokens before it (reference behaviour);
@@ -70,7 +71,7 @@ class StreamingEngine:
                                      "max_position_embeddings")
         first = model.layers[str(self.layer_ids[0])].attention
         self.kv_heads, self.head_dim = first.kv_local, first.d
-        self.rotary_dim, self.interleaved = first.rotary_dim, first.interleaved
+        self.rotary_dim, self.interleaved = model.rotary_settings.dim, model.rotary_settings.interleaved
         self._rope_table: Optional[tuple] = None
         self.reset()
 
@@ -169,7 +170,7 @@ class StreamingEngine:
         masks = self._masks(stream_pos, n, is_sep)
 
         piece = _PieceAttention(self, masks, n, embed_pos)
-        hidden = self.model.run_layers(hidden, AttentionInputs(None, None, None, None, kv_cache=piece))
+        hidden = self.model.run_layers(hidden, AttentionInputs(piece))
         cache.commit(tokens, stream_pos, is_sep, piece.rotary_positions)
         self.stream_position += L
         return hidden
@@ -177,7 +178,7 @@ class StreamingEngine:
 
 class _PieceAttention:
     """The KV-cache hook of one forward piece: every layer's attention over the cache plus the new
-    tokens (see :class:`megatron.model.transformer.KVCacheHook`)."""
+    tokens (an attention backend, ``megatron/attention/backend.py``)."""
 
     def __init__(self, engine: StreamingEngine, masks: Dict[SepRule, Optional[torch.Tensor]], n: int,
                  embed_pos: torch.Tensor):

@@ -16,7 +16,8 @@ The budget checks and the eviction decision are ``megatron/hf_remote/sepllm_budg
 with the transformers cache that HF exports ship, so tools/generate.py and ``generate`` agree.
 
 Keys are stored before rotary; the stream position, token id and separator flag of every entry
-are kept alongside, so the engine can rotate keys by stream position or by place in the cache
+are kept alongside (``hf_remote/stream_ledger.py``, the ledger the HF export's cache keeps too), so
+the engine can rotate keys by stream position or by place in the cache
 (positional shift) and apply the Sep-Attention rule inside the cache. All layers share one
 eviction decision (it depends on token ids only), so the bookkeeping exists once.
 
@@ -35,6 +36,10 @@ import torch
 
 from megatron.errors import InferenceError
 from megatron.hf_remote.sepllm_budget import DECODE_MASKS, POLICIES, CacheBudget, plan_eviction  # noqa: F401
+from megatron.hf_remote.stream_ledger import StreamLedger
+
+LEDGER_FIELDS = {"positions": torch.long, "token_ids": torch.long, "is_sep": torch.bool,
+                 "rotary_positions": torch.long}
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,9 @@ class StreamingKVCache:
         self.keys: Dict[int, torch.Tensor] = {}  # unrotated
         self.values: Dict[int, torch.Tensor] = {}
         self.rotated_keys: Dict[int, torch.Tensor] = {}  # only with rotary
-        self.rotary_positions = torch.empty(0, dtype=torch.long, device=self.device)
         self.rotated_valid = 0  # entries [0, rotated_valid) are rotated with their current rotary position
-        self.positions = torch.empty(0, dtype=torch.long, device=self.device)
-        self.token_ids = torch.empty(0, dtype=torch.long, device=self.device)
-        self.is_sep = torch.empty(0, dtype=torch.bool, device=self.device)
-        self.length = 0
+        # Per entry: stream position, token id, separator flag, the position its rotated key was rotated by.
+        self.ledger = StreamLedger(1, self.device, LEDGER_FIELDS)
         self._allocate(self.capacity)
         self.sep_end = 0  # end of the separator region (exclusive); starts after the initial region
         self.tokens_seen = 0
@@ -75,26 +77,36 @@ class StreamingKVCache:
         self.evicted = 0
 
     # ------------------------------------------------------------------ storage
+    @property
+    def length(self) -> int:
+        return self.ledger.length
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.ledger.positions[0]
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.ledger.token_ids[0]
+
+    @property
+    def is_sep(self) -> torch.Tensor:
+        return self.ledger.is_sep[0]
+
+    @property
+    def rotary_positions(self) -> torch.Tensor:
+        return self.ledger.rotary_positions[0]
+
     def _allocate(self, capacity: int) -> None:
         """(Re)allocate every buffer with ``capacity`` slots, keeping the first ``length`` entries."""
         n = self.length
-
-        def regrow(old: torch.Tensor, shape, dtype) -> torch.Tensor:
-            new = torch.empty(shape, dtype=dtype, device=self.device)
-            if n:
-                new[:n] = old[:n]
-            return new
-
         for store in self._stores():
             for layer in self.layer_ids:
                 buf = torch.empty((1, capacity, self.kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
                 if n:
                     buf[:, :n] = store[layer][:, :n]
                 store[layer] = buf
-        self.positions = regrow(self.positions, (capacity,), torch.long)
-        self.token_ids = regrow(self.token_ids, (capacity,), torch.long)
-        self.is_sep = regrow(self.is_sep, (capacity,), torch.bool)
-        self.rotary_positions = regrow(self.rotary_positions, (capacity,), torch.long)
+        self.ledger.resize(capacity)
         self.capacity = capacity
 
     def _stores(self):
@@ -139,23 +151,17 @@ class StreamingKVCache:
             for store in self._stores():
                 for buf in store.values():
                     buf[:, start:n] = buf[:, end:self.length].clone()
-            for name in ("positions", "token_ids", "is_sep", "rotary_positions"):
-                buf = getattr(self, name)
-                buf[start:n] = buf[end:self.length].clone()
         else:
             for store in self._stores():
                 for buf in store.values():
                     buf[:, :n] = buf[:, keep]  # advanced indexing copies first, so the overlap is safe
-            for name in ("positions", "token_ids", "is_sep", "rotary_positions"):
-                buf = getattr(self, name)
-                buf[:n] = buf[keep]
         if self.config.enable_pos_shift:  # an entry that moved has a new place: its rotation is stale
             moved = (keep != torch.arange(n, device=keep.device)).nonzero()
             self.rotated_valid = min(self.rotated_valid, int(moved[0]) if len(moved) else n)
         else:
             self.rotated_valid = min(self.rotated_valid, n)
         self.evicted += self.length - n
-        self.length = n
+        self.ledger.retain(keep, drop)
 
     # ------------------------------------------------------------------ appending
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -181,16 +187,16 @@ class StreamingKVCache:
                rotary_positions: Optional[torch.Tensor] = None) -> None:
         """Record the bookkeeping of the L entries every layer has just written (1-D tensors);
         ``rotary_positions`` covers the re-rotated entries too: [rotated_valid, length + L)."""
-        end = self.length + token_ids.numel()
-        self.token_ids[self.length:end] = token_ids
-        self.positions[self.length:end] = positions
-        self.is_sep[self.length:end] = is_sep
-        if rotary_positions is not None:
-            self.rotary_positions[self.rotated_valid:end] = rotary_positions
+        n, L = self.length, token_ids.numel()
+        end = n + L
+        new_rotary = positions if rotary_positions is None else rotary_positions[rotary_positions.numel() - L:]
+        self.ledger.append({"token_ids": token_ids[None], "positions": positions[None], "is_sep": is_sep[None],
+                            "rotary_positions": new_rotary[None]})
+        if rotary_positions is not None and self.rotated_valid < n:  # re-rotated entries
+            self.ledger.write("rotary_positions", self.rotated_valid, rotary_positions[None, :n - self.rotated_valid])
         self.rotated_valid = end
         if self.sep_end < min(self.config.init_cache_size, end):
             self.sep_end = min(self.config.init_cache_size, end)
-        self.length = end
         self.tokens_seen += token_ids.numel()
 
     # ------------------------------------------------------------------ inspection

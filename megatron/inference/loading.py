@@ -11,6 +11,7 @@ from megatron.checkpointing.reshard import load_full_state_dict
 from megatron.config import config_from_tree
 from megatron.config.schema import Config
 from megatron.errors import CheckpointError, ConfigError, InferenceError
+from megatron.model.attention_plan import resolve_attention_plan
 from megatron.model.gpt import GPTModel, build_model
 
 
@@ -22,11 +23,8 @@ def _full_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
 
 
 def separator_ids_for(cfg: Config, tokenizer=None) -> List[int]:
-    """Separator ids from the config when given, else derived from the tokenizer by string."""
-    sep = cfg.attention.sepllm
-    if tokenizer is None and sep.separator_ids is None:
-        return []
-    return sep.separator_ids_from(tokenizer)
+    """The separator ids of the model's attention plan ([] when neither the config nor a tokenizer gives them)."""
+    return resolve_attention_plan(cfg.model, cfg.attention.sepllm, tokenizer).separator_list
 
 
 def load_model(load: str, tokenizer=None, device: str = "cpu",
@@ -44,11 +42,11 @@ def load_model(load: str, tokenizer=None, device: str = "cpu",
     state = _full_state_dict(ckpt)
     if "embed.weight" not in state:
         raise InferenceError(f"checkpoint '{ckpt}' has no embed.weight; is it a full model checkpoint?")
-    seps = list(separator_ids) if separator_ids is not None else separator_ids_for(cfg, tokenizer)
+    plan = resolve_attention_plan(cfg.model, cfg.attention.sepllm, tokenizer, separator_ids)
     eod = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
     if cfg.attention.sepllm.separate_documents and eod is None:
         raise InferenceError("this model separates documents and needs the tokenizer's EOD id; give a tokenizer")
-    model = build_model(cfg, state["embed.weight"].shape[0], seps, eod)
+    model = build_model(cfg, state["embed.weight"].shape[0], plan, eod)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InferenceError(f"checkpoint '{ckpt}' does not match its config: missing {missing[:4]}, "

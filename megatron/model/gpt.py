@@ -10,16 +10,18 @@ allocates; :func:`build_model` also initialises (``megatron/model/init.py``).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from megatron.attention import SepRule, document_ids, resolve_layer_rules, separator_flags
+from megatron.attention import document_ids, separator_flags
 from megatron.attention.alibi import AlibiBias, local_alibi_slopes
+from megatron.attention.backend import LocalAttention, Rotary
 from megatron.config.schema import AttentionConfig, Config, ModelConfig
 from megatron.errors import ConfigError
+from megatron.model.attention_plan import AttentionPlan, resolve_attention_plan
 from megatron.model.bipe import bilevel_positions
 from megatron.model.init import init_method_by_name, init_weights
 from megatron.model.rotary import RotaryEmbedding
@@ -31,24 +33,24 @@ from megatron.parallel import (
     parallel_lm_logits,
     vocab_parallel_cross_entropy,
 )
-from megatron.parallel.context_parallel import ContextParallelAttention, sequence_chunk
-from megatron.parallel.mappings import gather_from_tp, scatter_to_sequence_parallel
+from megatron.parallel.mappings import gather_from_tp
+from megatron.parallel.sequence import SequenceSharding
 
 
 class GPTModel(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionConfig, vocab_size: int,
-                 separator_ids: Sequence[int] = (), eod_id: Optional[int] = None,
-                 layout: ParallelLayout = ParallelLayout()):
+    def __init__(self, config: ModelConfig, attention: AttentionConfig, vocab_size: int, plan: AttentionPlan,
+                 eod_id: Optional[int] = None, layout: ParallelLayout = ParallelLayout()):
         super().__init__()
-        m, sep = config, attention.sepllm
+        m = config
         self.config, self.layout, self.vocab_size, self.eod_id = config, layout, vocab_size, eod_id
         self.pre_process, self.post_process = layout.is_first_stage, layout.is_last_stage
-        sep_ids = sep.separator_ids if sep.separator_ids is not None else list(separator_ids)
-        self.register_buffer("separator_ids", torch.tensor(sorted(set(sep_ids)), dtype=torch.long),
-                             persistent=False)
-        self.rules = resolve_layer_rules(m.num_layers, sep.mode, sep.n_init, sep.n_local, sep.interval,
-                                         sep.separate_documents, sep.full_attention_layers, sep.layer_n_local)
-        self.base_rule = SepRule(sep.mode, sep.n_init, sep.n_local, sep.interval, sep.separate_documents)
+        # Context / sequence parallelism, applied from outside the layers (megatron/parallel/sequence.py).
+        self.sequence = SequenceSharding(layout)
+        self.impl = attention.impl
+        self.rotary_settings = Rotary(rotary_dim(m), m.rotary_interleaved, m.fused_rope)
+        sep_ids = plan.separator_list
+        self.register_buffer("separator_ids", torch.tensor(sep_ids, dtype=torch.long), persistent=False)
+        self.rules, self.base_rule = list(plan.rules), plan.base_rule
         init = init_method_by_name(m.init_method, m.init_method_std, m.num_layers, m.hidden_size)
         out_init = init_method_by_name(m.output_layer_init_method, m.init_method_std, m.num_layers, m.hidden_size)
         self.rotary = RotaryEmbedding(rotary_dim(m), m.rotary_emb_base) if rotary_dim(m) else None
@@ -71,8 +73,7 @@ class GPTModel(nn.Module):
                 self.pos_embed = new_parameter(m.max_position_embeddings or m.seq_length, m.hidden_size,
                                                init_method=init)
         # Keyed by global layer index: parameter names are the same under every pipeline split.
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(m, attention.impl, i, self.rules[i], layout, init,
-                                                              out_init)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(m, i, self.rules[i], layout, init, out_init)
                                      for i in layout.layer_ids(m.num_layers)})
         if self.post_process:
             self.final_norm = make_norm(m, layout)
@@ -90,8 +91,8 @@ class GPTModel(nn.Module):
 
     def attention_inputs(self, tokens: torch.Tensor,
                          positions: Optional[torch.Tensor] = None) -> AttentionInputs:
-        """Separator flags and document ids of the whole sequence ``tokens`` [B, L], and RoPE tables
-        (under context parallelism: of this rank's chunk, at its global positions)."""
+        """The attention of one forward over ``tokens`` [B, L] (the whole sequence): separator flags and
+        document ids of the whole sequence, RoPE tables of this rank's part, at its positions."""
         B, L = tokens.shape
         self._check_bipe_positions(positions)
         if positions is None:
@@ -102,10 +103,7 @@ class GPTModel(nn.Module):
             if self.eod_id is None:  # built without a tokenizer (parameter counts, resharding): no forward
                 raise ValueError("attention.sepllm.separate_documents needs the tokenizer's EOD id")
             docs = document_ids(tokens, self.eod_id)
-        cp = None
-        if self.layout.cp_size > 1:  # ----- context parallelism (megatron/parallel/context_parallel.py)
-            cp = ContextParallelAttention(self.layout, is_sep, docs)
-            positions = sequence_chunk(positions, self.layout)
+        positions = self.sequence.enter(tokens, positions)[1]
         # BiPE: rotary and ALiBi see segment indices; the token positions still drive the Sep rule.
         # (Neither runs under context parallelism: config validation rejects the pairing.)
         segments = bilevel_positions(tokens, self.bipe_separator_ids)[1] if self.bipe else None
@@ -115,18 +113,17 @@ class GPTModel(nn.Module):
         alibi = None
         if self.alibi_slopes is not None:
             alibi = AlibiBias(torch.tensor(self.alibi_slopes, device=tokens.device), segments)
-        return AttentionInputs(is_sep, docs, cos, sin, alibi=alibi, context_parallel=cp)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        tables = LocalAttention(is_sep, docs, cos, sin, alibi, self.impl, dropout, self.rotary_settings)
+        return AttentionInputs(self.sequence.attention(tables), tables)
 
     def _check_bipe_positions(self, positions: Optional[torch.Tensor]) -> None:
         if self.bipe and positions is not None:
             raise ValueError("a BiPE model derives its positions from the tokens; do not pass positions")
 
     def embed_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Embeddings [B, L, H] of ``tokens`` [B, L]; under context parallelism of this rank's chunk."""
-        if self.layout.cp_size > 1:
-            if positions is None:
-                positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-            tokens, positions = sequence_chunk(tokens, self.layout), sequence_chunk(positions, self.layout)
+        """Embeddings [B, L, H] of ``tokens`` [B, L]; of this rank's part of the sequence."""
+        tokens, positions = self.sequence.enter(tokens, positions)
         h = self.embed(tokens)
         self._check_bipe_positions(positions)
         if self.bipe:
@@ -134,8 +131,7 @@ class GPTModel(nn.Module):
         if hasattr(self, "pos_embed"):
             pos = positions if positions is not None else torch.arange(tokens.shape[1], device=tokens.device)
             pos_h = self.pos_embed[pos]
-            pos_h = pos_h[None] if pos_h.dim() == 2 else pos_h
-            h = h + (scatter_to_sequence_parallel(pos_h, self.layout) if self.layout.sequence_parallel else pos_h)
+            h = h + self.sequence.to_hidden(pos_h[None] if pos_h.dim() == 2 else pos_h)
         return h
 
     def run_layers(self, hidden: torch.Tensor, inp: AttentionInputs,
@@ -158,7 +154,9 @@ class GPTModel(nn.Module):
         logit shard. Pipeline stages run ``embed_tokens`` / ``run_layers`` / ``head`` piecewise."""
         hidden = self.run_layers(self.embed_tokens(tokens, positions), self.attention_inputs(tokens, positions))
         logits = self.head(hidden)
-        return logits if labels is None else lm_loss(logits, labels, self.layout, self.config.fused_cross_entropy)
+        if labels is None:
+            return logits
+        return lm_loss(logits, self.sequence.chunk(labels), self.layout, self.config.fused_cross_entropy)
 
     @torch.no_grad()
     def full_logits(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -173,10 +171,9 @@ def split_batch(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: ParallelLayout,
             fused: Optional[bool] = None) -> torch.Tensor:
-    """Mean next-token cross entropy of a micro-batch, from this rank's vocabulary shard of the logits.
-    Under context parallelism ``labels`` hold the whole sequence and the logits this rank's chunk:
-    the mean is over the chunk (the engines average it over the cp ranks)."""
-    labels = sequence_chunk(labels, layout)
+    """Mean next-token cross entropy of a micro-batch, from this rank's vocabulary shard of the logits
+    and the labels of the same positions (under context parallelism this rank's chunk,
+    ``GPTModel.sequence.chunk``: the mean is over the chunk and the engines average it over the cp ranks)."""
     return vocab_parallel_cross_entropy(logits, labels, layout, fused=fused).mean()
 
 
@@ -189,13 +186,18 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(cfg: Config, vocab_size: int, separator_ids: Sequence[int] = (), eod_id: Optional[int] = None,
-                layout: Optional[ParallelLayout] = None, device: Optional[str] = None) -> GPTModel:
+def build_model(cfg: Config, vocab_size: int, plan: Union[AttentionPlan, Sequence[int]] = (),
+                eod_id: Optional[int] = None, layout: Optional[ParallelLayout] = None,
+                device: Optional[str] = None) -> GPTModel:
     """The (initialised) model or pipeline stage of the rank ``layout`` describes (default: one rank).
-    ``device="meta"`` builds without memory or initialisation (parameter counts, large configs)."""
+    ``plan``: the entry path's resolved attention plan (``attention_plan.py``); plain separator ids
+    (tests, benchmarks, shape-only builds) are completed by the config. ``device="meta"`` builds
+    without memory or initialisation (parameter counts, large configs)."""
     layout = layout or ParallelLayout()
+    if not isinstance(plan, AttentionPlan):
+        plan = resolve_attention_plan(cfg.model, cfg.attention.sepllm, separator_ids=plan)
     with torch.device(device) if device else contextlib.nullcontext():
-        model = GPTModel(cfg.model, cfg.attention, vocab_size, separator_ids, eod_id, layout)
+        model = GPTModel(cfg.model, cfg.attention, vocab_size, plan, eod_id, layout)
     if device != "meta":
         init_weights(model, cfg.training.seed)
     return model

@@ -1,22 +1,22 @@
 """One transformer layer: attention (with the pluggable Sep-Attention), MLP, norms, residuals.
 
 The layer forward is the only one there is: training, evaluation, pipeline stages and streaming
-generation all run it. Streaming inference plugs its bounded KV cache in through
-``AttentionInputs.kv_cache`` (see :class:`KVCacheHook`).
+generation all run it. The attention itself is the forward's backend (``AttentionInputs.backend``,
+``megatron/attention/backend.py``): the layer projects q/k/v, hands them over and projects the result.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.attention import SepRule, attend
-from megatron.attention.alibi import AlibiBias
+from megatron.attention import SepRule
+from megatron.attention.backend import AttentionBackend, LocalAttention
 from megatron.config.schema import ModelConfig, ffn_width
-from megatron.kernels import apply_rotary_qk, layer_norm, rms_norm
+from megatron.kernels import layer_norm, rms_norm
 from megatron.model.init import ones_init
 from megatron.parallel import (
     ColumnParallelLinear,
@@ -25,34 +25,23 @@ from megatron.parallel import (
     mark_sequence_parallel,
     new_parameter,
 )
-from megatron.parallel.context_parallel import ContextParallelAttention
 from megatron.parallel.layers import InitMethod
-
-
-class KVCacheHook(Protocol):
-    """Attention over cached keys/values, for one layer (streaming inference).
-
-    Gets the layer's new, unrotated q [B, L, Hq, D] and k/v [B, L, Hkv, D]; stores k/v, applies the
-    positions it manages and returns the attention output [B, L, Hq, D].
-    """
-
-    def attend(self, layer: int, rule: SepRule, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
 class AttentionInputs:
-    """Per-forward data every layer's attention needs, computed once from the tokens."""
+    """What every layer's attention needs in one forward: the backend that attends, and the tables it
+    was built from (separator flags, documents, rotary, ALiBi; None when the backend is the streaming
+    cache, which keeps its own)."""
 
-    is_sep: Optional[torch.Tensor]  # [B, L] bool, per the base SepLLM mode
-    doc_ids: Optional[torch.Tensor]  # [B, L] or None
-    cos: Optional[torch.Tensor]  # [B|1, L, rotary_dim // 2]
-    sin: Optional[torch.Tensor]
-    kv_cache: Optional[KVCacheHook] = None  # streaming inference: the cache does positions and attention
-    alibi: Optional[AlibiBias] = None  # pos_emb alibi: this rank's slopes (and BiPE segment positions)
-    # Context parallelism: this rank holds a chunk of the sequence (is_sep/doc_ids stay global,
-    # cos/sin are the chunk's) and attention exchanges keys with the other cp ranks.
-    context_parallel: Optional[ContextParallelAttention] = None
+    backend: AttentionBackend
+    tables: Optional[LocalAttention] = None
+
+    is_sep = property(lambda self: self.tables.is_sep)
+    doc_ids = property(lambda self: self.tables.doc_ids)
+    cos = property(lambda self: self.tables.cos)
+    sin = property(lambda self: self.tables.sin)
+    alibi = property(lambda self: self.tables.alibi)
 
 
 class Norm(nn.Module):
@@ -90,12 +79,11 @@ class SelfAttention(nn.Module):
     """QKV is one column-parallel projection laid out per KV group as [q_1..q_r, k, v] x head_dim,
     so contiguous TP shards hold whole GQA groups (and r = 1 is GPT-NeoX's per-head layout)."""
 
-    def __init__(self, m: ModelConfig, impl: str, layer: int, rule: SepRule, layout: ParallelLayout,
+    def __init__(self, m: ModelConfig, layer: int, rule: SepRule, layout: ParallelLayout,
                  init_method: InitMethod, output_init_method: InitMethod):
         super().__init__()
-        self.layer, self.rule, self.impl = layer, rule, impl
+        self.layer, self.rule = layer, rule
         self.d = m.head_dim
-        self.rotary_dim, self.interleaved, self.fused_rope = rotary_dim(m), m.rotary_interleaved, m.fused_rope
         self.kv_local = m.kv_heads // layout.tp_size
         self.group = m.num_attention_heads // m.kv_heads
         self.qkv = ColumnParallelLinear(m.hidden_size, (m.num_attention_heads + 2 * m.kv_heads) * self.d,
@@ -103,7 +91,6 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(m.num_attention_heads * self.d, m.hidden_size,
                                        bias=m.use_bias_in_attn_linear, layout=layout,
                                        init_method=output_init_method)
-        self.dropout = m.attention_dropout
 
     def project_qkv(self, x: torch.Tensor):
         """x [B, L, H] -> q [B, L, Hq_local, D], k, v [B, L, Hkv_local, D] (before rotary). Under sequence
@@ -117,18 +104,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
         q, k, v = self.project_qkv(x)
         B, L = q.shape[:2]
-        if inp.kv_cache is not None:
-            out = inp.kv_cache.attend(self.layer, self.rule, q, k, v)
-        else:
-            if self.rotary_dim:
-                q, k = apply_rotary_qk(q, k, inp.cos, inp.sin, self.rotary_dim, self.interleaved,
-                                       fused=self.fused_rope)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if inp.context_parallel is not None:
-                out = inp.context_parallel.attend(q, k, v, self.rule, self.impl).transpose(1, 2)
-            else:
-                out = attend(q, k, v, inp.is_sep, self.rule, inp.doc_ids, impl=self.impl,
-                             dropout_p=self.dropout if self.training else 0.0, bias=inp.alibi).transpose(1, 2)
+        out = inp.backend.attend(self.layer, self.rule, q, k, v)
         return self.dense(out.reshape(B, L, -1))
 
 
@@ -160,13 +136,13 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, m: ModelConfig, impl: str, layer: int, rule: SepRule, layout: ParallelLayout,
+    def __init__(self, m: ModelConfig, layer: int, rule: SepRule, layout: ParallelLayout,
                  init_method: InitMethod, output_init_method: InitMethod):
         super().__init__()
         self.parallel_residual = m.gpt_j_residual
         self.input_norm = make_norm(m, layout)
         self.post_attention_norm = make_norm(m, layout)
-        self.attention = SelfAttention(m, impl, layer, rule, layout, init_method, output_init_method)
+        self.attention = SelfAttention(m, layer, rule, layout, init_method, output_init_method)
         self.mlp = MLP(m, layout, init_method, output_init_method)
         self.hidden_dropout = m.hidden_dropout
 

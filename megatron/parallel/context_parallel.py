@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.attention import SepRule
+from megatron.attention.backend import LocalAttention
 from megatron.attention.blockwise import blocks_backward, blocks_forward, placed
 from megatron.attention.compact import stats_dtype
 from megatron.attention.context_parallel import (
@@ -36,7 +37,7 @@ from megatron.attention.context_parallel import (
     sequence_segments,
     take_segments,
 )
-from megatron.config.validation import CONTEXT_PARALLEL_IMPLS
+from megatron.attention.impls import CONTEXT_PARALLEL_IMPLS, kernel
 from megatron.errors import ConfigError
 from megatron.parallel.layout import ParallelLayout
 
@@ -183,12 +184,14 @@ class RingAttention(torch.autograd.Function):
 
 
 class ContextParallelAttention:
-    """Attention of one forward under context parallelism, shared by all layers: holds the global
-    flags and builds, on first use, each rule's exchange plan for this rank."""
+    """The attention backend of one forward under context parallelism (``attention/backend.py``),
+    shared by all layers: ``local`` holds the global flags and this chunk's rotary tables; each rule's
+    exchange plan for this rank is built on first use."""
 
-    def __init__(self, layout: ParallelLayout, is_sep: torch.Tensor, doc_ids: Optional[torch.Tensor]):
-        self.layout, self.is_sep, self.doc_ids = layout, is_sep, doc_ids
-        self.seq_len = is_sep.shape[1]
+    def __init__(self, local: LocalAttention, layout: ParallelLayout):
+        self.local, self.layout = local, layout
+        self.is_sep, self.doc_ids = local.is_sep, local.doc_ids
+        self.seq_len = self.is_sep.shape[1]
         self._plans: Dict[SepRule, RankPlan] = {}
 
     def plan(self, rule: SepRule) -> RankPlan:
@@ -197,13 +200,18 @@ class ContextParallelAttention:
             self._plans[rule] = build_rank_plans(self.is_sep, rule, self.doc_ids, lay.cp_size, [lay.cp_rank])[0]
         return self._plans[rule]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rule: SepRule, impl: str,
-               scale: Optional[float] = None) -> torch.Tensor:
+    def attend(self, layer: int, rule: SepRule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Lc, Hq, D], k/v [B, Lc, Hkv, D] of this rank's chunk (unrotated) -> [B, Lc, Hq, D]."""
+        q, k, v = self.local.heads_first(q, k, v)
+        return self.attend_chunk(q, k, v, rule, self.local.impl).transpose(1, 2)
+
+    def attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rule: SepRule, impl: str,
+                     scale: Optional[float] = None) -> torch.Tensor:
         """q [B, Hq, Lc, D], k/v [B, Hkv, Lc, D] of this rank's chunk -> [B, Hq, Lc, D]."""
         if impl not in CONTEXT_PARALLEL_IMPLS:
             raise ConfigError(f"attention.impl {impl!r} does not run with context parallelism; use one of "
                               f"{', '.join(CONTEXT_PARALLEL_IMPLS)}")
-        if q.device.type != "cpu":
+        if q.device.type not in kernel(impl).context_parallel:
             raise ConfigError("context_parallel_size > 1 runs on CPU kernels only for now (compact, reference, "
                               "ring steps on the CPU flash kernel); the GPU path is not implemented")
         scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -22,7 +22,6 @@ import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from megatron.model import lm_loss, split_batch
-from megatron.parallel.context_parallel import agree_over_cp
 
 
 class PipelineChunk(nn.Module):
@@ -53,7 +52,7 @@ class PipelineChunk(nn.Module):
                 hidden = m.embed_tokens(tokens)
             else:
                 hidden, tokens = inputs
-                tokens = agree_over_cp(tokens, m.layout)  # context parallelism: see agree_over_cp
+                tokens = m.sequence.agree(tokens)  # context parallelism: see agree_over_cp
             hidden = m.run_layers(hidden, m.attention_inputs(tokens), self.layer_ids)
             if self.is_last:
                 return m.head(hidden)  # this rank's vocabulary shard of the logits
@@ -70,6 +69,7 @@ class PipelineRunner:
         layout = model.layout
         self.layout, self.n_microbatches = layout, n_microbatches
         self.fused_cross_entropy = model.config.fused_cross_entropy
+        self.sequence = model.sequence
         self.chunks = layout.chunks
         num_stages = layout.pp_size * self.chunks
         self.stages = []
@@ -90,7 +90,7 @@ class PipelineRunner:
             self.schedule = Schedule1F1B(self.stages[0], n_microbatches, loss_fn=self._loss, scale_grads=False)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss(logits, labels, self.layout, self.fused_cross_entropy)
+        loss = lm_loss(logits, self.sequence.chunk(labels), self.layout, self.fused_cross_entropy)
         self._micro_losses.append(loss.detach().float())
         return loss * self.loss_scale / self._divisor
 

@@ -13,15 +13,10 @@ import unicodedata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megatron.attention import SepRule, resolve_layer_rules
+from megatron.attention import SepRule
 from megatron.config import Config
 from megatron.errors import DataError
-
-
-def layer_rules(cfg: Config) -> List[SepRule]:
-    sep = cfg.attention.sepllm
-    return resolve_layer_rules(cfg.model.num_layers, sep.mode, sep.n_init, sep.n_local, sep.interval,
-                               sep.separate_documents, sep.full_attention_layers, sep.layer_n_local)
+from megatron.model.attention_plan import AttentionPlan, layer_rules, resolve_attention_plan
 
 
 def describe_rule(rule: SepRule) -> str:
@@ -62,9 +57,8 @@ def position_encoding(cfg: Config) -> str:
     return text
 
 
-def attention_lines(cfg: Config) -> List[str]:
+def attention_lines(cfg: Config, rules: Sequence[SepRule]) -> List[str]:
     """One line per group of layers with the same rule, then the position encoding."""
-    rules = layer_rules(cfg)
     by_text: Dict[str, List[int]] = {}
     for i, rule in enumerate(rules):
         by_text.setdefault(describe_rule(rule), []).append(i)
@@ -73,8 +67,8 @@ def attention_lines(cfg: Config) -> List[str]:
     return lines + [f"position encoding: {position_encoding(cfg)}"]
 
 
-def uses_separators(cfg: Config) -> bool:
-    return any(r.mode == "sepllm" for r in layer_rules(cfg)) or cfg.model.bipe
+def uses_separators(cfg: Config, plan: AttentionPlan) -> bool:
+    return plan.uses_separators or cfg.model.bipe
 
 
 def separator_line(ids: Sequence[int], token_texts: Optional[Dict[int, str]] = None,
@@ -89,13 +83,15 @@ def looks_like_separator(text: Optional[str]) -> bool:
     return bool(text) and all(ch.isspace() or unicodedata.category(ch)[0] in "PS" for ch in text)
 
 
-def separator_lines(cfg: Config, separator_ids: Sequence[int], token_texts: Dict[int, str]) -> List[str]:
+def separator_lines(cfg: Config, separator_ids: Sequence[int], token_texts: Dict[int, str],
+                    rules: Optional[Sequence[SepRule]] = None) -> List[str]:
     """The separator ids with their tokens (SepLLM layers, BiPE), and a warning for ids set by number in
     the config that are not punctuation or whitespace in this tokenizer: ids are tokenizer-specific, and
-    the SepLLM reference's configs list GPT-NeoX-20B's."""
+    the SepLLM reference's configs list GPT-NeoX-20B's. ``rules``: the plan's (default: the config's)."""
     sep, lines = cfg.attention.sepllm, []
     listed: List[Tuple[str, Sequence[int], bool]] = []
-    if any(r.mode == "sepllm" for r in layer_rules(cfg)):
+    rules = layer_rules(cfg.model, sep) if rules is None else rules
+    if any(r.mode == "sepllm" for r in rules):
         listed.append(("separators", separator_ids, sep.separator_ids is not None))
     if cfg.model.bipe:
         bipe = cfg.model.bipe_separator_ids
@@ -115,12 +111,12 @@ def separator_lines(cfg: Config, separator_ids: Sequence[int], token_texts: Dict
     return lines
 
 
-def parameter_counts(cfg: Config, vocab_size: int) -> Dict[str, int]:
+def parameter_counts(cfg: Config, vocab_size: int, plan: Optional[AttentionPlan] = None) -> Dict[str, int]:
     """Counts of the whole (one-rank) model, built on the meta device: total, embedding (input token
     and position tables) and the matmul parameters per token (non-embedding + the LM head's)."""
     from megatron.model import build_model
 
-    model = build_model(cfg, vocab_size, device="meta")
+    model = build_model(cfg, vocab_size, plan or (), device="meta")
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for n, p in model.named_parameters() if n in ("embed.weight", "pos_embed"))
     head = 0 if cfg.model.no_weight_tying else vocab_size * cfg.model.hidden_size  # tied: the head reuses embed
@@ -182,14 +178,14 @@ def run_report(cfg: Config, dp: int) -> List[str]:
     tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                               cfg.parallel.model_parallel_size)
-    return summary_lines(cfg, parameter_counts(cfg, vocab), vocab, tokenizer,
-                         cfg.attention.sepllm.separator_ids_from(tokenizer), dp)
+    plan = resolve_attention_plan(cfg.model, cfg.attention.sepllm, tokenizer)
+    return summary_lines(cfg, parameter_counts(cfg, vocab, plan), vocab, tokenizer, plan, dp)
 
 
-def summary_lines(cfg: Config, counts: Dict[str, int], vocab_size: int, tokenizer,
-                  separator_ids: Sequence[int], dp: int) -> List[str]:
+def summary_lines(cfg: Config, counts: Dict[str, int], vocab_size: int, tokenizer, plan: AttentionPlan,
+                  dp: int) -> List[str]:
     """The run in words, as the trainer logs it at start-up and ``--dry-run`` prints it."""
-    lines = [parameter_line(cfg, counts, vocab_size, tokenizer.vocab_size)] + attention_lines(cfg)
-    if uses_separators(cfg):
-        lines += separator_lines(cfg, separator_ids, tokenizer.token_texts())
+    lines = [parameter_line(cfg, counts, vocab_size, tokenizer.vocab_size)] + attention_lines(cfg, plan.rules)
+    if uses_separators(cfg, plan):
+        lines += separator_lines(cfg, plan.separator_list, tokenizer.token_texts(), plan.rules)
     return lines + [batch_line(cfg, dp)]

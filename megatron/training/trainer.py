@@ -22,6 +22,7 @@ from megatron.data.token_range import check_token_ids
 from megatron.errors import ConfigError, DataError
 from megatron.kernels.dispatch import interpret_enabled
 from megatron.model import build_model, num_parameters
+from megatron.model.attention_plan import resolve_attention_plan
 from megatron.parallel import layout_from_config
 from megatron.parallel.distributed import device_for_rank, init_distributed, rank
 from megatron.tokenizer import build_tokenizer, padded_vocab_size
@@ -36,7 +37,7 @@ from megatron.training.norm_stats import OptionalLogs
 from megatron.training.optimizer import build_optimizer
 from megatron.training.profiling import RunProfiler
 from megatron.training.resume import build_engine_and_resume, nothing_to_load
-from megatron.training.summary import layer_rules, parameter_counts, summary_lines
+from megatron.training.summary import parameter_counts, summary_lines
 from megatron.training.throughput import Throughput, device_peak_tflops, kept_fractions
 
 
@@ -79,10 +80,9 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                             cfg.parallel.model_parallel_size)
-        self.separator_ids = cfg.attention.sepllm.separator_ids_from(self.tokenizer)
+        self.plan = resolve_attention_plan(cfg.model, cfg.attention.sepllm, self.tokenizer)
         self.build_data()
-        self.model = build_model(cfg, self.vocab_size, self.separator_ids, self.tokenizer.eod_id,
-                                 self.layout).to(self.device)
+        self.model = build_model(cfg, self.vocab_size, self.plan, self.tokenizer.eod_id, self.layout).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule.from_config(cfg)
         # Data/pipeline/ZeRO step logic (megatron/training/engines.py), and the checkpoint it resumes.
@@ -98,7 +98,7 @@ class Trainer:
         # sits above training); every rank calls it at each eval_interval.
         self.task_evaluator: Optional[Callable[[int], Dict[str, float]]] = None
         self.log(f"model: {num_parameters(self.model) / 1e6:.2f}M parameters on this rank, vocab "
-                 f"{self.vocab_size}, {len(self.separator_ids)} separator ids, layout tp="
+                 f"{self.vocab_size}, {len(self.plan.separator_list)} separator ids, layout tp="
                  f"{self.layout.tp_size} pp={self.layout.pp_size} dp={self.dp_size} cp={self.layout.cp_size}, "
                  f"device {self.device}")
         self.log_run_summary()
@@ -112,8 +112,8 @@ class Trainer:
     # ------------------------------------------------------------- what this run does, in words; throughput
     def log_run_summary(self) -> None:
         cfg = self.cfg
-        counts = parameter_counts(cfg, self.vocab_size)
-        for line in summary_lines(cfg, counts, self.vocab_size, self.tokenizer, self.separator_ids, self.dp_size):
+        counts = parameter_counts(cfg, self.vocab_size, self.plan)
+        for line in summary_lines(cfg, counts, self.vocab_size, self.tokenizer, self.plan, self.dp_size):
             self.log(line)
         peak = cfg.logging.peak_theoretical_tflops or device_peak_tflops(cfg.training.precision, self.device)
         self.throughput = Throughput(counts["matmul"], cfg.model.num_attention_heads * cfg.model.head_dim,
@@ -124,15 +124,12 @@ class Trainer:
                                         "; set peak_theoretical_tflops for MFU"))
 
     @cached_property
-    def rules(self):
-        return layer_rules(self.cfg)
-
-    @cached_property
     def _separator_id_tensor(self) -> torch.Tensor:
-        return torch.tensor(sorted(set(self.separator_ids)), dtype=torch.long)
+        return torch.tensor(self.plan.separator_list, dtype=torch.long)
 
     def kept_fractions(self, micro_batch: torch.Tensor):
-        return kept_fractions(micro_batch[:, :-1], self.rules, self._separator_id_tensor, self.tokenizer.eod_id)
+        return kept_fractions(micro_batch[:, :-1], list(self.plan.rules), self._separator_id_tensor,
+                              self.tokenizer.eod_id)
 
     def node_log(self, msg: str) -> None:
         """One line from the first process of every other node, so each node's output shows it took part."""
@@ -246,7 +243,7 @@ class Trainer:
     def log_kv_ratio(self, micro_batch: torch.Tensor) -> None:
         """The SepLLM reference's PRINT_KV_RATIO: kept fraction of causal attention, per group of layers."""
         fractions = self.kept_fractions(micro_batch)
-        sparse = [f for f, r in zip(fractions, self.rules) if not r.is_full]
+        sparse = [f for f, r in zip(fractions, self.plan.rules) if not r.is_full]
         if sparse:
             self.log(f"iter {self.iteration:6d} | sep-attention kept {100 * sum(sparse) / len(sparse):.1f}% of "
                      f"causal attention in {len(sparse)} layers, {100 * sum(fractions) / len(fractions):.1f}% "
