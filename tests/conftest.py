@@ -74,6 +74,16 @@ def write_config(path: Path, tree: dict) -> str:
     return str(path)
 
 
+def load_script(path: str):
+    """A script of this repository (``tools/x.py``, ``eval.py``) loaded as a module, to call its main in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("script_" + path.replace("/", "_")[:-3], ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(args, timeout=600, env=None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", **(env or {}))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,

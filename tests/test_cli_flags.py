@@ -1,11 +1,10 @@
 """Command lines as a GPT-NeoX user types them: no abbreviations, a misspelled flag named with the flag
 meant, and deepy.py refusing a flag it does not know before it launches anything."""
-import importlib.util
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 from megatron.cli import cli_parser
 
@@ -64,10 +63,7 @@ def test_every_entry_point_builds_its_parser_from_the_factory(script):
 
 
 def load_deepy():
-    spec = importlib.util.spec_from_file_location("deepy_under_test", ROOT / "deepy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("deepy.py")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -112,9 +108,7 @@ def test_deepy_finds_our_scripts_from_another_directory(tmp_path):
      "unknown flag --input_dir (GPT-NeoX's spelling); did you mean --load?"),
 ])
 def test_a_neox_spelling_our_tool_spells_otherwise_names_ours(script, argv, message, capsys):
-    spec = importlib.util.spec_from_file_location("tool_under_test", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(script)
     with pytest.raises(SystemExit) as info:
         module.main(argv)
     assert info.value.code == 2

@@ -1,13 +1,13 @@
 """Indexed dataset: byte layout against the spec, preprocess round trip (uint16 and int32), corruption checks."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from megatron.data import IndexedDatasetBuilder, MMapIndexedDataset
 from megatron.errors import DataError
@@ -18,10 +18,7 @@ SAMPLE_TOKENIZER = ROOT / "data" / "sample" / "tokenizer.json"
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 preprocess_data = load_tool("preprocess_data")

@@ -1,11 +1,11 @@
 """tools/inspect_dataset.py: counts, histogram with decoded text, document and sample decoding."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from megatron.data import IndexedDatasetBuilder
 from megatron.errors import run_cli as run_entry_point
@@ -16,10 +16,7 @@ TOKENIZER = ROOT / "data" / "sample" / "tokenizer.json"
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 def test_inspect_prints_counts_histogram_and_decodes(tmp_path, capsys):

@@ -2,7 +2,6 @@
 and bad input (one clear line, exit code 2, no traceback)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,17 +9,14 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, TOKENIZER, run_cli
+from conftest import ROOT, TOKENIZER, load_script, run_cli
 from eval_helpers import eval_model_tree, save_tiny_checkpoint
 
 pytest.importorskip("lm_eval")
 
 
 def eval_main():
-    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("eval.py").main
 
 
 def write_yaml(path, tree) -> str:

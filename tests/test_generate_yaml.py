@@ -1,23 +1,15 @@
 """generate.py driven by NeoX's text_generation.yml keys: every text_gen_type, NeoX's JSON-lines output,
 and the same completions as tools/generate.py for the same settings (greedy and seeded sampling)."""
-import importlib.util
 import io
 import json
 
 import pytest
 import yaml
-from conftest import ROOT, TOKENIZER
+from conftest import TOKENIZER, load_script
 
 from megatron.errors import run_cli as run_entry_point
 
 PROMPTS = ["The simple form of assert", "Assert statements are a convenient way", "import os"]
-
-
-def load(path: str):
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def exit_code(module, argv) -> int:
@@ -45,7 +37,7 @@ def samples(path) -> list:
 
 def tool_text(ckpt, prompt, flags, capsys) -> str:
     capsys.readouterr()
-    assert exit_code(load("tools/generate.py"), ["--load", str(ckpt), "--prompt", prompt, *flags]) == 0
+    assert exit_code(load_script("tools/generate.py"), ["--load", str(ckpt), "--prompt", prompt, *flags]) == 0
     return capsys.readouterr().out
 
 
@@ -55,7 +47,7 @@ def tool_text(ckpt, prompt, flags, capsys) -> str:
 ])
 def test_input_file_equals_tools_generate(eval_checkpoint, tmp_path, capsys, keys, flags):
     cfg = text_generation_yml(tmp_path, eval_checkpoint, **keys)
-    assert exit_code(load("generate.py"), [cfg]) == 0
+    assert exit_code(load_script("generate.py"), [cfg]) == 0
     out = samples(tmp_path / "sample_output.txt")
     assert [s["context"] for s in out] == PROMPTS
     assert set(out[0]) == {"context", "text", "length", "finished", "message", "duration_seconds"}
@@ -71,7 +63,7 @@ def test_input_file_equals_tools_generate(eval_checkpoint, tmp_path, capsys, key
 def test_unconditional_writes_num_samples_from_the_end_of_document_token(eval_checkpoint, tmp_path, capsys):
     cfg = text_generation_yml(tmp_path, eval_checkpoint, text_gen_type="unconditional", num_samples=3,
                               temperature=1.0, seed=3)
-    assert exit_code(load("generate.py"), [cfg]) == 0
+    assert exit_code(load_script("generate.py"), [cfg]) == 0
     out = samples(tmp_path / "sample_output.txt")
     assert len(out) == 3 and all(s["context"] == "" and 0 <= s["length"] <= 12 for s in out)
     assert len({s["text"] for s in out}) > 1  # sample i has seed + i
@@ -79,7 +71,7 @@ def test_unconditional_writes_num_samples_from_the_end_of_document_token(eval_ch
 
 def test_the_model_comes_from_the_checkpoint_and_a_differing_yaml_key_is_noted(eval_checkpoint, tmp_path, capsys):
     cfg = text_generation_yml(tmp_path, eval_checkpoint, num_layers=5, hidden_size=32)
-    assert exit_code(load("generate.py"), [cfg]) == 0
+    assert exit_code(load_script("generate.py"), [cfg]) == 0
     err = capsys.readouterr().err
     assert "note: num_layers = 5 in the config differs from the checkpoint's 2; the checkpoint's model is used" in err
     assert "hidden_size" not in err
@@ -91,7 +83,7 @@ def test_recompute_is_the_models_full_forward(eval_checkpoint, tmp_path, capsys)
     rule = dict(cache_policy="full", decode_mask="rule", pos_shift=False)
     a = text_generation_yml(tmp_path, eval_checkpoint, recompute=True, sample_output_file=str(tmp_path / "a.jsonl"))
     b = text_generation_yml(tmp_path, eval_checkpoint, sample_output_file=str(tmp_path / "b.jsonl"), **rule)
-    generate = load("generate.py")
+    generate = load_script("generate.py")
     assert exit_code(generate, [a]) == 0 and exit_code(generate, [b]) == 0
     texts = [s["text"] for s in samples(tmp_path / "a.jsonl")]
     assert texts == [s["text"] for s in samples(tmp_path / "b.jsonl")] and any(texts)
@@ -99,12 +91,12 @@ def test_recompute_is_the_models_full_forward(eval_checkpoint, tmp_path, capsys)
 
 def test_interactive_reads_prompts_until_the_input_ends(eval_checkpoint, tmp_path, capsys, monkeypatch):
     cfg = text_generation_yml(tmp_path, eval_checkpoint)
-    assert exit_code(load("generate.py"), [cfg]) == 0
+    assert exit_code(load_script("generate.py"), [cfg]) == 0
     expected = [s["text"] for s in samples(tmp_path / "sample_output.txt")][:2]
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[0] + "\n" + PROMPTS[1] + "\n"))
     interactive = text_generation_yml(tmp_path, eval_checkpoint, text_gen_type="interactive")
-    assert exit_code(load("generate.py"), [interactive]) == 0
+    assert exit_code(load_script("generate.py"), [interactive]) == 0
     out = capsys.readouterr().out
     assert [line.split("Generated Text: ", 1)[1] for line in out.splitlines() if "Generated Text: " in line] == expected
 
@@ -119,6 +111,6 @@ def test_interactive_reads_prompts_until_the_input_ends(eval_checkpoint, tmp_pat
 ])
 def test_bad_generation_settings_are_one_line(eval_checkpoint, tmp_path, capsys, keys, message):
     cfg = text_generation_yml(tmp_path, eval_checkpoint, **keys)
-    assert exit_code(load("generate.py"), [cfg]) == 2
+    assert exit_code(load_script("generate.py"), [cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench")]
@@ -141,10 +141,7 @@ def repo_copy(tmp_path) -> Path:
 
 def apply(report_path: Path, root: Path, capsys) -> subprocess.CompletedProcess:
     """The tool's main in this process (its import of torch is paid once); exit status and output."""
-    spec = importlib.util.spec_from_file_location("apply_gpu_report", ROOT / "tools" / "apply_gpu_report.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    rc = tool.main([str(report_path), "--root", str(root)])
+    rc = load_script("tools/apply_gpu_report.py").main([str(report_path), "--root", str(root)])
     out = capsys.readouterr()
     return subprocess.CompletedProcess([], rc, out.out, out.err)
 

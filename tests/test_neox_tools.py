@@ -1,11 +1,10 @@
 """GPT-NeoX's tool paths and flags, as its README writes them: tools/datasets/preprocess_data.py,
 tools/ckpts/convert_neox_to_hf.py and NeoX's tokenizer types, over our one implementation."""
-import importlib.util
 import json
 
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLE, TOKENIZER
+from conftest import SAMPLE, TOKENIZER, load_script
 
 from megatron.data import MMapIndexedDataset
 from megatron.errors import DataError
@@ -13,16 +12,9 @@ from megatron.errors import run_cli as run_entry_point
 from megatron.tokenizer import build_tokenizer
 
 
-def load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(path: str, argv, capsys):
     """(exit code, stderr) of a tool's entry point as its __main__ runs it."""
-    module = load(path, path.replace("/", "_")[:-3])
+    module = load_script(path)
     main = (lambda a: module.main(a, neox=True)) if path == "tools/datasets/preprocess_data.py" else module.main
     with pytest.raises(SystemExit) as info:
         run_entry_point(main, argv)

@@ -1,11 +1,10 @@
 """Streaming inference: bad input, sampling, and the two CLIs on a tiny saved checkpoint."""
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import load_script, run_cli
 
 from megatron.checkpointing import save_checkpoint
 from megatron.config import config_from_tree, config_to_tree
@@ -22,10 +21,7 @@ TEXT = ("The cat sat on the mat. The dog sat on the log, and the bird sang: la l
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 def exit_code(tool, argv) -> int:
