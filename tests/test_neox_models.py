@@ -99,7 +99,7 @@ def dropout_model(mode, impl, p=0.5):
     tree = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 24, "attention_dropout": p,
             "attention": {"impl": impl, "sepllm": {"mode": mode, "n_init": 2, "n_local": 4}}}
     torch.manual_seed(0)
-    return build_model(config_from_tree(tree, log=lambda m: None), 64, separator_ids=[5], eod_id=0)
+    return build_model(config_from_tree(tree, log=lambda m: None), 64, [5], eod_id=0)
 
 
 @pytest.mark.parametrize("mode, impl", [("full", "auto"), ("full", "compact"), ("sepllm", "reference"),

@@ -105,6 +105,11 @@ class Trainer:
         self.node_log(f"joined: tp rank {self.layout.tp_rank}, pp rank {self.layout.pp_rank}, dp rank "
                       f"{self.layout.dp_rank}, device {self.device}")
 
+    @property
+    def separator_ids(self) -> List[int]:
+        """The separator token ids this run's Sep-Attention uses (its attention plan's)."""
+        return self.plan.separator_list
+
     def log(self, msg: str) -> None:
         if self.is_logger:
             self._print(msg)
