@@ -22,14 +22,19 @@ def deepspeed_scales(overflows, **kw):
     """The loss scale after every step by DeepSpeed's own DynamicLossScaler (never raising at the minimum)."""
     from deepspeed.runtime.fp16 import loss_scaler as ds
 
+    real_get_rank = ds.dist.get_rank
     ds.dist.get_rank = lambda: 1  # it only logs on rank 0, and needs no process group otherwise
-    scaler = ds.DynamicLossScaler(init_scale=2.0 ** kw["initial_scale_power"], scale_window=kw["loss_scale_window"],
-                                  min_scale=kw["min_loss_scale"], delayed_shift=kw["hysteresis"],
-                                  consecutive_hysteresis=False, raise_error_at_min_scale=False)
-    scales = []
-    for overflow in overflows:
-        scaler.update_scale(overflow)
-        scales.append(scaler.cur_scale)
+    try:  # deepspeed.comm is shared by the whole process: later ZeRO tests need the real get_rank back
+        scaler = ds.DynamicLossScaler(init_scale=2.0 ** kw["initial_scale_power"],
+                                      scale_window=kw["loss_scale_window"], min_scale=kw["min_loss_scale"],
+                                      delayed_shift=kw["hysteresis"], consecutive_hysteresis=False,
+                                      raise_error_at_min_scale=False)
+        scales = []
+        for overflow in overflows:
+            scaler.update_scale(overflow)
+            scales.append(scaler.cur_scale)
+    finally:
+        ds.dist.get_rank = real_get_rank
     return scales
 
 
