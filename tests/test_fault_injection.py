@@ -216,6 +216,7 @@ def test_two_rank_run_stops_cleanly_and_leaves_no_orphans(tiny_dataset, tmp_path
 
 
 # ----------------------------------------------------------------------------- save-dir ownership
+@pytest.mark.slow  # CI's slow step; the default tier has mr::test_locked_save_dir_two_ranks_is_one_line_and_exit_2
 def test_second_run_on_a_locked_save_dir_fails_before_doing_anything(tiny_dataset, tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()

@@ -67,6 +67,7 @@ def test_pp2_trainer_through_deepy_matches_single_process(tiny_dataset, tmp_path
         assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (prefix, one, two)
 
 
+@pytest.mark.slow  # CI's slow step; the default tier covers this path elsewhere
 @pytest.mark.distributed
 def test_two_node_loopback_launch_with_hostfile(tiny_dataset, tmp_path):
     """Two deepy.py launchers (node ranks 0 and 1), one process each, on 127.0.0.1: one DP2 job."""

@@ -54,6 +54,7 @@ def read_losses(log_dir) -> list:
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
+@pytest.mark.slow  # CI's slow step; the default tier covers this path elsewhere
 @pytest.mark.distributed
 def test_dp2_through_deepy_matches_single_process(tiny_dataset, tmp_path):
     single = tiny_config_tree(tiny_dataset, train_micro_batch_size_per_gpu=4, log_dir=str(tmp_path / "one"))
